@@ -1,0 +1,259 @@
+"""Adapter-only state dicts, saved and loaded in PEFT's on-disk format (safetensors only).
+
+On disk, as PEFT writes it:
+    adapter_model.safetensors  keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
+                               and ``...lora_B.weight`` (out, r); no adapter name in keys
+    adapter_config.json        ``peft_type: "LORA"``, r, lora_alpha, target_modules, …
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import BIAS_MODES, LoRAConfig
+from .inject import (adapter_names, active_adapter, bias_parameters, delete_adapter, find_targets, inject,
+                     lora_modules, set_adapter)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# PEFT LoraConfig fields that carry no meaning for plain LoRA on Linear layers (read and ignored).
+_IGNORED_FIELDS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "layers_pattern", "loftq_config", "megatron_config", "megatron_core", "peft_version", "runtime_config",
+    "eva_config", "corda_config", "use_qalora", "qalora_group_size", "alora_invocation_tokens",
+    "arrow_config", "ensure_weight_tying", "init_lora_weights", "fan_in_fan_out", "use_dora",
+    "modules_to_save", "layer_replication", "lora_bias", "target_parameters", "trainable_token_indices",
+}
+# Fields whose non-default values change the computation in ways minilora does not implement.
+_UNSUPPORTED = {
+    "use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
+    "modules_to_save": (None, []), "layer_replication": (None, []), "target_parameters": (None, []),
+    "trainable_token_indices": (None, {}, []),
+}
+
+
+class AdapterLoadError(ValueError):
+    """An adapter could not be loaded faithfully; nothing on the model was changed."""
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (plus biases per the adapter's ``bias``)."""
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has: {', '.join(adapter_names(model)) or '(no adapters)'}")
+    state = {}
+    for name, module in lora_modules(model):
+        if adapter_name in module.adapters:
+            adapter = module.adapters[adapter_name]
+            state[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A
+            state[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+    for name, param in bias_parameters(model, _config_of(model, adapter_name).bias):
+        state[f"{PREFIX}{name}"] = param
+    return state
+
+
+def peft_config(model: nn.Module, adapter_name: str = "default",
+                base_model_name_or_path: Optional[str] = None) -> dict:
+    """The adapter's settings as PEFT's ``adapter_config.json`` holds them."""
+    config = _config_of(model, adapter_name)
+    targets = config.target_modules
+    if targets == "all-linear":  # store what was actually adapted, as PEFT does, so any loader can use it
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in lora_modules(model) if adapter_name in m.adapters})
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "exclude_modules": config.exclude_modules,
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": None,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layer_replication": None,
+        "lora_bias": False,
+    }
+
+
+def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
+                 base_model_name_or_path: Optional[str] = None) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into directory ``path``.
+
+    Each file is written under a temporary name and renamed into place when complete, the
+    config last, so a crash never leaves a config that points at half-written weights.
+    """
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    config = peft_config(model, adapter_name, base_model_name_or_path)
+    os.makedirs(path, exist_ok=True)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    save_file(state, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config_path = os.path.join(path, CONFIG_NAME)
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(config_path + ".tmp", config_path)
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format LoRA adapter from directory ``path`` into ``model`` (in place) and make
+    it the active adapter.
+
+    Injects LoRA layers per the saved config, then loads strictly: a missing or unexpected
+    key, or a shape mismatch, raises AdapterLoadError naming them and leaves the model as it
+    was. Only safetensors are read; pickle files are refused, since unpickling runs code.
+    """
+    config, base_name = read_adapter_config(path)
+    state = _read_weights(path)
+    if adapter_name in adapter_names(model):
+        raise AdapterLoadError(f"the model already has an adapter named {adapter_name!r}; "
+                               "load under another adapter_name or delete that adapter first")
+    previous = active_adapter(model)
+    try:
+        find_targets(model, config)
+    except ValueError as e:
+        raise AdapterLoadError(f"the adapter at {path} does not fit this model"
+                               + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
+    inject(model, config, adapter_name=adapter_name)
+    try:
+        _copy_strict(model, state, adapter_name, path, base_name)
+    except AdapterLoadError:
+        delete_adapter(model, adapter_name)
+        if previous is not None:
+            set_adapter(model, previous)
+        raise
+    if not is_trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
+    """(LoRAConfig, base_model_name_or_path) from ``path/adapter_config.json``; checks types and
+    ranges, warns about fields it does not know, refuses features it does not implement."""
+    if not os.path.isdir(path):
+        raise AdapterLoadError(f"no adapter directory at {path!r} (expected a folder holding "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise AdapterLoadError(f"{path!r} has no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME} (found: {', '.join(sorted(os.listdir(path))) or 'nothing'})")
+    try:
+        with open(config_path) as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise AdapterLoadError(f"{config_path} must hold a JSON object, found {type(raw).__name__}")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"{config_path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters load here")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in raw and raw[key] not in allowed:
+            raise AdapterLoadError(f"{config_path}: {key}={raw[key]!r} is not supported by minilora "
+                                   "(plain LoRA on nn.Linear only)")
+    known = _IGNORED_FIELDS | {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                               "layers_to_transform", "bias", "use_rslora", "rank_pattern", "alpha_pattern"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): {', '.join(unknown)}",
+                      stacklevel=3)
+    fields = {
+        "r": _typed(raw, "r", int, 8, config_path),
+        "alpha": _typed(raw, "lora_alpha", (int, float), 8, config_path),
+        "dropout": _typed(raw, "lora_dropout", (int, float), 0.0, config_path),
+        "target_modules": _typed(raw, "target_modules", (list, str), None, config_path),
+        "exclude_modules": _typed(raw, "exclude_modules", (list, str, type(None)), None, config_path),
+        "layers_to_transform": _typed(raw, "layers_to_transform", (list, int, type(None)), None, config_path),
+        "bias": _typed(raw, "bias", str, "none", config_path),
+        "use_rslora": _typed(raw, "use_rslora", bool, False, config_path),
+        "rank_pattern": _typed(raw, "rank_pattern", (dict, type(None)), {}, config_path) or {},
+        "alpha_pattern": _typed(raw, "alpha_pattern", (dict, type(None)), {}, config_path) or {},
+        "init": "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
+    }
+    if fields["target_modules"] is None:
+        raise AdapterLoadError(f"{config_path} has no target_modules; it cannot say which layers it adapts")
+    if fields["bias"] not in BIAS_MODES:
+        raise AdapterLoadError(f"{config_path}: bias={fields['bias']!r} is not one of {', '.join(BIAS_MODES)}")
+    try:
+        config = LoRAConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{config_path}: {e}") from None
+    base = raw.get("base_model_name_or_path")
+    return config, base if isinstance(base, str) else None
+
+
+def _typed(raw: dict, key: str, types, default, where: str):
+    value = raw.get(key, default)
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise AdapterLoadError(f"{where}: {key}={value!r} has the wrong type")
+    if not isinstance(value, types) and value is not default:
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise AdapterLoadError(f"{where}: {key}={value!r} should be {names}")
+    return value
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
+            raise AdapterLoadError(
+                f"{path!r} holds only {PICKLE_NAME}, a pickle file; loading pickle can execute arbitrary code, so "
+                f"minilora reads safetensors only. Re-save it as {WEIGHTS_NAME} from a trusted environment "
+                "(PEFT: save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterLoadError(f"{path!r} has no {WEIGHTS_NAME} (found: {', '.join(sorted(os.listdir(path)))})")
+    try:
+        return load_file(weights)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise AdapterLoadError(f"{weights} is truncated or corrupted and cannot be read: {e}") from None
+
+
+def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, path: str,
+                 base_name: Optional[str]) -> None:
+    expected = lora_state_dict(model, adapter_name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"the adapter at {path} does not fit this model"
+                 + (f" (it was trained on {base_name})" if base_name else "") + ":"]
+        lines += [f"  shape mismatch {k}: file {f} vs model {m}" for k, f, m in mismatched[:10]]
+        lines += [f"  missing from file: {k}" for k in missing[:10]]
+        lines += [f"  unexpected in file: {k}" for k in unexpected[:10]]
+        hidden = max(0, len(mismatched) - 10) + max(0, len(missing) - 10) + max(0, len(unexpected) - 10)
+        if hidden:
+            lines.append(f"  … and {hidden} more")
+        raise AdapterLoadError("\n".join(lines))
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+
+
+def _config_of(model: nn.Module, adapter_name: str) -> LoRAConfig:
+    configs = model.__dict__.get("_minilora_configs", {})
+    if adapter_name in configs:
+        return configs[adapter_name]
+    raise ValueError(f"no LoRAConfig recorded for adapter {adapter_name!r}; adapters added with "
+                     "minilora.inject or minilora.load_adapter carry one")

@@ -1,0 +1,141 @@
+"""LoRA settings as one small dataclass, plus the name matching PEFT uses for them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("kaiming", "gaussian")
+
+# Where a layer index sits in a module path ("model.layers.3.mlp.up_proj" -> 3); PEFT's default
+# layers_pattern names cover Llama (layers), GPT-2 (h) and most others.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how.
+
+    Attributes:
+        r: rank of every adapter unless ``rank_pattern`` says otherwise.
+        alpha: scaling numerator; ``None`` means ``2 * r`` (the guide's recommendation).
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        target_modules: module-name endings (list), a regex that must match the whole module
+            name (str), or ``"all-linear"`` (every nn.Linear but the output head).
+        exclude_modules: same forms as ``target_modules``; matched modules are never adapted.
+        layers_to_transform: only adapt modules inside these layer indices.
+        bias: which biases train and are saved with the adapter: none, all, lora_only.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        init: ``kaiming`` (A Kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)).
+        rank_pattern / alpha_pattern: per-module overrides, keys matched against the end of
+            module names (regexes allowed), as PEFT does.
+    """
+
+    r: int = 16
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    target_modules: Union[list[str], str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    exclude_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[int, list[int]]] = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init: str = "kaiming"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        _check_rank("r", self.r)
+        if self.alpha is not None:
+            _check_alpha("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} is outside [0, 1); use e.g. 0.05 or 0.1, or 0 for none")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias={self.bias!r} is not one of {', '.join(BIAS_MODES)}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init={self.init!r} is not one of {', '.join(INIT_MODES)}")
+        if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
+            raise ValueError(
+                f"target_modules={self.target_modules!r}: give a list of module-name endings "
+                "(e.g. ['q_proj', 'v_proj']), a regex string, or 'all-linear'"
+            )
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if self.layers_to_transform is not None and not all(
+            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        ):
+            raise ValueError(f"layers_to_transform={self.layers_to_transform!r}: give non-negative layer indices")
+
+    def replace(self, **changes) -> "LoRAConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- per-module decisions ------------------------------------------------------------------
+
+    @property
+    def lora_alpha(self) -> float:
+        """alpha as used: the given value, or 2 * r when it was left as None."""
+        return 2 * self.r if self.alpha is None else self.alpha
+
+    def rank_for(self, name: str) -> int:
+        key = pattern_key(self.rank_pattern, name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, name: str) -> float:
+        key = pattern_key(self.alpha_pattern, name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def scaling_for(self, name: str) -> float:
+        r, alpha = self.rank_for(name), self.alpha_for(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def selects(self, name: str) -> bool:
+        """Whether the module called ``name`` is a target (before the nn.Linear type check)."""
+        if not matches(self.target_modules, name):
+            return False
+        if self.exclude_modules is not None and matches(self.exclude_modules, name):
+            return False
+        if self.layers_to_transform is not None:
+            found = _LAYER_INDEX.search(name)
+            if found is None or int(found.group(1)) not in self.layers_to_transform:
+                return False
+        return True
+
+
+def matches(spec: Union[list[str], str], name: str) -> bool:
+    """PEFT's rule: a list entry matches the whole name or its end after a dot; a string is a
+    regex that must match the whole name. ``"all-linear"`` is resolved by the caller."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def pattern_key(patterns: dict, name: str) -> Optional[str]:
+    """The first key of ``patterns`` that matches the end of ``name`` (PEFT's get_pattern_key)."""
+    for key in patterns:
+        if name == key or re.match(rf"(?:.*\.)?(?:{key})$", name):
+            return key
+    return None
+
+
+def _check_rank(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what}={value!r}: the rank must be a positive integer such as 8, 16 or 32")
+
+
+def _check_alpha(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{what}={value!r}: alpha must be a positive number (the guide uses 2 x r)")

@@ -1,0 +1,286 @@
+"""Module surgery: put LoRALinear in place of the targeted nn.Linear modules."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .layer import LoRALinear
+
+
+def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_name: str = "default",
+           **fields) -> nn.Module:
+    """Add a LoRA adapter to every targeted nn.Linear of ``model``, in place.
+
+    ``config`` and keyword ``fields`` (``r=16``, ``target_modules=[...]``, …) combine: fields
+    override the config. Everything but the new adapter is frozen (biases train per
+    ``config.bias``), and the new adapter becomes the active one. Returns ``model``.
+    """
+    config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
+    targets = find_targets(model, config)
+    known = adapter_names(model)
+    if adapter_name in known:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another "
+                         f"adapter_name or call minilora.delete_adapter(model, {adapter_name!r}) first")
+    if any(m.merged for _, m in lora_modules(model)):
+        raise ValueError("the model has a merged adapter; call minilora.unmerge(model) before adding another")
+    for name, module in targets:
+        layer = module if isinstance(module, LoRALinear) else _replace(model, name, LoRALinear(module))
+        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
+                          config.use_rslora, config.init)
+    # Remember how the adapter was made, for saving it in PEFT's format later.
+    configs = model.__dict__.setdefault("_minilora_configs", {})
+    configs[adapter_name] = config
+    set_adapter(model, adapter_name)
+    mark_only_lora_trainable(model, bias=config.bias, adapter_name=adapter_name)
+    _hook_input_require_grads(model, always=False)
+    return model
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module ``config`` selects; raises if none or a non-Linear is hit."""
+    if config.target_modules == "all-linear":
+        head = _output_head(model)
+        chosen = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, LoRALinear)) and m is not head and _passes_filters(config, n)]
+    else:
+        chosen = []
+        for name, module in model.named_modules():
+            if not name or _inside_lora(name, model) or not config.selects(name):
+                continue
+            if not isinstance(module, (nn.Linear, LoRALinear)):
+                raise ValueError(
+                    f"target_modules={config.target_modules!r} matched {name!r}, a "
+                    f"{type(module).__name__}; LoRA here replaces nn.Linear modules only. "
+                    f"Linear module names here end in: {', '.join(linear_name_endings(model))}"
+                )
+            chosen.append((name, module))
+    if not chosen:
+        raise ValueError(
+            f"no module matched target_modules={config.target_modules!r}"
+            + (f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"
+               if config.exclude_modules is not None or config.layers_to_transform is not None else "")
+            + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
+        )
+    return chosen
+
+
+def _passes_filters(config: LoRAConfig, name: str) -> bool:
+    return config.replace(target_modules=r".*").selects(name)
+
+
+def _inside_lora(name: str, model: nn.Module) -> bool:
+    # LoRALinear's own children (adapters.default, …) are never targets themselves.
+    return ".adapters." in f".{name}." or name.endswith(".adapters")
+
+
+def linear_name_endings(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the Linear modules, in model order (for error messages)."""
+    endings = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    return list(dict.fromkeys(endings))
+
+
+def _output_head(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if head is not None else getattr(model, "lm_head", None)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return new
+
+
+# -- adapters by name ---------------------------------------------------------------------------
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name present on the model, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, module in lora_modules(model):
+        names.update(dict.fromkeys(module.adapters.keys()))
+    return list(names)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter every LoRALinear uses. Only a Python attribute changes: no
+    module, parameter or tensor shape does, so a compiled XLA graph is reused."""
+    known = adapter_names(model)
+    if name not in known:
+        raise ValueError(f"unknown adapter {name!r}; the model has: {', '.join(known) or '(no adapters)'}")
+    merged = {m.merged_adapter for _, m in lora_modules(model)} - {None}
+    if merged and merged != {name}:
+        raise ValueError(f"adapter {merged.pop()!r} is merged into the weights; call minilora.unmerge(model) "
+                         "before switching adapters")
+    for _, module in lora_modules(model):
+        module.active_adapter = name if name in module.adapters else None
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The active adapter's name, or None when no adapter is active."""
+    for _, module in lora_modules(model):
+        if module.active_adapter is not None:
+            return module.active_adapter
+    return None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer; if it was active, no adapter is active after."""
+    known = adapter_names(model)
+    if name not in known:
+        raise ValueError(f"unknown adapter {name!r}; the model has: {', '.join(known) or '(no adapters)'}")
+    for _, module in lora_modules(model):
+        if module.merged_adapter == name:
+            raise ValueError(f"adapter {name!r} is merged; call minilora.unmerge(model) before deleting it")
+    for _, module in lora_modules(model):
+        if name in module.adapters:
+            del module.adapters[name]
+        if module.active_adapter == name:
+            module.active_adapter = None
+    model.__dict__.get("_minilora_configs", {}).pop(name, None)
+
+
+class disable_adapters:
+    """``with disable_adapters(model):`` runs the base model alone; adapters come back after."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for _, m in lora_modules(model)]
+        if any(m.merged for m in self.modules):
+            raise ValueError("an adapter is merged into the weights, so the base model is not available; "
+                             "call minilora.unmerge(model) first")
+
+    def __enter__(self):
+        self.before = [m.disabled for m in self.modules]
+        for m in self.modules:
+            m.disabled = True
+        return self
+
+    def __exit__(self, *exc):
+        for m, was in zip(self.modules, self.before):
+            m.disabled = was
+        return False
+
+
+class mixed_batch:
+    """``with mixed_batch(model, ["cardiology", None, "oncology"]):`` gives each batch row its own
+    adapter (``None``: the base model) in one forward pass."""
+
+    def __init__(self, model: nn.Module, row_adapters):
+        known = adapter_names(model)
+        unknown = [n for n in row_adapters if n is not None and n not in known]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r}; the model has: {', '.join(known) or '(no adapters)'}")
+        self.modules = [m for _, m in lora_modules(model)]
+        if any(m.merged for m in self.modules):
+            raise ValueError("mixed batches need unmerged adapters; call minilora.unmerge(model) first")
+        self.rows = list(row_adapters)
+
+    def __enter__(self):
+        for m in self.modules:
+            m.row_adapters = self.rows
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.row_adapters = None
+        return False
+
+
+# -- parameters ---------------------------------------------------------------------------------
+
+def lora_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the adapter weights: all adapters, or only ``adapter_name``."""
+    for name, module in lora_modules(model):
+        for key, adapter in module.adapters.items():
+            if adapter_name is None or key == adapter_name:
+                prefix = f"{name}.adapters.{key}"
+                yield f"{prefix}.lora_A", adapter.lora_A
+                yield f"{prefix}.lora_B", adapter.lora_B
+
+
+def bias_parameters(model: nn.Module, bias: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """The biases that train (and are saved) with an adapter under PEFT's ``bias`` mode."""
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                yield name, param
+    elif bias == "lora_only":
+        for name, module in lora_modules(model):
+            if module.bias is not None:
+                yield f"{name}.bias", module.bias
+
+
+def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter_name: Optional[str] = None) -> None:
+    """Freeze everything except the adapter weights (all adapters, or only ``adapter_name``)
+    and the biases that ``bias`` names (none, all, lora_only)."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias={bias!r} is not one of none, all, lora_only")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, param in lora_parameters(model, adapter_name):
+        param.requires_grad_(True)
+    for _, param in bias_parameters(model, bias):
+        param.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    trainable = total = 0
+    for param in model.parameters():  # parameters() already skips tied duplicates
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's line: ``trainable params: 11,272,192 || all params: 1,247,086,592 || trainable%: 0.9039``."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def enable_input_require_grads(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad, so gradients reach the adapters through
+    reentrant gradient checkpointing (otherwise: "element 0 of tensors does not require grad",
+    or lora_B silently stays zero). ``inject`` installs this automatically whenever the model
+    reports ``is_gradient_checkpointing``; call this for other checkpointing schemes."""
+    _hook_input_require_grads(model, always=True)
+
+
+def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is None:
+        return
+    state = model.__dict__.setdefault("_minilora_input_grads", {"always": False, "handle": None})
+    state["always"] = state["always"] or always
+    if state["handle"] is not None:
+        return
+    model_ref = weakref.ref(model)
+
+    def hook(module, inputs, output):
+        owner = model_ref()
+        wanted = state["always"] or _is_checkpointing(owner)
+        if wanted and torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True)
+
+    state["handle"] = embeddings.register_forward_hook(hook)
+
+
+def _is_checkpointing(model) -> bool:
+    # transformers >= 5 renamed is_gradient_checkpointing (which now warns) to is_activation_checkpointing.
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny Llamas built from LlamaConfig and saved/loaded through the real code,
+and a runner for XLA code in a fresh subprocess (PJRT settings must precede torch_xla's start)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    return model.eval()
+
+
+def randomize_adapters(model, seed: int = 1, std: float = 0.05):
+    """Give every lora_B non-zero values so an adapter actually changes the output."""
+    import minilora
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in minilora.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def xla_available() -> bool:
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def require_xla():
+    """XLA is the product's main path: in CI a missing torch_xla fails the test; elsewhere
+    (say a macOS laptop, where no torch_xla wheel exists) it skips with the reason."""
+    if xla_available():
+        return
+    message = "torch_xla is not installed; install the project with the 'xla' extra (scripts/venv.sh does)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 600) -> dict:
+    """Run ``code`` in a fresh interpreter; it must print one JSON object as its last line."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def run_xla(code: str, env: dict | None = None, timeout: int = 600) -> dict:
+    require_xla()
+    return run_python(code, {"PJRT_DEVICE": "CPU", **(env or {})}, timeout)
