@@ -76,6 +76,9 @@ class LoRALinear(nn.Module):
         self.disabled = False
         # Per-row adapter names for a mixed batch (see minilora.adapters.mixed_batch).
         self.row_adapters: Optional[Sequence[Optional[str]]] = None
+        # A new nn.Module starts in training mode; inherit the Linear's mode instead, or adapter
+        # dropout would run inside a model the user had put in eval().
+        self.train(base.training)
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"this layer already has an adapter named {name!r}")
         adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init,
                               dtype=dtype, device=self.weight.device)
+        adapter.train(self.training)
         self.adapters[name] = adapter
         return adapter
 
@@ -171,7 +175,7 @@ class LoRALinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
-        return linear
+        return linear.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
