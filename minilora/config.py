@@ -79,6 +79,10 @@ class LoRAConfig:
             isinstance(i, int) and i >= 0 for i in self.layers_to_transform
         ):
             raise ValueError(f"layers_to_transform={self.layers_to_transform!r}: give non-negative layer indices")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
+                and self.target_modules != "all-linear":  # saved as the list of names it resolved to
+            raise ValueError(f"layers_to_transform cannot narrow a regex target_modules={self.target_modules!r} "
+                             "(PEFT refuses such an adapter); put the layer indices in the regex instead")
 
     def replace(self, **changes) -> "LoRAConfig":
         return dataclasses.replace(self, **changes)

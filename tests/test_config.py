@@ -1,0 +1,106 @@
+"""LoRAConfig: defaults, scaling, PEFT's name matching, and the errors for settings that cannot work."""
+
+import math
+
+import pytest
+
+from minilora import LLAMA_TARGETS, LoRAConfig
+from minilora.config import matches, pattern_key
+
+
+def test_defaults_are_the_documented_ones():
+    config = LoRAConfig()
+    assert (config.r, config.alpha, config.dropout, config.bias) == (16, None, 0.0, "none")
+    assert config.lora_alpha == 32  # alpha=None means 2 * r
+    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert list(LLAMA_TARGETS) == config.target_modules
+    assert config.init == "kaiming" and not config.use_rslora
+    assert config.rank_pattern == {} and config.alpha_pattern == {}
+
+
+def test_defaults_are_not_shared_between_instances():
+    a, b = LoRAConfig(), LoRAConfig()
+    a.target_modules.append("lm_head")
+    a.rank_pattern["q_proj"] = 4
+    assert "lm_head" not in b.target_modules and b.rank_pattern == {}
+
+
+def test_scaling_is_alpha_over_r_or_over_sqrt_r_with_rslora():
+    assert LoRAConfig(r=8, alpha=16).scaling_for("x.q_proj") == 2.0
+    assert LoRAConfig(r=16, alpha=16, use_rslora=True).scaling_for("x.q_proj") == 16 / math.sqrt(16)
+    assert LoRAConfig(r=8).scaling_for("x.q_proj") == 2.0  # alpha defaults to 2r
+
+
+def test_rank_and_alpha_patterns_match_the_end_of_module_names():
+    config = LoRAConfig(r=8, alpha=16, rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2},
+                        alpha_pattern={"v_proj": 3})
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 4
+    assert config.rank_for("model.layers.1.mlp.down_proj") == 2
+    assert config.rank_for("model.layers.11.mlp.down_proj") == 8  # "layers.1" is not a suffix of "layers.11"
+    assert config.rank_for("model.layers.0.self_attn.xq_proj") == 8  # whole name parts only
+    assert config.alpha_for("model.layers.0.self_attn.v_proj") == 3
+    assert config.scaling_for("model.layers.0.self_attn.q_proj") == 16 / 4  # alpha stays, r from the pattern
+
+
+def test_pattern_key_agrees_with_peft():
+    from peft.utils.other import get_pattern_key  # the reference implementation of the rule
+
+    patterns = {"q_proj": 1, "layers.1.mlp.down_proj": 2, r"layers\.[01]\.self_attn\.v_proj": 3, "up": 4}
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.11.mlp.down_proj",
+             "model.layers.0.self_attn.v_proj", "model.layers.2.self_attn.v_proj", "model.layers.0.mlp.up_proj",
+             "q_proj", "model.layers.0.self_attn.xq_proj"]
+    for name in names:
+        theirs = get_pattern_key(list(patterns), name)  # returns the name itself when no key matches
+        assert pattern_key(patterns, name) == (theirs if theirs in patterns else None), name
+
+
+def test_list_targets_match_whole_name_parts_and_strings_are_full_regexes():
+    assert matches(["q_proj"], "model.layers.0.self_attn.q_proj")
+    assert matches(["q_proj"], "q_proj")
+    assert not matches(["q_proj"], "model.layers.0.self_attn.xq_proj")
+    assert matches(["self_attn.q_proj"], "model.layers.0.self_attn.q_proj")
+    assert matches(r".*\.(q|v)_proj", "model.layers.0.self_attn.v_proj")
+    assert not matches(r"(q|v)_proj", "model.layers.0.self_attn.v_proj")  # a regex must match the whole name
+
+
+def test_layers_to_transform_limits_by_layer_index():
+    config = LoRAConfig(layers_to_transform=1)
+    assert config.layers_to_transform == [1]
+    assert config.selects("model.layers.1.self_attn.q_proj")
+    assert not config.selects("model.layers.0.self_attn.q_proj")
+    assert not config.selects("model.layers.11.self_attn.q_proj")
+
+
+def test_exclude_modules_wins_over_targets():
+    config = LoRAConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["layers.0.self_attn.v_proj"])
+    assert config.selects("model.layers.1.self_attn.v_proj")
+    assert not config.selects("model.layers.0.self_attn.v_proj")
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(r=0), ["r=0", "positive integer"]),
+    (dict(r=-4), ["r=-4", "positive integer"]),
+    (dict(r=2.5), ["r=2.5", "positive integer"]),
+    (dict(alpha=0), ["alpha=0", "positive"]),
+    (dict(alpha=-1.0), ["alpha=-1.0", "positive"]),
+    (dict(alpha=float("nan")), ["alpha=nan", "positive"]),
+    (dict(dropout=1.0), ["dropout=1.0", "[0, 1)"]),
+    (dict(dropout=-0.1), ["dropout=-0.1", "[0, 1)"]),
+    (dict(bias="some"), ["bias='some'", "none, all, lora_only"]),
+    (dict(init="xavier"), ["init='xavier'", "kaiming, gaussian"]),
+    (dict(target_modules=[]), ["target_modules=[]", "all-linear"]),
+    (dict(rank_pattern={"q_proj": 0}), ["rank_pattern['q_proj']=0", "positive integer"]),
+    (dict(alpha_pattern={"q_proj": -2}), ["alpha_pattern['q_proj']=-2", "positive"]),
+    (dict(layers_to_transform=[-1]), ["layers_to_transform=[-1]", "non-negative"]),
+    (dict(target_modules=r".*q_proj", layers_to_transform=[0]), ["regex target_modules='.*q_proj'", "in the regex"]),
+])
+def test_bad_settings_raise_value_error_naming_the_setting(fields, words):
+    with pytest.raises(ValueError) as info:
+        LoRAConfig(**fields)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_replace_validates_too():
+    with pytest.raises(ValueError, match="r=0"):
+        LoRAConfig().replace(r=0)
