@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BIAS_MODES, LoRAConfig
-from .inject import (adapter_names, active_adapter, bias_parameters, delete_adapter, find_targets, inject,
-                     lora_modules, set_adapter)
+from .inject import (_replace, adapter_names, active_adapter, bias_parameters, delete_adapter, find_targets,
+                     inject, lora_modules, set_adapter)
+from .layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -30,16 +31,19 @@ PREFIX = "base_model.model."
 _IGNORED_FIELDS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "layers_pattern", "loftq_config", "megatron_config", "megatron_core", "peft_version", "runtime_config",
-    "eva_config", "corda_config", "use_qalora", "qalora_group_size", "alora_invocation_tokens",
-    "arrow_config", "ensure_weight_tying", "init_lora_weights", "fan_in_fan_out", "use_dora",
-    "modules_to_save", "layer_replication", "lora_bias", "target_parameters", "trainable_token_indices",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config", "use_qalora", "qalora_group_size",
+    "ensure_weight_tying", "init_lora_weights",
 }
 # Fields whose non-default values change the computation in ways minilora does not implement.
 _UNSUPPORTED = {
     "use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
     "modules_to_save": (None, []), "layer_replication": (None, []), "target_parameters": (None, []),
-    "trainable_token_indices": (None, {}, []),
+    "trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None, []), "arrow_config": (None,),
+    "kasa_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
 }
+# init_lora_weights values whose initialisation rewrote the base weights: such an adapter only
+# fits the rewritten base, not the original one.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 class AdapterLoadError(ValueError):
@@ -56,8 +60,12 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             adapter = module.adapters[adapter_name]
             state[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A
             state[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+    # PEFT keeps an adapted Linear's bias on its wrapped ``base_layer``, so that is the key it
+    # writes and expects; biases of other modules keep their own names.
+    adapted = {name for name, _ in lora_modules(model)}
     for name, param in bias_parameters(model, _config_of(model, adapter_name).bias):
-        state[f"{PREFIX}{name}"] = param
+        owner = name.rpartition(".")[0]
+        state[f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{name}"] = param
     return state
 
 
@@ -66,8 +74,8 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
     """The adapter's settings as PEFT's ``adapter_config.json`` holds them."""
     config = _config_of(model, adapter_name)
     targets = config.target_modules
-    if targets == "all-linear":  # store what was actually adapted, as PEFT does, so any loader can use it
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in lora_modules(model) if adapter_name in m.adapters})
+    if targets == "all-linear":  # as PEFT does: the full names of the modules it resolved to
+        targets = sorted(n for n, m in lora_modules(model) if adapter_name in m.adapters)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {
@@ -135,11 +143,19 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     except ValueError as e:
         raise AdapterLoadError(f"the adapter at {path} does not fit this model"
                                + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
+    # What inject changes, so a load that fails can put it back: the replaced Linears and the
+    # requires_grad flags (inject freezes everything but the new adapter).
+    replaced = [(name, module) for name, module in find_targets(model, config) if not isinstance(module, LoRALinear)]
+    trainable = {param: param.requires_grad for param in model.parameters()}
     inject(model, config, adapter_name=adapter_name)
     try:
         _copy_strict(model, state, adapter_name, path, base_name)
     except AdapterLoadError:
         delete_adapter(model, adapter_name)
+        for name, linear in replaced:
+            _replace(model, name, linear)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
         if previous is not None:
             set_adapter(model, previous)
         raise
@@ -172,8 +188,14 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
         if key in raw and raw[key] not in allowed:
             raise AdapterLoadError(f"{config_path}: {key}={raw[key]!r} is not supported by minilora "
                                    "(plain LoRA on nn.Linear only)")
-    known = _IGNORED_FIELDS | {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-                               "layers_to_transform", "bias", "use_rslora", "rank_pattern", "alpha_pattern"}
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterLoadError(f"{config_path}: init_lora_weights={init!r} rewrote the base weights during training, "
+                               "so the adapter does not fit the original base; convert it to plain LoRA first "
+                               "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    known = _IGNORED_FIELDS | set(_UNSUPPORTED) | {
+        "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "bias",
+        "use_rslora", "rank_pattern", "alpha_pattern"}
     unknown = sorted(set(raw) - known)
     if unknown:
         warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): {', '.join(unknown)}",

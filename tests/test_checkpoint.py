@@ -1,0 +1,267 @@
+"""Saving and loading adapters: the files are PEFT's files, a round trip is exact, and loading is
+strict (every mismatch raises AdapterLoadError naming it, and leaves the model as it was)."""
+
+import json
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import minilora
+from conftest import randomize_adapters, tiny_llama
+from minilora import AdapterLoadError, LoRALinear
+
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def randomize_biases(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def trained(config, model_fields=None, adapter_name="default"):
+    model = minilora.inject(tiny_llama(**(model_fields or {})), adapter_name=adapter_name, **config)
+    return randomize_biases(randomize_adapters(model))
+
+
+# Configurations as minilora.inject takes them, with the same adapter as a peft.LoraConfig.
+CASES = {
+    "q_v": (dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), {},
+            dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    "seven_rslora_dropout": (dict(r=8, alpha=16, use_rslora=True, dropout=0.1), {},
+                             dict(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.1,
+                                  target_modules=list(minilora.LLAMA_TARGETS))),
+    "patterns": (dict(r=8, alpha=16, rank_pattern={"v_proj": 2, "down_proj": 4}, alpha_pattern={"q_proj": 4}), {},
+                 dict(r=8, lora_alpha=16, rank_pattern={"v_proj": 2, "down_proj": 4}, alpha_pattern={"q_proj": 4},
+                      target_modules=list(minilora.LLAMA_TARGETS))),
+    "all_linear_exclude": (dict(r=4, alpha=4, target_modules="all-linear", exclude_modules=["down_proj"]), {},
+                           dict(r=4, lora_alpha=4, target_modules="all-linear", exclude_modules=["down_proj"])),
+    "layer_1_gaussian": (dict(r=4, target_modules=["q_proj", "o_proj"], layers_to_transform=[1], init="gaussian"),
+                         {}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], layers_to_transform=[1],
+                                  init_lora_weights="gaussian")),
+    "bias_all": (dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], bias="all"), dict(attention_bias=True),
+                 dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all")),
+    "bias_lora_only": (dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only"),
+                       dict(attention_bias=True),
+                       dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only")),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_saved_files_are_what_peft_writes_for_the_same_config(tmp_path, case):
+    import peft
+
+    ours_config, model_fields, peft_fields = CASES[case]
+    minilora.save_adapter(minilora.inject(tiny_llama(**model_fields), **ours_config), tmp_path / "ours")
+    peft.get_peft_model(tiny_llama(**model_fields), peft.LoraConfig(task_type="CAUSAL_LM", **peft_fields)) \
+        .save_pretrained(tmp_path / "peft")
+
+    assert sorted(os.listdir(tmp_path / "ours")) == ["adapter_config.json", "adapter_model.safetensors"]
+    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    assert {k: (t.shape, t.dtype) for k, t in ours.items()} == {k: (t.shape, t.dtype) for k, t in theirs.items()}
+    with safe_open(tmp_path / "ours" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what PEFT (and transformers) write
+
+    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft"))
+    assert set(ours) <= set(theirs)  # every field we write is a PEFT field; PEFT adds ones we leave at default
+    # target_modules: PEFT writes a set (order varies) and resolves all-linear to names before applying
+    # exclude_modules; what matters is that both files select the same modules.
+    selected = [sorted(n for n, _ in minilora.find_targets(tiny_llama(**model_fields),
+                                                           minilora.read_adapter_config(tmp_path / d)[0]))
+                for d in ("ours", "peft")]
+    assert selected[0] == selected[1]
+    assert {k: v for k, v in ours.items() if k != "target_modules"} == \
+           {k: theirs[k] for k in ours if k != "target_modules"}
+
+
+def test_lora_state_dict_uses_peft_names_and_holds_the_live_parameters():
+    model = minilora.inject(tiny_llama(), r=4, target_modules=["q_proj"])
+    state = minilora.lora_state_dict(model)
+    assert sorted(state) == [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight"
+                             for i in (0, 1) for ab in "AB"]
+    assert state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] is \
+        model.model.layers[0].self_attn.q_proj.lora_A
+
+
+def test_save_then_load_into_a_fresh_base_reproduces_the_logits_exactly(tmp_path):
+    model = trained(CASES["patterns"][0])
+    minilora.save_adapter(model, tmp_path)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    loaded = minilora.load_adapter(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    assert minilora.active_adapter(loaded) == "default"
+
+
+def test_trained_biases_travel_with_the_adapter(tmp_path):
+    model = trained(CASES["bias_all"][0], CASES["bias_all"][1])
+    minilora.save_adapter(model, tmp_path)
+    loaded = minilora.load_adapter(tiny_llama(attention_bias=True), tmp_path)
+    assert not torch.equal(loaded(IDS).logits, tiny_llama(attention_bias=True)(IDS).logits)
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_is_trainable_decides_whether_the_loaded_adapter_trains(tmp_path):
+    minilora.save_adapter(trained(CASES["q_v"][0]), tmp_path)
+    frozen = minilora.load_adapter(tiny_llama(), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    training = minilora.load_adapter(tiny_llama(), tmp_path, is_trainable=True)
+    assert {n for n, p in training.named_parameters() if p.requires_grad} == \
+           {n for n, _ in minilora.lora_parameters(training)}
+
+
+def test_a_second_adapter_loads_under_another_name(tmp_path):
+    minilora.save_adapter(trained(CASES["q_v"][0]), tmp_path)
+    model = minilora.load_adapter(tiny_llama(), tmp_path, adapter_name="a")
+    with pytest.raises(AdapterLoadError, match="already has an adapter named 'a'"):
+        minilora.load_adapter(model, tmp_path, adapter_name="a")
+    minilora.load_adapter(model, tmp_path, adapter_name="b")
+    assert minilora.adapter_names(model) == ["a", "b"] and minilora.active_adapter(model) == "b"
+
+
+# -- strict loading -------------------------------------------------------------------------------
+
+def assert_untouched(model, reference):
+    """The model after a failed load is the model before it: no LoRA layers, the same flags and outputs."""
+    assert not list(minilora.lora_modules(model)) and minilora.adapter_names(model) == []
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in reference.parameters()]
+    assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "adapter"
+    minilora.save_adapter(trained(CASES["q_v"][0]), path)
+    return path
+
+
+def rewrite_weights(path, change):
+    state = load_file(path / "adapter_model.safetensors")
+    change(state)
+    save_file(state, path / "adapter_model.safetensors")
+
+
+def rewrite_config(path, change):
+    config = json.loads((path / "adapter_config.json").read_text())
+    change(config)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_a_key_missing_from_the_file_raises_naming_it(saved):
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    rewrite_weights(saved, lambda state: state.pop(key))
+    model = tiny_llama()
+    with pytest.raises(AdapterLoadError, match=f"missing from file: {key}"):
+        minilora.load_adapter(model, saved)
+    assert_untouched(model, tiny_llama())
+
+
+def test_an_unexpected_key_in_the_file_raises_naming_it(saved):
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    rewrite_weights(saved, lambda state: state.__setitem__(key, torch.zeros(4, 64)))
+    model = tiny_llama()
+    with pytest.raises(AdapterLoadError, match=f"unexpected in file: {key}"):
+        minilora.load_adapter(model, saved)
+    assert_untouched(model, tiny_llama())
+
+
+def test_a_shape_mismatch_raises_naming_key_and_both_shapes(saved):
+    rewrite_config(saved, lambda config: config.update(r=8, lora_alpha=16))
+    model = tiny_llama()
+    for p in model.model.layers[0].mlp.parameters():  # a user's own trainable choice survives the failure
+        p.requires_grad_(False)
+    reference = tiny_llama()
+    for p in reference.model.layers[0].mlp.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(AdapterLoadError) as info:
+        minilora.load_adapter(model, saved)
+    assert ("shape mismatch base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: "
+            "file (4, 64) vs model (8, 64)") in str(info.value)
+    assert_untouched(model, reference)
+
+
+def test_an_adapter_for_another_base_size_does_not_load(saved):
+    smaller = dict(hidden_size=32, intermediate_size=64)
+    model = tiny_llama(**smaller)
+    with pytest.raises(AdapterLoadError) as info:
+        minilora.load_adapter(model, saved)
+    assert "does not fit this model" in str(info.value)
+    assert "file (4, 64) vs model (4, 32)" in str(info.value)
+    assert_untouched(model, tiny_llama(**smaller))
+
+
+def test_an_adapter_for_other_module_names_does_not_load(saved):
+    rewrite_config(saved, lambda config: config.update(target_modules=["c_attn"], base_model_name_or_path="gpt2"))
+    model = tiny_llama()
+    with pytest.raises(AdapterLoadError) as info:
+        minilora.load_adapter(model, saved)
+    message = str(info.value)
+    assert "does not fit this model (it was trained on gpt2)" in message and "c_attn" in message
+    assert "q_proj, k_proj, v_proj" in message  # what this model does have
+    assert_untouched(model, tiny_llama())
+
+
+def test_a_pickle_file_is_refused_and_never_unpickled(tmp_path, saved):
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):  # unpickling this would create the marker file
+            return open, (str(marker), "w")
+
+    os.remove(saved / "adapter_model.safetensors")
+    (saved / "adapter_model.bin").write_bytes(pickle.dumps(Trap()))
+    with pytest.raises(AdapterLoadError) as info:
+        minilora.load_adapter(tiny_llama(), saved)
+    assert "adapter_model.bin" in str(info.value) and "pickle" in str(info.value)
+    assert "arbitrary code" in str(info.value) and "safetensors" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: os.remove(p / "adapter_config.json"), "has no adapter_config.json"),
+    (lambda p: (p / "adapter_config.json").write_text("{r: 4"), "is not valid JSON"),
+    (lambda p: os.remove(p / "adapter_model.safetensors"), "has no adapter_model.safetensors"),
+    (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00"), "truncated or corrupted"),
+    (lambda p: rewrite_config(p, lambda c: c.update(use_dora=True)), "use_dora=True is not supported"),
+    (lambda p: rewrite_config(p, lambda c: c.update(peft_type="IA3")), "only LORA adapters"),
+    (lambda p: rewrite_config(p, lambda c: c.update(init_lora_weights="pissa")), "rewrote the base weights"),
+    (lambda p: rewrite_config(p, lambda c: c.update(r="4")), "r='4' should be int"),
+    (lambda p: rewrite_config(p, lambda c: c.update(lora_alpha=-8)), "alpha=-8"),
+    (lambda p: rewrite_config(p, lambda c: c.update(bias="some")), "bias='some'"),
+])
+def test_damaged_or_unsupported_adapters_raise_adapter_load_error(saved, damage, words):
+    damage(saved)
+    model = tiny_llama()
+    with pytest.raises(AdapterLoadError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        minilora.load_adapter(model, saved)
+    assert_untouched(model, tiny_llama())
+
+
+def test_a_missing_directory_raises_adapter_load_error(tmp_path):
+    with pytest.raises(AdapterLoadError, match="no adapter directory"):
+        minilora.load_adapter(tiny_llama(), tmp_path / "nowhere")
+
+
+def test_unknown_config_fields_from_a_newer_peft_are_ignored_with_a_warning(saved):
+    rewrite_config(saved, lambda config: config.update(future_option=None, another_one=3))
+    with pytest.warns(UserWarning, match="ignoring fields.*another_one, future_option"):
+        model = minilora.load_adapter(tiny_llama(), saved)
+    assert minilora.adapter_names(model) == ["default"]
+
+
+def test_an_adapter_saved_by_the_installed_peft_loads_without_warnings(tmp_path):
+    import peft
+
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = minilora.load_adapter(tiny_llama(), tmp_path)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
