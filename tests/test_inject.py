@@ -1,0 +1,215 @@
+"""inject and the parameter helpers: what gets adapted, what trains, what is counted, and the
+errors for targets that cannot work."""
+
+import pytest
+import torch
+from torch import nn
+
+import minilora
+from conftest import randomize_adapters, tiny_llama
+from minilora import LoRAConfig, LoRALinear
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def adapted(model):
+    return sorted(name for name, _ in minilora.lora_modules(model))
+
+
+def test_default_targets_are_the_seven_llama_projections_and_not_the_head():
+    model = minilora.inject(tiny_llama())
+    assert len(adapted(model)) == 2 * 7
+    assert {n.rsplit(".", 1)[-1] for n in adapted(model)} == set(SEVEN)
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_list_regex_and_all_linear_targets():
+    model = minilora.inject(tiny_llama(), target_modules=["q_proj", "mlp.down_proj"])
+    assert adapted(model) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                              "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    model = minilora.inject(tiny_llama(), target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj")
+    assert adapted(model) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    model = minilora.inject(tiny_llama(), target_modules="all-linear")
+    assert len(adapted(model)) == 2 * 7 and type(model.lm_head) is nn.Linear
+
+
+def test_exclude_modules_and_layers_to_transform_narrow_the_targets():
+    model = minilora.inject(tiny_llama(), target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
+    assert {n.rsplit(".", 1)[-1] for n in adapted(model)} == {"q_proj"}
+    model = minilora.inject(tiny_llama(), layers_to_transform=[1])
+    assert all(".layers.1." in n for n in adapted(model)) and len(adapted(model)) == 7
+    model = minilora.inject(tiny_llama(), target_modules="all-linear", layers_to_transform=0)
+    assert all(".layers.0." in n for n in adapted(model)) and len(adapted(model)) == 7
+
+
+def test_config_and_keyword_fields_combine_with_fields_winning():
+    model = minilora.inject(tiny_llama(), LoRAConfig(r=8, target_modules=["q_proj"]), r=2)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.shape == (2, 64) and layer.scaling == 2.0  # alpha defaults to 2 * r
+
+
+def test_rank_pattern_sets_per_module_ranks():
+    model = minilora.inject(tiny_llama(), r=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1})
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.lora_A.shape == (8, 64) and attention.v_proj.lora_A.shape == (2, 64)
+    assert attention.v_proj.scaling == 0.5
+
+
+def test_base_state_dict_keys_and_tensors_are_unchanged_by_inject():
+    model = tiny_llama()
+    before = model.state_dict()
+    minilora.inject(model)
+    after = model.state_dict()
+    assert set(before) <= set(after)
+    assert all(".adapters." in k for k in set(after) - set(before))
+    assert all(after[k].data_ptr() == before[k].data_ptr() for k in before)  # the same tensors, not copies
+
+
+def test_fresh_injection_gives_exactly_the_base_logits():
+    ids = torch.randint(3, 128, (2, 12))
+    base_logits = tiny_llama()(ids).logits
+    model = minilora.inject(tiny_llama(), target_modules="all-linear", r=8)
+    assert torch.equal(model(ids).logits, base_logits)
+
+
+def test_injecting_into_an_eval_model_keeps_dropout_off():
+    model = randomize_adapters(minilora.inject(tiny_llama(), dropout=0.5))  # tiny_llama() is in eval mode
+    ids = torch.randint(3, 128, (1, 8))
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_only_the_adapter_trains():
+    model = minilora.inject(tiny_llama(), r=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in minilora.lora_parameters(model)}
+    assert len(trainable) == 2 * 7 * 2
+
+
+@pytest.mark.parametrize("bias, expected", [
+    ("none", set()),
+    ("all", {"q_proj", "k_proj", "v_proj", "o_proj"}),  # attention_bias=True gives these four biases
+    ("lora_only", {"q_proj", "v_proj"}),
+])
+def test_bias_modes_choose_which_biases_train(bias, expected):
+    model = minilora.inject(tiny_llama(attention_bias=True), target_modules=["q_proj", "v_proj"], bias=bias)
+    biases = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    assert biases == expected
+
+
+def test_only_adapter_params_get_gradients_and_base_stays_bit_identical():
+    model = minilora.inject(tiny_llama(), r=4)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    # AdamW over *all* parameters with weight decay: a frozen weight would still decay if it had a grad.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    ids = torch.randint(3, 128, (2, 16))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert all(torch.count_nonzero(p) > 0 for n, p in minilora.lora_parameters(model) if n.endswith("lora_B"))
+
+
+def test_mark_only_lora_trainable_refreezes_after_user_changes():
+    model = minilora.inject(tiny_llama(attention_bias=True), target_modules=["q_proj"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    minilora.mark_only_lora_trainable(model, bias="lora_only")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in minilora.lora_parameters(model)} | {
+        "model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_proj.bias"}
+    with pytest.raises(ValueError, match="bias='every' is not one of none, all, lora_only"):
+        minilora.mark_only_lora_trainable(model, bias="every")
+
+
+# Llama-3.2-1B's architecture (its config.json on the Hub), built on the meta device: no memory, no
+# download. Base size 1,235,814,400 (tied embeddings counted once).
+def llama_3_2_1b_on_meta():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def llama_1b():
+    return llama_3_2_1b_on_meta()
+
+
+# Per layer an adapter on (in, out) adds r * (in + out): q and o are 2048 -> 2048, k and v 2048 -> 512,
+# gate and up 2048 -> 8192, down 8192 -> 2048. So all seven add r * 44032 per layer, r * 704512 over
+# 16 layers; these are also the numbers PEFT's print_trainable_parameters reports for the same configs.
+@pytest.mark.parametrize("r, targets, trainable", [
+    (16, SEVEN, 11_272_192),                                      # 16 * 704512
+    (16, ["q_proj", "k_proj", "v_proj", "o_proj"], 3_407_872),    # 16 * 16 * (4096 + 2560 + 2560 + 4096)
+    (16, ["q_proj", "v_proj", "gate_proj", "down_proj"], 6_946_816),  # 16 * 16 * (4096 + 2560 + 10240 * 2)
+    (8, SEVEN, 5_636_096),                                        # 8 * 704512
+    (64, SEVEN, 45_088_768),                                      # 64 * 704512
+])
+def test_parameter_counts_on_llama_3_2_1b(llama_1b, r, targets, trainable):
+    for name in minilora.adapter_names(llama_1b):  # the fixture is shared: start from the bare base
+        minilora.delete_adapter(llama_1b, name)
+    minilora.inject(llama_1b, r=r, target_modules=targets)
+    assert minilora.count_parameters(llama_1b) == (trainable, 1_235_814_400 + trainable)
+
+
+def test_llama_3_2_1b_on_meta_has_the_published_size():
+    assert minilora.count_parameters(llama_3_2_1b_on_meta()) == (1_235_814_400, 1_235_814_400)
+
+
+def test_print_trainable_parameters_prints_peft_s_line(capsys):
+    model = minilora.inject(llama_3_2_1b_on_meta(), r=16)
+    minilora.print_trainable_parameters(model)
+    assert capsys.readouterr().out == (
+        "trainable params: 11,272,192 || all params: 1,247,086,592 || trainable%: 0.9039\n")
+
+
+def test_count_parameters_counts_tied_weights_once():
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert minilora.count_parameters(model)[1] == sum(p.numel() for p in set(model.parameters()))
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+def test_targets_that_match_nothing_list_the_linear_name_endings():
+    with pytest.raises(ValueError) as info:
+        minilora.inject(tiny_llama(), target_modules=["qproj"])
+    message = str(info.value)
+    assert "no module matched target_modules=['qproj']" in message
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in message
+
+
+def test_a_target_that_is_not_linear_is_refused():
+    with pytest.raises(ValueError) as info:
+        minilora.inject(tiny_llama(), target_modules=["self_attn"])
+    message = str(info.value)
+    assert "'model.layers.0.self_attn', a LlamaAttention" in message and "nn.Linear modules only" in message
+    assert "q_proj" in message
+
+
+def test_injecting_the_same_adapter_name_twice_is_refused():
+    model = minilora.inject(tiny_llama())
+    with pytest.raises(ValueError, match="already has an adapter named 'default'.*delete_adapter"):
+        minilora.inject(model)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(r=0), "r=0"), (dict(alpha=0), "alpha=0"), (dict(dropout=1.5), "dropout=1.5"), (dict(bias="x"), "bias='x'"),
+])
+def test_bad_settings_passed_to_inject_raise_and_leave_the_model_alone(fields, words):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=words):
+        minilora.inject(model, **fields)
+    assert adapted(model) == []
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_inject_into_a_merged_model_is_refused():
+    model = minilora.merge(minilora.inject(tiny_llama(), adapter_name="a"))
+    with pytest.raises(ValueError, match="merged adapter.*unmerge"):
+        minilora.inject(model, adapter_name="b")
