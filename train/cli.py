@@ -1,1 +1,50 @@
-def main():\n    print("minilora-train")
+"""``minilora-train``: parse the guide's flags, run, and turn user errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Optional
+
+from minilora import AdapterLoadError
+
+from .config import UsageError, parse_args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = parse_args(argv)
+        if args.is_demo:
+            from .demo import run_demo
+
+            run_demo(args)
+        else:
+            from .loop import run
+
+            summary = run(args)
+            if not summary.get("stopped"):
+                print_summary(summary)
+        return 0
+    except (UsageError, AdapterLoadError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"minilora-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minilora-train: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_summary(summary: dict) -> None:
+    base, final = summary["base"], summary["final"]
+    print(f"done: {summary['updates']} updates in {summary['wall_seconds']:.0f} s on {summary['device']}")
+    for name in final:
+        b, f = base[name]["perplexity"], final[name]["perplexity"]
+        print(f"  {name} perplexity: {b:,.2f} -> {f:,.2f} ({100 * (f - b) / b:+.1f}%)")
+    print(f"  outputs in {summary['output_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Every setting of a training run, in one dataclass; the command line is generated from it.
+
+The flag names and meanings are the guide's (lora_medical_guide.md), so its scripts run as they are.
+A YAML or JSON file given with ``--config`` may set any field; flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from minilora import LLAMA_TARGETS
+
+SECRET_FIELDS = ("wandb_key", "huggingface_token")
+DATASET_FORMATS = ("json", "jsonl", "parquet", "text", "csv")
+
+
+class UsageError(ValueError):
+    """A setting or input the user must fix; the CLI prints it as one line and exits 2."""
+
+
+def _f(default, help, **extra):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainArgs:
+    # -- model and data --------------------------------------------------------------------
+    model_name: Optional[str] = _f(None, "base model: a hub id or a local directory (from_pretrained). "
+                                         "Without it (and without --dataset_dir) the embedded demo runs")
+    tokenizer_name_or_path: Optional[str] = _f(None, "tokenizer: hub id or directory (default: --model_name)")
+    dataset_dir: Optional[str] = _f(None, "training data: a file, a directory of files, a directory with train/"
+                                          "validation files, or a saved datasets dataset; local path or fsspec "
+                                          "URL (gs://, memory://, …)")
+    dataset_format: Optional[str] = _f(None, "json, jsonl, parquet, text or csv (default: from the file extensions)",
+                                       choices=DATASET_FORMATS)
+    output_dir: Optional[str] = _f(None, "where the adapter, tokenizer, metrics, plot and checkpoints go; local "
+                                         "path or fsspec URL (default ./minilora-demo for the demo, else ./minilora-output)")
+    overwrite_output_dir: bool = _f(False, "allow writing into an output directory that holds a finished run")
+    max_seq_length: int = _f(2048, "tokens per packed training window")
+    validation_split_percentage: float = _f(5.0, "percent of the data held out for validation when it has no "
+                                                 "validation split")
+    train_on_responses_only: bool = _f(False, "with question/response records, train only on the response tokens")
+    streaming_data: bool = _f(False, "stream the dataset instead of loading it whole (shuffle buffer below)")
+    shuffle_buffer_size: int = _f(10000, "shuffle buffer (records) when streaming")
+    num_workers: int = _f(0, "processes for tokenisation (0: in this process)")
+    max_eval_samples: Optional[int] = _f(None, "cap on validation windows per evaluation (default: all)")
+    general_eval_dataset: Optional[str] = _f(None, "general-English text for the forgetting check (default: "
+                                                   "the embedded demo's held-out general text); 'none' to skip")
+    # -- LoRA ------------------------------------------------------------------------------
+    use_lora: bool = _f(False, "train a LoRA adapter (without it: full fine-tuning with the same loop)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha (default: 2 x lora_r, as the guide recommends)")
+    lora_dropout: float = _f(0.05, "dropout on the adapter input, in [0, 1)")
+    lora_target_modules: list = _f(list(LLAMA_TARGETS), "module-name endings to adapt (space-separated), or all-linear",
+                                   nargs="+")
+    lora_bias: str = _f("none", "biases that train with the adapter: none, all, lora_only",
+                        choices=("none", "all", "lora_only"))
+    use_rslora: bool = _f(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    # -- optimisation ----------------------------------------------------------------------
+    learning_rate: float = _f(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norm weights)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)")
+    num_train_epochs: float = _f(3.0, "epochs over the training windows")
+    max_steps: int = _f(-1, "optimizer updates to run; overrides --num_train_epochs when > 0")
+    per_device_train_batch_size: int = _f(8, "windows per micro-batch on each device")
+    per_device_eval_batch_size: int = _f(8, "windows per evaluation batch on each device")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
+    warmup_steps: int = _f(0, "optimizer updates of linear warm-up, then linear decay to 0", aliases=("--num_warmup_steps",))
+    seed: int = _f(42, "seed for initialisation, data order and dropout")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    bf16: bool = _f(False, "keep the base model in bfloat16 (adapters stay float32)")
+    device: str = _f("auto", "auto (XLA when torch_xla is installed, else CUDA, else CPU), xla, cuda or cpu",
+                     choices=("auto", "xla", "cuda", "cpu"))
+    # -- logging, evaluation, saving -------------------------------------------------------
+    logging_steps: int = _f(10, "log the training loss every N optimizer updates (on XLA this is a host sync)")
+    eval_steps: int = _f(0, "evaluate every N optimizer updates (0: only at the end of the run)")
+    save_epoch_percentage: float = _f(1.0, "save a checkpoint every this fraction of an epoch (0.25 or 25 "
+                                           "both mean every quarter); 0: no intermediate checkpoints")
+    save_total_limit: int = _f(2, "keep at most this many checkpoints (0: keep all)")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from")
+    report_to: str = _f("wandb", "wandb (offline unless a key is given) or none", choices=("wandb", "none"))
+    wandb_key: Optional[str] = _f(None, "wandb API key: makes the wandb run online (never printed or saved)")
+    wandb_project: str = _f("minilora", "wandb project name")
+    huggingface_token: Optional[str] = _f(None, "token for gated hub models (never printed or saved)")
+    tmp_dir: Optional[str] = _f(None, "scratch directory for downloads and staging (default: the system's)")
+    debug: bool = _f(False, "print full tracebacks for errors")
+    # -- embedded demo ---------------------------------------------------------------------
+    demo: bool = _f(False, "run the embedded demo (also what runs with no --model_name and no --dataset_dir)")
+    rebuild_base: bool = _f(False, "demo: build and pre-train the small base model again instead of using the cache")
+    demo_pretrain_steps: Optional[int] = _f(None, "demo: pre-training updates for the base (default: the demo's)")
+    config: Optional[str] = _f(None, "YAML or JSON file with any of these settings; flags given here win")
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def is_demo(self) -> bool:
+        return self.demo or (self.model_name is None and self.dataset_dir is None)
+
+    def validate(self) -> None:
+        """Raise UsageError for settings that cannot work, before anything is loaded."""
+        checks = [
+            (self.max_seq_length > 0, f"--max_seq_length must be positive, got {self.max_seq_length}"),
+            (self.per_device_train_batch_size > 0, f"--per_device_train_batch_size must be positive, got {self.per_device_train_batch_size}"),
+            (self.per_device_eval_batch_size > 0, f"--per_device_eval_batch_size must be positive, got {self.per_device_eval_batch_size}"),
+            (self.gradient_accumulation_steps > 0, f"--gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}"),
+            (self.learning_rate >= 0, f"--learning_rate must not be negative, got {self.learning_rate}"),
+            (self.weight_decay >= 0, f"--weight_decay must not be negative, got {self.weight_decay}"),
+            (self.max_grad_norm >= 0, f"--max_grad_norm must not be negative, got {self.max_grad_norm}"),
+            (self.warmup_steps >= 0, f"--warmup_steps must not be negative, got {self.warmup_steps}"),
+            (self.logging_steps > 0, f"--logging_steps must be positive, got {self.logging_steps}"),
+            (self.eval_steps >= 0, f"--eval_steps must not be negative, got {self.eval_steps}"),
+            (0 <= self.save_epoch_percentage <= 100, f"--save_epoch_percentage must be in [0, 100], got {self.save_epoch_percentage}"),
+            (0 <= self.validation_split_percentage < 100, f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "give --num_train_epochs > 0 or --max_steps > 0"),
+            (self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got {self.shuffle_buffer_size}"),
+            (self.num_workers >= 0, f"--num_workers must not be negative, got {self.num_workers}"),
+        ]
+        if self.use_lora or self.is_demo:
+            checks += [
+                (self.lora_r > 0, f"--lora_r must be a positive integer (8, 16, 32 …), got {self.lora_r}"),
+                (self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be positive (the guide uses 2 x r), got {self.lora_alpha}"),
+                (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def save_fraction(self) -> float:
+        """--save_epoch_percentage as a fraction of an epoch (values above 1 are percentages)."""
+        p = self.save_epoch_percentage
+        return p / 100 if p > 1 else p
+
+    def redacted(self) -> dict:
+        """Every setting, with secrets replaced: what train_config.json and wandb see."""
+        values = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            if values.get(name):
+                values[name] = "<redacted>"
+        return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilora-train",
+        description="Fine-tune a Llama model with LoRA (or fully) on text, XLA first. With no --model_name "
+                    "and no --dataset_dir it runs the embedded demo: a small Llama pre-trained on general "
+                    "English, then LoRA-adapted to CDC ICD-10-CM medical text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainArgs):
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+        kwargs = {"help": f.metadata["help"], "dest": f.name, "default": f.default if f.default is not dataclasses.MISSING else f.default_factory()}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("nargs"):
+            kwargs["nargs"] = f.metadata["nargs"]
+        else:
+            kwargs["type"] = _type_of(f)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(*names, **kwargs)
+    parser.add_argument("--debug_args", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _type_of(f):
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainArgs:
+    """Command line (and optional --config file) -> validated TrainArgs."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**read_config_file(first.config))
+    ns = vars(parser.parse_args(argv))
+    ns.pop("debug_args", None)
+    args = TrainArgs(**ns)
+    if args.lora_target_modules == ["all-linear"]:
+        args.lora_target_modules = "all-linear"
+    if args.tokenizer_name_or_path is None:
+        args.tokenizer_name_or_path = args.model_name
+    if args.output_dir is None:
+        args.output_dir = "./minilora-demo" if args.is_demo else "./minilora-output"
+    args.validate()
+    return args
+
+
+def read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise UsageError(f"--config {path} could not be parsed: {e}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of setting names to values")
+    known = {f.name for f in dataclasses.fields(TrainArgs)} | {"num_warmup_steps"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown settings {', '.join(unknown)}")
+    if "num_warmup_steps" in values:
+        values["warmup_steps"] = values.pop("num_warmup_steps")
+    return values

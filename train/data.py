@@ -1,0 +1,411 @@
+"""Training data: read records, format them, tokenise once, pack into fixed windows.
+
+Every batch the loop sees has the same shape, (batch, max_seq_length), the last one included
+(it is filled with rows whose labels are all -100), so XLA compiles the step once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .config import UsageError
+
+IGNORE = -100
+MEDICAL_TEMPLATE = "### Medical Context:\n{context}\n\n### Question:\n{question}\n\n### Response:\n"
+QUESTION_TEMPLATE = "### Question:\n{question}\n\n### Response:\n"
+RESPONSE_FIELDS = ("response", "answer")
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
+              ".csv": "csv", ".md": "text"}
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "eval": "validation"}
+
+
+@dataclass
+class Windows:
+    """Packed token windows: ``input_ids`` and ``labels`` are (N, L) int64; labels are -100
+    where no loss is taken (padding, prompts under --train_on_responses_only)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+@dataclass
+class TrainData:
+    train: Optional[Windows]          # map-style data, all windows in memory
+    stream: Optional[Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]]  # streaming: epoch -> windows
+    validation: Windows
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def format_prompt(question: str, context: Optional[str] = None) -> str:
+    """The guide's medical template up to the response (what a model is prompted with)."""
+    if context:
+        return MEDICAL_TEMPLATE.format(context=context.strip(), question=question.strip())
+    return QUESTION_TEMPLATE.format(question=question.strip())
+
+
+def record_kind(columns: list[str], where: str) -> str:
+    """'text' or 'qa' from a dataset's column names; anything else is a usage error."""
+    if "text" in columns:
+        return "text"
+    if "question" in columns and any(c in columns for c in RESPONSE_FIELDS):
+        return "qa"
+    raise UsageError(f"{where}: records need a 'text' field, or 'question' and 'response' (optionally "
+                     f"'context') fields; found columns: {', '.join(columns) or '(none)'}")
+
+
+def record_parts(record: dict, kind: str) -> tuple[str, str]:
+    """(prompt, response) of one record; for plain text the prompt is empty."""
+    if kind == "text":
+        text = record.get("text")
+        return "", text if isinstance(text, str) else ""
+    question = record.get("question")
+    response = next((record[c] for c in RESPONSE_FIELDS if isinstance(record.get(c), str)), "")
+    if not isinstance(question, str) or not question.strip() or not response.strip():
+        return "", ""
+    context = record.get("context")
+    return format_prompt(question, context if isinstance(context, str) else None), response.strip()
+
+
+def _local_copy(path: str, tmp_dir: Optional[str], storage_options: Optional[dict] = None) -> str:
+    """A local path for ``path``: itself if local, else a download into a scratch folder."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        if not os.path.exists(root):
+            raise UsageError(f"--dataset_dir {path}: no such file or directory")
+        return root
+    if not fs.exists(root):
+        raise UsageError(f"--dataset_dir {path}: nothing there (checked with fsspec)")
+    local = tempfile.mkdtemp(prefix="minilora-data-", dir=tmp_dir)
+    target = os.path.join(local, os.path.basename(root.rstrip("/")) or "data")
+    if fs.isdir(root):
+        fs.get(root.rstrip("/") + "/", target + "/", recursive=True)
+    else:
+        fs.get(root, target)
+    return target
+
+
+def _data_files(root: str, dataset_format: Optional[str]) -> tuple[str, dict[str, list[str]]]:
+    """(datasets builder name, {split: files}) for a file or a directory of files."""
+    if os.path.isfile(root):
+        files = [root]
+    else:
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+                       if not n.startswith(".") and (dataset_format or os.path.splitext(n)[1].lower() in EXTENSIONS))
+    if not files:
+        raise UsageError(f"--dataset_dir {root}: no data files found (looked for {', '.join(sorted(EXTENSIONS))})")
+    if dataset_format:
+        builder = "json" if dataset_format == "jsonl" else dataset_format
+    else:
+        kinds = {EXTENSIONS.get(os.path.splitext(f)[1].lower()) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise UsageError(f"--dataset_dir {root}: cannot tell the format from the file names "
+                             f"({', '.join(os.path.basename(f) for f in files[:5])}); pass --dataset_format")
+        builder = kinds.pop()
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        stem = os.path.splitext(os.path.relpath(f, root if os.path.isdir(root) else os.path.dirname(root)))[0]
+        words = [w for part in stem.replace("-", "_").replace(os.sep, "_").split("_") for w in [part.lower()]]
+        split = next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), None)
+        if split is None and "test" in words:
+            continue  # a test split is not for training or validation
+        splits.setdefault(split or "train", []).append(f)
+    if "train" not in splits:
+        raise UsageError(f"--dataset_dir {root}: no training files (found only {', '.join(splits)})")
+    return builder, splits
+
+
+def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, streaming: bool = False,
+                 tmp_dir: Optional[str] = None, storage_options: Optional[dict] = None):
+    """A datasets (Iterable)DatasetDict with a 'train' split and maybe a 'validation' split."""
+    import datasets
+
+    root = _local_copy(dataset_dir, tmp_dir, storage_options)
+    if os.path.isdir(root) and (os.path.exists(os.path.join(root, "dataset_dict.json"))
+                                or os.path.exists(os.path.join(root, "state.json"))):
+        loaded = datasets.load_from_disk(root)
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict(train=loaded)
+        loaded = datasets.DatasetDict({SPLIT_WORDS.get(k, k): v for k, v in loaded.items()})
+        return loaded.to_iterable_dataset() if streaming and hasattr(loaded, "to_iterable_dataset") else loaded
+    builder, splits = _data_files(root, dataset_format)
+    if builder == "json":
+        for files in splits.values():
+            for f in files:
+                _check_json_lines(f)
+    else:
+        for files in splits.values():
+            for f in files:
+                _check_utf8(f)
+    extra = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=splits, streaming=streaming,
+                                     cache_dir=os.path.join(tmp_dir, "hf-datasets") if tmp_dir else None, **extra)
+    except Exception as e:  # datasets wraps parser errors; say which input is at fault
+        raise UsageError(f"--dataset_dir {dataset_dir}: could not read it as {builder}: {str(e).splitlines()[0]}") from None
+
+
+def _check_utf8(path: str) -> None:
+    if path.endswith(".parquet"):
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                 "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _check_json_lines(path: str) -> None:
+    """A malformed line is reported with its file and line number (datasets' own error is not)."""
+    _check_utf8(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1).lstrip()
+        f.seek(0)
+        if head == "[":  # one JSON array, not JSON lines
+            try:
+                json.load(f)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            return
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                if not isinstance(value, dict):
+                    raise UsageError(f"{path}:{number}: each JSON line must be an object, found {type(value).__name__}")
+
+
+# -- tokenising and packing ---------------------------------------------------------------------
+
+class Packer:
+    """Turns records into (ids, labels) token streams and cuts them into fixed windows.
+
+    Each document becomes [bos] + tokens + [eos]; documents follow each other with no padding,
+    so only the very last window of a split can hold padding.
+    """
+
+    def __init__(self, tokenizer, max_seq_length: int, responses_only: bool = False):
+        self.tokenizer, self.length, self.responses_only = tokenizer, max_seq_length, responses_only
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+
+    def encode(self, records: list[dict], kind: str) -> list[tuple[list[int], list[int]]]:
+        parts = [record_parts(r, kind) for r in records]
+        parts = [(p, t) for p, t in parts if t.strip()]
+        if not parts:
+            return []
+        tok = self.tokenizer
+        prompts = tok([p for p, _ in parts], add_special_tokens=False)["input_ids"]
+        texts = tok([t for _, t in parts], add_special_tokens=False)["input_ids"]
+        out = []
+        for prompt_ids, text_ids in zip(prompts, texts):
+            head = ([self.bos] if self.bos is not None else []) + prompt_ids
+            ids = head + text_ids + ([self.eos] if self.eos is not None else [])
+            masked = self.responses_only and kind == "qa"
+            labels = ([IGNORE] * len(head) if masked else list(head)) + text_ids + ids[len(head) + len(text_ids):]
+            out.append((ids, labels))
+        return out
+
+    def windows(self, docs: Iterator[tuple[list[int], list[int]]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Fixed windows from a document stream; the final partial window is padded."""
+        L = self.length
+        ids_buf: list[int] = []
+        lab_buf: list[int] = []
+        for ids, labels in docs:
+            ids_buf.extend(ids)
+            lab_buf.extend(labels)
+            while len(ids_buf) >= L:
+                yield np.asarray(ids_buf[:L], np.int64), np.asarray(lab_buf[:L], np.int64)
+                del ids_buf[:L], lab_buf[:L]
+        if any(label != IGNORE for label in lab_buf[1:]):  # only if a prediction remains
+            pad = L - len(ids_buf)
+            yield (np.asarray(ids_buf + [self.pad] * pad, np.int64), np.asarray(lab_buf + [IGNORE] * pad, np.int64))
+
+    def pack(self, dataset, kind: str, batch: int = 1000) -> Windows:
+        def docs():
+            for start in range(0, len(dataset), batch):
+                rows = dataset[start:start + batch]
+                records = [dict(zip(rows, values)) for values in zip(*rows.values())]
+                yield from self.encode(records, kind)
+
+        pairs = list(self.windows(docs()))
+        if not pairs:
+            return Windows(torch.empty(0, self.length, dtype=torch.long), torch.empty(0, self.length, dtype=torch.long))
+        return Windows(torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+
+def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainData:
+    """Load, split, tokenise and pack the run's data (see TrainArgs for the settings used)."""
+    dataset_dir = dataset_dir or args.dataset_dir
+    records = load_records(dataset_dir, dataset_format=args.dataset_format, streaming=args.streaming_data,
+                           tmp_dir=args.tmp_dir)
+    packer = Packer(tokenizer, args.max_seq_length, args.train_on_responses_only)
+    train = records["train"]
+    columns = _columns(train)
+    kind = record_kind(columns, dataset_dir)
+    if args.streaming_data:
+        return _streaming(args, packer, records, kind, dataset_dir)
+    if "validation" in records:
+        validation = records["validation"]
+        record_kind(validation.column_names, f"{dataset_dir} (validation)")
+    else:
+        if len(train) < 2:
+            raise UsageError(f"--dataset_dir {dataset_dir}: {len(train)} record(s); need at least 2 to hold out validation")
+        n_val = max(1, math.ceil(len(train) * args.validation_split_percentage / 100)) if args.validation_split_percentage > 0 else 0
+        if n_val == 0:
+            raise UsageError("--validation_split_percentage 0 needs a validation split in --dataset_dir")
+        split = train.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+        train, validation = split["train"], split["test"]
+    train_windows = packer.pack(train, kind)
+    val_windows = packer.pack(validation, kind)
+    if len(train_windows) == 0:
+        raise UsageError(f"--dataset_dir {dataset_dir}: no training text left after dropping empty records")
+    if len(val_windows) == 0:
+        raise UsageError(f"--dataset_dir {dataset_dir}: the validation split holds no text")
+    return TrainData(train=train_windows, stream=None, validation=_cap(val_windows, args.max_eval_samples))
+
+
+def _streaming(args, packer: Packer, records, kind: str, dataset_dir: str) -> TrainData:
+    """Streaming: records are shuffled through a buffer and packed on the fly; validation is
+    taken from the validation split, or every k-th record when there is none."""
+    import itertools
+
+    every = max(2, round(100 / args.validation_split_percentage)) if args.validation_split_percentage > 0 else 0
+    has_val = "validation" in records
+    cap = args.max_eval_samples or 1000
+
+    def val_docs():
+        source = records["validation"] if has_val else (r for i, r in enumerate(records["train"]) if every and i % every == 0)
+        for chunk in _chunks(source, 256):
+            yield from packer.encode(chunk, kind)
+
+    pairs = list(itertools.islice(packer.windows(val_docs()), cap))
+    if not pairs:
+        raise UsageError(f"--dataset_dir {dataset_dir}: the validation split holds no text")
+    validation = Windows(torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+    def stream(epoch: int):
+        source = records["train"]
+        if not has_val and every:
+            source = (r for i, r in enumerate(source) if i % every != 0)
+            source = _shuffled(source, args.shuffle_buffer_size, args.seed + epoch)
+        else:
+            source = records["train"].shuffle(buffer_size=args.shuffle_buffer_size, seed=args.seed + epoch)
+        docs = (d for chunk in _chunks(source, 256) for d in packer.encode(chunk, kind))
+        for ids, labels in packer.windows(docs):
+            yield torch.from_numpy(ids), torch.from_numpy(labels)
+
+    return TrainData(train=None, stream=stream, validation=validation)
+
+
+def _shuffled(source, buffer_size: int, seed: int):
+    """A shuffle buffer over any iterator (datasets' own needs an IterableDataset)."""
+    rng = np.random.default_rng(seed)
+    buffer = []
+    for item in source:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(len(buffer)))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _chunks(source, size: int):
+    chunk = []
+    for item in source:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _columns(dataset) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if names:
+        return list(names)
+    first = next(iter(dataset), None)  # streaming datasets may not know their columns up front
+    return list(first) if isinstance(first, dict) else []
+
+
+def _cap(windows: Windows, limit: Optional[int]) -> Windows:
+    if limit is None or len(windows) <= limit:
+        return windows
+    return Windows(windows.input_ids[:limit], windows.labels[:limit])
+
+
+def load_windows(dataset_dir: str, tokenizer, max_seq_length: int, *, dataset_format: Optional[str] = None,
+                 tmp_dir: Optional[str] = None) -> Windows:
+    """All text of a dataset (every split) packed into windows: for evaluation."""
+    records = load_records(dataset_dir, dataset_format=dataset_format, tmp_dir=tmp_dir)
+    packer = Packer(tokenizer, max_seq_length)
+    parts = []
+    for name, split in records.items():
+        parts.append(packer.pack(split, record_kind(split.column_names, f"{dataset_dir} ({name})")))
+    ids = torch.cat([p.input_ids for p in parts])
+    if len(ids) == 0:
+        raise UsageError(f"{dataset_dir}: no text to evaluate on")
+    return Windows(ids, torch.cat([p.labels for p in parts]))
+
+
+# -- batching -----------------------------------------------------------------------------------
+
+def batches(windows: Windows, batch_size: int, pad_id: int, order: Optional[torch.Tensor] = None,
+            start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, labels) batches of exactly ``batch_size`` rows, (B, L) each; the final batch is
+    completed with rows of padding whose labels are all -100 (they add no loss and no gradient)."""
+    n = len(windows)
+    order = torch.arange(n) if order is None else order
+    for begin in range(start * batch_size, n, batch_size):
+        index = order[begin:begin + batch_size]
+        ids, labels = windows.input_ids[index], windows.labels[index]
+        missing = batch_size - len(index)
+        if missing:
+            L = windows.input_ids.shape[1]
+            ids = torch.cat([ids, torch.full((missing, L), pad_id, dtype=ids.dtype)])
+            labels = torch.cat([labels, torch.full((missing, L), IGNORE, dtype=labels.dtype)])
+        yield ids, labels
+
+
+def stream_batches(stream: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_size: int, pad_id: int,
+                   length: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of exactly ``batch_size`` windows from a window stream, skipping ``skip`` batches."""
+    for number, chunk in enumerate(_chunks(stream, batch_size)):
+        if number < skip:
+            continue
+        ids = torch.stack([c[0] for c in chunk])
+        labels = torch.stack([c[1] for c in chunk])
+        yield from batches(Windows(ids, labels), batch_size, pad_id)
+
+
+def cleanup_local_copy(path: str) -> None:
+    if os.path.basename(os.path.dirname(path)).startswith("minilora-data-"):
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
