@@ -1,0 +1,30 @@
+"""`import minilora` stays light (torch and safetensors only) and exports the public API."""
+
+from conftest import run_python
+
+HEAVY = ["transformers", "peft", "torch_xla", "datasets"]
+
+
+def test_import_minilora_loads_none_of_the_heavy_packages():
+    # A fresh interpreter: this test process has imported transformers and peft already.
+    result = run_python(f"""
+        import json, sys
+        import minilora
+        print(json.dumps({{"loaded": [m for m in {HEAVY!r} if m in sys.modules],
+                          "file": minilora.__file__}}))
+    """)
+    assert result["loaded"] == []
+    assert result["file"].endswith("minilora/__init__.py")
+
+
+def test_the_public_api_is_exported():
+    import minilora
+
+    # The names issue 2 asks for; __all__ may hold more, never fewer.
+    wanted = {"LoRALinear", "LoRAConfig", "AdapterLoadError", "inject", "merge", "unmerge", "merge_and_unload",
+              "lora_parameters", "mark_only_lora_trainable", "count_parameters", "print_trainable_parameters",
+              "lora_state_dict", "save_adapter", "load_adapter", "set_adapter", "active_adapter",
+              "delete_adapter", "disable_adapters", "enable_input_require_grads"}
+    assert wanted <= set(minilora.__all__)
+    assert all(hasattr(minilora, name) for name in minilora.__all__)
+    assert issubclass(minilora.AdapterLoadError, ValueError)
