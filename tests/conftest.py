@@ -84,3 +84,70 @@ def run_python(code: str, env: dict | None = None, timeout: int = 600) -> dict:
 def run_xla(code: str, env: dict | None = None, timeout: int = 600) -> dict:
     require_xla()
     return run_python(code, {"PJRT_DEVICE": "CPU", **(env or {})}, timeout)
+
+
+# -- a tiny training setup: tokenizer, model and text, all written by the tests ------------------
+
+MEDICAL_WORDS = ["patient", "fever", "cough", "insulin", "diabetes", "hypertension", "aspirin", "dose", "chronic",
+                 "acute", "renal", "cardiac", "therapy", "symptoms", "diagnosis", "treatment", "infection", "pain"]
+
+
+def medical_sentences(n: int, seed: int = 0) -> list[str]:
+    """Deterministic toy clinical sentences with enough structure for a model to learn."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b, c = rng.sample(MEDICAL_WORDS, 3)
+        out.append(f"The {a} with {b} was given {c} therapy. Follow-up {i % 7} showed the {b} improved.")
+    return out
+
+
+def make_tokenizer(path, texts=None, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``texts``, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or medical_sentences(200)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer in one directory, as a hub checkpoint would be."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = make_tokenizer(path)
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "notes.jsonl"
+    return write_jsonl(path, [{"text": t} for t in medical_sentences(240)])
+
+
+def train_argv(model_dir, data, out, *extra) -> list[str]:
+    """CLI flags for a small, fast run (eager CPU unless extra flags say otherwise)."""
+    return ["--model_name", str(model_dir), "--dataset_dir", str(data), "--output_dir", str(out), "--use_lora",
+            "--lora_r", "4", "--lora_dropout", "0", "--max_seq_length", "32", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "4", "--learning_rate", "5e-3", "--logging_steps", "1",
+            "--device", "cpu", "--report_to", "none", "--num_train_epochs", "1", "--save_epoch_percentage", "0",
+            *map(str, extra)]
