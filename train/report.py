@@ -145,6 +145,8 @@ def _start_wandb(args: TrainArgs, out: RunDir):
     if args.wandb_key:
         os.environ["WANDB_API_KEY"] = args.wandb_key
     os.environ.setdefault("WANDB_SILENT", "true")
+    if not os.environ.get("WANDB_MODE"):
+        os.environ.pop("WANDB_MODE", None)  # an empty value is an error inside wandb
     mode = os.environ.get("WANDB_MODE") or ("online" if key else "offline")
     scrub_argv(args)
     return wandb.init(project=args.wandb_project, dir=out.local, mode=mode, config=args.redacted(),

@@ -1,0 +1,119 @@
+"""The command line (train/cli.py, train/config.py) and what a run reports (train/report.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, train_argv
+from train.config import UsageError, build_parser, parse_args
+
+GUIDE_FLAGS = ["--dataset_dir", "--dataset_format", "--tokenizer_name_or_path", "--model_name", "--output_dir",
+               "--use_lora", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules", "--lora_bias",
+               "--learning_rate", "--num_train_epochs", "--max_steps", "--per_device_train_batch_size",
+               "--gradient_accumulation_steps", "--max_seq_length", "--warmup_steps", "--num_warmup_steps",
+               "--weight_decay", "--max_grad_norm", "--logging_steps", "--eval_steps", "--save_epoch_percentage",
+               "--streaming_data", "--shuffle_buffer_size", "--num_workers", "--seed", "--gradient_checkpointing",
+               "--bf16", "--device", "--resume_from_checkpoint", "--wandb_key", "--report_to",
+               "--huggingface_token", "--tmp_dir"]
+
+
+def cli(*argv, env=None, timeout=300):
+    """Run ``python -m train``; env values of None remove that variable."""
+    full = {**os.environ, **(env or {})}
+    full = {k: v for k, v in full.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "train", *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
+                          env=full, timeout=timeout)
+
+
+def test_help_lists_every_guide_flag_with_its_default():
+    text = build_parser().format_help()
+    for flag in GUIDE_FLAGS:
+        assert flag in text, flag
+    assert "(default: 0.0005)" in text  # --learning_rate, the guide's 5e-4
+
+
+def test_the_guides_command_line_parses_unchanged():
+    args = parse_args(["--dataset_dir", "gs://your-bucket/medical-dataset", "--tokenizer_name_or_path",
+                       "meta-llama/Llama-3.2-1B", "--model_name", "meta-llama/Llama-3.2-1B", "--output_dir",
+                       "gs://your-bucket/lora-medical-adapter", "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
+                       "--learning_rate", "5e-4", "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
+                       "--max_seq_length", "2048", "--wandb_key", "k", "--huggingface_token", "t", "--streaming_data",
+                       "--num_warmup_steps", "500", "--lora_target_modules", "q_proj", "v_proj"])
+    assert args.use_lora and args.lora_alpha == 32 and args.warmup_steps == 500
+    assert args.lora_target_modules == ["q_proj", "v_proj"]
+    assert parse_args(["--model_name", "m", "--dataset_dir", "d", "--lora_target_modules", "all-linear"]).lora_target_modules == "all-linear"
+
+
+def test_config_file_sets_values_and_flags_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 0.001\nlora_r: 8\nnum_warmup_steps: 7\n")
+    args = parse_args(["--config", str(path), "--model_name", "m", "--dataset_dir", "d", "--lora_r", "32"])
+    assert args.learning_rate == 0.001 and args.lora_r == 32 and args.warmup_steps == 7
+    path.write_text("learning_rat: 0.001\n")
+    with pytest.raises(UsageError, match="unknown settings learning_rat"):
+        parse_args(["--config", str(path), "--model_name", "m", "--dataset_dir", "d"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_seq_length", "0"], "--max_seq_length must be positive"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be positive"),
+    (["--gradient_accumulation_steps=-1"], "--gradient_accumulation_steps must be positive"),
+    (["--learning_rate=-1e-4"], "--learning_rate must not be negative"),
+    (["--lora_r", "0"], "--lora_r must be a positive integer"),
+    (["--lora_alpha", "0"], "--lora_alpha must be positive"),
+    (["--lora_dropout", "1"], "--lora_dropout must be in"),
+])
+def test_bad_settings_are_refused_before_loading_anything(flags, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["--model_name", "m", "--dataset_dir", "d", "--use_lora", *flags])
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path, tiny_model_dir):
+    proc = cli(*train_argv(tiny_model_dir, tmp_path / "absent.jsonl", tmp_path / "out"))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("minilora-train")]
+    assert lines == [f"minilora-train: error: --dataset_dir {tmp_path / 'absent.jsonl'}: no such file or directory"]
+    assert "Traceback" not in proc.stderr
+    debug = cli(*train_argv(tiny_model_dir, tmp_path / "absent.jsonl", tmp_path / "out"), "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, tiny_text_file):
+    from train.loop import run
+
+    out = tmp_path / "out"
+    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1")))
+    with pytest.raises(UsageError, match="already holds a finished run"):
+        run(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1")))
+    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1", "--overwrite_output_dir")))
+
+
+def test_wandb_offline_by_default_and_secrets_appear_nowhere(tmp_path, tiny_model_dir, tiny_text_file):
+    key, token = "SENTINELwandbKEY0123456789abcdef01234567", "hf_SENTINELtokenABCDEFGHIJ"
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "3", "--save_epoch_percentage", "0.05")
+    argv[argv.index("--report_to") + 1] = "wandb"
+    # No key, no WANDB_MODE: offline, with the run under the output directory.
+    plain = cli(*argv, env={"WANDB_MODE": None, "WANDB_API_KEY": None})
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    runs = [p for p in (out / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert len(runs) == 1
+
+    # With sentinel secrets (WANDB_MODE=offline keeps the test off the network).
+    out2 = tmp_path / "out2"
+    argv2 = [str(out2) if a == str(out) else a for a in argv]
+    proc = cli(*argv2, "--wandb_key", key, "--huggingface_token", token, env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out2 / "train_config.json").read_text())
+    assert config["wandb_key"] == "<redacted>" and config["huggingface_token"] == "<redacted>"
+    for secret in (key, token):
+        assert secret not in proc.stdout and secret not in proc.stderr
+        for folder, _, files in os.walk(out2):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    assert secret.encode() not in f.read(), os.path.join(folder, name)

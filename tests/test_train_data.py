@@ -1,0 +1,181 @@
+"""Reading, formatting, packing and batching (train/data.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import medical_sentences, train_argv, write_jsonl
+from train.config import UsageError, parse_args
+from train.data import IGNORE, Packer, batches, load_records, load_windows, prepare_data
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def args_for(data, *extra):
+    return parse_args(train_argv("unused-model", data, "unused-out", *extra))
+
+
+def test_packing_fills_every_window_and_separates_documents(tokenizer):
+    texts = medical_sentences(50)
+    packer = Packer(tokenizer, 16)
+    windows = list(packer.windows(packer.encode([{"text": t} for t in texts], "text")))
+    stream = [i for ids, _ in windows for i in ids.tolist()]
+    expected = []
+    for t in texts:
+        expected += [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert all(len(ids) == 16 for ids, _ in windows)
+    assert stream[:len(expected)] == expected  # nothing dropped, documents in order, EOS between them
+    padding = sum(int((labels == IGNORE).sum()) for _, labels in windows)
+    assert padding < 16  # only the last window is padded
+    real = sum(int((labels != IGNORE).sum()) for _, labels in windows)
+    assert real / (len(windows) * 16) > 0.95
+
+
+def test_question_response_records_use_the_medical_template_and_mask_the_prompt(tokenizer, tmp_path):
+    records = [{"question": "What lowers blood sugar?", "response": "Insulin lowers blood sugar.",
+                "context": "Type 1 diabetes"}, {"question": "What is a fever?", "answer": "A high temperature."}]
+    masked = Packer(tokenizer, 512, responses_only=True).encode(records, "qa")
+    full = Packer(tokenizer, 512).encode(records, "qa")
+    ids, labels = masked[0]
+    text = tokenizer.decode(ids)
+    assert "### Medical Context:\nType 1 diabetes" in text and "### Question:\nWhat lowers blood sugar?" in text
+    assert "### Response:\nInsulin lowers blood sugar." in text
+    response = tokenizer("Insulin lowers blood sugar.", add_special_tokens=False)["input_ids"]
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert trained == response + [tokenizer.eos_token_id]  # only the response (and its EOS) carries loss
+    assert labels[:len(ids) - len(trained)] == [IGNORE] * (len(ids) - len(trained))
+    assert full[0][1] == full[0][0]  # without the flag every token is trained on
+    assert "### Medical Context" not in tokenizer.decode(masked[1][0])  # no context: no empty section
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "text", "jsonl"])
+def test_each_input_format_is_read_and_inferred_from_extensions(fmt, tmp_path, tokenizer):
+    import datasets
+
+    texts = medical_sentences(40)
+    if fmt == "text":
+        path = tmp_path / "notes.txt"
+        path.write_text("\n\n".join(texts) + "\n")
+    elif fmt == "jsonl":
+        path = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in texts])
+    else:
+        path = tmp_path / f"notes.{fmt}"
+        ds = datasets.Dataset.from_dict({"text": texts})
+        getattr(ds, f"to_{fmt}")(str(path))
+    data = prepare_data(args_for(path), tokenizer)
+    total = len(data.train) + len(data.validation)
+    assert total > 0 and len(data.validation) >= 1
+    all_ids = torch.cat([data.train.input_ids, data.validation.input_ids]).flatten().tolist()
+    # every document made it in (the text splits by paragraph: one record a sentence)
+    assert all_ids.count(tokenizer.eos_token_id) == len(texts)
+
+
+def test_directory_with_train_and_validation_files_keeps_its_split(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in medical_sentences(30)])
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": t} for t in medical_sentences(5, seed=9)])
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "never used"}])
+    records = load_records(str(tmp_path))
+    assert sorted(records) == ["train", "validation"]
+    assert records["validation"].num_rows == 5
+
+
+def test_saved_datasets_directory(tmp_path, tokenizer):
+    import datasets
+
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": medical_sentences(30)})).save_to_disk(str(tmp_path / "saved"))
+    data = prepare_data(args_for(tmp_path / "saved"), tokenizer)
+    assert len(data.train) > 0
+
+
+def test_memory_fsspec_input(tokenizer):
+    import fsspec
+
+    with fsspec.open("memory://bucket/med/notes.jsonl", "w") as f:
+        for t in medical_sentences(30):
+            f.write(json.dumps({"text": t}) + "\n")
+    data = prepare_data(args_for("memory://bucket/med"), tokenizer)
+    assert len(data.train) > 0
+    windows = load_windows("memory://bucket/med/notes.jsonl", tokenizer, 32)
+    assert windows.input_ids.shape[1] == 32
+
+
+def test_memory_input_and_output_end_to_end(tiny_model_dir):
+    import fsspec
+
+    from train.loop import run
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/in/notes.jsonl", "w") as f:
+        for t in medical_sentences(60):
+            f.write(json.dumps({"text": t}) + "\n")
+    run(parse_args(train_argv(tiny_model_dir, "memory://in/notes.jsonl", "memory://out/run", "--max_steps", "4",
+                              "--save_epoch_percentage", "0.1")))  # 20 updates an epoch: a checkpoint every 2
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png",
+                 "train_config.json", "train_summary.json", "tokenizer.json", "latest"):
+        assert fs.exists(f"/out/run/{name}"), name
+
+
+def test_streaming_reads_the_same_kind_of_windows(tmp_path, tokenizer, tiny_model_dir):
+    from train.loop import run
+
+    path = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in medical_sentences(120)])
+    data = prepare_data(args_for(path, "--streaming_data", "--shuffle_buffer_size", "16"), tokenizer)
+    assert data.train is None and len(data.validation) > 0
+    first = list(data.stream(0))
+    assert all(ids.shape == (32,) for ids, _ in first)
+    assert [ids.tolist() for ids, _ in first] != [ids.tolist() for ids, _ in data.stream(1)]  # reshuffled per epoch
+    summary = run(parse_args(train_argv(tiny_model_dir, path, tmp_path / "out", "--streaming_data", "--max_steps", "5")))
+    assert summary["updates"] == 5
+    with pytest.raises(UsageError, match="--max_steps"):
+        run(parse_args(train_argv(tiny_model_dir, path, tmp_path / "out2", "--streaming_data")))
+
+
+def test_batches_keep_one_shape_including_the_last(tokenizer):
+    packer = Packer(tokenizer, 8)
+    from train.data import Windows
+
+    ids = torch.arange(5 * 8).reshape(5, 8)
+    out = list(batches(Windows(ids, ids.clone()), 2, tokenizer.pad_token_id))
+    assert [b[0].shape for b in out] == [(2, 8)] * 3
+    assert (out[-1][1][1] == IGNORE).all()  # the filler row carries no loss
+    assert packer.length == 8
+
+
+# -- bad input: one clear error each --------------------------------------------------------------
+
+def test_missing_dataset_path(tokenizer, tmp_path):
+    with pytest.raises(UsageError, match="no such file or directory"):
+        prepare_data(args_for(tmp_path / "absent"), tokenizer)
+
+
+def test_malformed_json_line_names_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken}\n')
+    with pytest.raises(UsageError, match=r"bad\.jsonl:3: malformed JSON"):
+        prepare_data(args_for(path), tokenizer)
+
+
+def test_records_without_text_fields_list_the_columns(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"title": "a", "body": "b"}] * 5)
+    with pytest.raises(UsageError, match="found columns: title, body"):
+        prepare_data(args_for(path), tokenizer)
+
+
+def test_text_that_is_not_utf8(tokenizer, tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("caf\xe9 au lait\n\nfi\xe8vre\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin\.txt:1: not valid UTF-8"):
+        prepare_data(args_for(path), tokenizer)
+
+
+def test_empty_after_filtering(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "empty.jsonl", [{"text": "   "}] * 10)
+    with pytest.raises(UsageError, match="no training text"):
+        prepare_data(args_for(path), tokenizer)
