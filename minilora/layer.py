@@ -29,6 +29,11 @@ class LoRAAdapter(nn.Module):
         super().__init__()
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # forward multiplies by this tensor, not by the Python float: XLA compiles Python numbers (and
+        # 0-dim tensors holding 0 or 1) into the graph as constants, so adapters differing only in
+        # alpha would each compile their own graphs; a (1,)-shaped tensor is a graph input instead.
+        # Not persistent, so the state-dict keys stay PEFT's.
+        self.register_buffer("scale", torch.full((1,), self.scaling, device=device), persistent=False)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -45,7 +50,8 @@ class LoRAAdapter(nn.Module):
         than the (..., out) result. The out × in product B·A is never formed.
         """
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return F.linear(F.linear(self.dropout(x), a) * self.scaling, b)
+        narrow = F.linear(self.dropout(x), a) * self.scale  # (..., r), scaled in float32
+        return F.linear(narrow.to(x.dtype), b)
 
     def delta_weight(self) -> torch.Tensor:
         """B·A·scaling as an (out_features, in_features) float32 tensor, for merging."""

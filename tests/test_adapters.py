@@ -110,7 +110,8 @@ def test_inject_makes_only_the_new_adapter_trainable():
 
 # Runs in a fresh interpreter with PJRT_DEVICE=CPU (conftest.run_xla). Warm-up: two rounds of a
 # train step and an eval forward with adapter "a" compile every graph; then "b" (same shapes) must
-# run on those graphs: no new CompileTime sample and no new UncachedCompile.
+# run on those graphs: no new CompileTime sample and no new UncachedCompile. "b" has another alpha
+# (scaling 1.0 against 2.0): a scaling compiled in as a constant would show up here as recompiles.
 XLA_SWITCH = """
 import json, sys
 import torch, torch_xla
@@ -126,7 +127,7 @@ def compiles():
 device = torch_xla.device()
 model = tiny_llama(num_hidden_layers=1)
 minilora.inject(model, r=4, adapter_name="a")
-minilora.inject(model, r=4, adapter_name="b")
+minilora.inject(model, r=4, alpha=4, adapter_name="b")
 randomize_adapters(model)
 model.to(device)
 ids = torch.randint(3, 128, (2, 16)).to(device)

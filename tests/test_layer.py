@@ -23,7 +23,8 @@ def lora_linear(in_features=48, out_features=80, r=4, alpha=8.0, bias=True, dtyp
 def test_owns_the_very_parameters_of_the_linear_it_replaces():
     base, layer = lora_linear()
     assert layer.weight is base.weight and layer.bias is base.bias
-    assert [k for k in layer.state_dict() if not k.startswith("adapters.")] == ["weight", "bias"]
+    # the base keys as nn.Linear had them, and only the adapter's two matrices besides
+    assert list(layer.state_dict()) == ["weight", "bias", "adapters.default.lora_A", "adapters.default.lora_B"]
 
 
 def test_shapes_follow_peft_a_is_r_by_in_and_b_is_out_by_r():
