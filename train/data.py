@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -245,10 +244,17 @@ class Packer:
             pad = L - len(ids_buf)
             yield (np.asarray(ids_buf + [self.pad] * pad, np.int64), np.asarray(lab_buf + [IGNORE] * pad, np.int64))
 
+    def pack_texts(self, texts: list[str]) -> Windows:
+        return self.pack({"text": list(texts)}, "text")
+
     def pack(self, dataset, kind: str, batch: int = 1000) -> Windows:
+        """``dataset``: a datasets.Dataset or a dict of equal-length column lists."""
+        n = len(next(iter(dataset.values()))) if isinstance(dataset, dict) else len(dataset)
+
         def docs():
-            for start in range(0, len(dataset), batch):
-                rows = dataset[start:start + batch]
+            for start in range(0, n, batch):
+                rows = ({k: v[start:start + batch] for k, v in dataset.items()} if isinstance(dataset, dict)
+                        else dataset[start:start + batch])
                 records = [dict(zip(rows, values)) for values in zip(*rows.values())]
                 yield from self.encode(records, kind)
 
@@ -286,7 +292,7 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
         raise UsageError(f"--dataset_dir {dataset_dir}: no training text left after dropping empty records")
     if len(val_windows) == 0:
         raise UsageError(f"--dataset_dir {dataset_dir}: the validation split holds no text")
-    return TrainData(train=train_windows, stream=None, validation=_cap(val_windows, args.max_eval_samples))
+    return TrainData(train=train_windows, stream=None, validation=cap_windows(val_windows, args.max_eval_samples))
 
 
 def _streaming(args, packer: Packer, records, kind: str, dataset_dir: str) -> TrainData:
@@ -356,7 +362,7 @@ def _columns(dataset) -> list[str]:
     return list(first) if isinstance(first, dict) else []
 
 
-def _cap(windows: Windows, limit: Optional[int]) -> Windows:
+def cap_windows(windows: Windows, limit: Optional[int]) -> Windows:
     if limit is None or len(windows) <= limit:
         return windows
     return Windows(windows.input_ids[:limit], windows.labels[:limit])
@@ -406,6 +412,3 @@ def stream_batches(stream: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_si
         yield from batches(Windows(ids, labels), batch_size, pad_id)
 
 
-def cleanup_local_copy(path: str) -> None:
-    if os.path.basename(os.path.dirname(path)).startswith("minilora-data-"):
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)

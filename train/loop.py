@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from .report import Reporter
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
 # accumulating micro-batches, the update); any later compile is a bug.
 WARMUP_UPDATES = 2
+# Windows of general text evaluated for the forgetting check unless --max_eval_samples says otherwise.
+DEFAULT_GENERAL_WINDOWS = 128
 
 
 # -- the schedule, in optimizer updates ---------------------------------------------------------
@@ -70,6 +72,21 @@ def evaluate(model, windows: data_mod.Windows, batch_size: int, device: Device, 
     loss = total.item() / max(1, tokens)  # host sync point (once per evaluation)
     model.train(was_training)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data_mod.Windows]:
+    """General-English text for the forgetting check: --general_eval_dataset, or by default the
+    embedded demo's held-out fortunes (never trained on, by the demo or anyone)."""
+    if args.general_eval_dataset == "none":
+        return None
+    cap = args.max_eval_samples or DEFAULT_GENERAL_WINDOWS
+    if args.general_eval_dataset:
+        windows = data_mod.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
+    else:
+        from .demo import default_general_validation
+
+        windows = data_mod.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
+    return data_mod.cap_windows(windows, cap)
 
 
 # -- state that survives a restart --------------------------------------------------------------
@@ -163,6 +180,8 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
         pos = _restore(out.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
 
     eval_sets = {"validation": data.validation}
+    if general_windows is None:
+        general_windows = general_eval_windows(args, tokenizer)
     if general_windows is not None:
         eval_sets["general"] = general_windows
     reporter = Reporter(args, out, device, total_updates, start_update=pos.update, history=pos.history)
@@ -339,6 +358,7 @@ def _save_final(out: RunDir, model, tokenizer, args: TrainArgs) -> None:
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             out.publish(name)
     else:
+        model.to("cpu")  # the run is over; safetensors reads host memory (XLA storage has none)
         model.save_pretrained(out.local)
         for name in os.listdir(out.local):
             if name.startswith("model") or name in ("config.json", "generation_config.json"):
