@@ -179,3 +179,27 @@ def test_schedule_counts_optimizer_updates_with_a_partial_last_accumulation(tiny
     assert summary["updates"] == updates
     logged = [m["lr"] for m in metrics(out) if "lr" in m]
     assert logged == pytest.approx([lr_at(u, 1.0, 1, updates) for u in range(updates)])
+
+
+def test_forgetting_report_compares_lora_with_full_fine_tuning(tiny_model_dir, tiny_text_file, tmp_path):
+    from train.loop import train_and_report
+
+    out = tmp_path / "run"
+    summary = train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "3",
+                                                     "--compare_full_finetune")))
+    report = json.loads((out / "report.json").read_text())
+    lora, full = report["methods"]
+    assert (lora["method"], full["method"]) == ("LoRA", "full fine-tuning")
+    for row, run_summary in ((lora, summary), (full, summary["full_finetune"])):
+        for key in ("medical_perplexity_base", "medical_perplexity", "general_perplexity_base", "general_perplexity"):
+            assert row[key] > 1
+        assert row["general_perplexity"] == pytest.approx(run_summary["final"]["general"]["perplexity"])
+    assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert lora["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    assert lora["general_perplexity_base"] == pytest.approx(full["general_perplexity_base"])  # same base, same text
+    text = (out / "report.md").read_text()
+    assert "| general change (forgetting) |" in text and "full fine-tuning" in text
+    assert (out / "report.png").exists() and (out / "full_finetune" / "model.safetensors").exists()
+    metrics_lines = metrics(out)
+    assert any("general_perplexity" in m for m in metrics_lines)

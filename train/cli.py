@@ -21,9 +21,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             run_demo(args)
         else:
-            from .loop import run
+            from .loop import train_and_report
 
-            summary = run(args)
+            summary = train_and_report(args)
             if not summary.get("stopped"):
                 print_summary(summary)
         return 0
@@ -43,7 +43,12 @@ def print_summary(summary: dict) -> None:
     for name in final:
         b, f = base[name]["perplexity"], final[name]["perplexity"]
         print(f"  {name} perplexity: {b:,.2f} -> {f:,.2f} ({100 * (f - b) / b:+.1f}%)")
-    print(f"  outputs in {summary['output_dir']}")
+    full = summary.get("full_finetune")
+    if full:
+        for name in full["final"]:
+            b, f = full["base"][name]["perplexity"], full["final"][name]["perplexity"]
+            print(f"  {name} perplexity, full fine-tuning: {b:,.2f} -> {f:,.2f} ({100 * (f - b) / b:+.1f}%)")
+    print(f"  outputs in {summary['output_dir']} (report: report.md)")
 
 
 if __name__ == "__main__":

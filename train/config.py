@@ -53,6 +53,10 @@ class TrainArgs:
     max_eval_samples: Optional[int] = _f(None, "cap on validation windows per evaluation (default: all)")
     general_eval_dataset: Optional[str] = _f(None, "general-English text for the forgetting check (default: "
                                                    "the embedded demo's held-out general text); 'none' to skip")
+    compare_full_finetune: bool = _f(False, "with --use_lora: also run full fine-tuning with the same data, steps "
+                                            "and seed, and put both side by side in report.md")
+    full_finetune_learning_rate: float = _f(5e-5, "learning rate of the --compare_full_finetune run (the guide's "
+                                                  "full fine-tuning range is 1e-5 to 5e-5)")
     # -- LoRA ------------------------------------------------------------------------------
     use_lora: bool = _f(False, "train a LoRA adapter (without it: full fine-tuning with the same loop)")
     lora_r: int = _f(16, "LoRA rank")

@@ -39,7 +39,7 @@ def demo_settings(args: TrainArgs) -> DemoSettings:
 
 
 def run_demo(args: TrainArgs) -> dict:
-    from .loop import run
+    from .loop import train_and_report
 
     started = time.time()
     settings = demo_settings(args)
@@ -51,7 +51,7 @@ def run_demo(args: TrainArgs) -> dict:
     info = assets.pretrained_info()
 
     lora_args = demo_lora_args(args, assets)
-    summary = run(lora_args)
+    summary = train_and_report(lora_args)
     summary["pretrain"] = info
     summary["pretrain_seconds_this_run"] = pretrain_seconds
     summary["demo_wall_seconds"] = time.time() - started
@@ -128,6 +128,13 @@ def print_demo_summary(summary: dict, assets: DemoAssets, args: TrainArgs) -> No
         if name in final:
             b, f = base[name]["perplexity"], final[name]["perplexity"]
             lines.append(f"  {label:<22}{b:>10,.1f}{f:>10,.1f}{100 * (f - b) / b:>+8.1f}%")
+    full = summary.get("full_finetune")
+    if full:
+        for name, label in (("validation", "medical, full FT"), ("general", "general, full FT")):
+            b, f = full["base"][name]["perplexity"], full["final"][name]["perplexity"]
+            lines.append(f"  {label:<22}{b:>10,.1f}{f:>10,.1f}{100 * (f - b) / b:>+8.1f}%")
+    else:
+        lines.append("  (add --compare_full_finetune to also run full fine-tuning with the same data and steps)")
     trainable, total = summary["trainable_params"], summary["total_params"]
     lines += [
         f"  trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.2f}%), "

@@ -8,6 +8,7 @@ forward + backward with its summed token NLL divided by the token count of the w
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ from . import data as data_mod
 from .config import TrainArgs, UsageError
 from .device import Device
 from .outputs import FINISHED, RunDir, load_tensors_safely, save_tensors_safely
-from .report import Reporter
+from .report import Reporter, write_report
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
 # accumulating micro-batches, the update); any later compile is a bug.
@@ -115,6 +116,26 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 # -- the run ------------------------------------------------------------------------------------
+
+def train_and_report(args: TrainArgs, **kwargs) -> dict:
+    """``run``, then (with --compare_full_finetune) full fine-tuning with the same data, steps
+    and seed into ``<output_dir>/full_finetune``, then the forgetting report of both."""
+    summary = run(args, **kwargs)
+    if summary.get("stopped"):
+        return summary
+    full = None
+    if args.compare_full_finetune and args.use_lora:
+        print("comparison: full fine-tuning with the same data, steps and seed", flush=True)
+        full = run(dataclasses.replace(
+            args, use_lora=False, output_dir=f"{args.output_dir.rstrip('/')}/full_finetune",
+            learning_rate=args.full_finetune_learning_rate, compare_full_finetune=False, overwrite_output_dir=True,
+            resume_from_checkpoint=None, report_to="none"), **{k: v for k, v in kwargs.items() if k != "model"})
+        summary["full_finetune"] = full
+    write_report(RunDir(args.output_dir, args.tmp_dir), summary, full)
+    return summary
+
+
+# -- one training run ------------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(args: TrainArgs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -264,6 +285,8 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
         "adapter_bytes": _size(out.path("adapter_model.safetensors")) if args.use_lora else None,
         "model_bytes": None if args.use_lora else _size(out.path("model.safetensors")),
         "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla,
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                     for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": len(data.train) if data.train is not None else None,
         "steps_per_second": reporter.steps_per_second(),
     }

@@ -165,3 +165,106 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# -- the forgetting report -------------------------------------------------------------------------
+
+def _method_row(summary: dict) -> dict:
+    base, final = summary["base"], summary["final"]
+    row = {"method": "LoRA" if summary["use_lora"] else "full fine-tuning",
+           "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+           "checkpoint_bytes": summary["adapter_bytes"] if summary["use_lora"] else summary["model_bytes"],
+           "seconds_per_update": 1 / summary["steps_per_second"] if summary.get("steps_per_second") else None,
+           "peak_memory_bytes": summary.get("peak_memory_bytes"),
+           "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "updates": summary["updates"]}
+    for name, label in (("validation", "medical"), ("general", "general")):
+        if name in final:
+            b, f = base[name]["perplexity"], final[name]["perplexity"]
+            row[f"{label}_perplexity_base"] = b
+            row[f"{label}_perplexity"] = f
+            row[f"{label}_change_percent"] = 100 * (f - b) / b
+    return row
+
+
+def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dict:
+    """report.json, report.md and report.png: base vs adapted perplexity on the run's own
+    (medical) validation text and on general English, for LoRA and, if run, full fine-tuning."""
+    rows = [_method_row(summary)] + ([_method_row(full)] if full else [])
+    report = {"methods": rows, "note": _verdict(rows)}
+    out.write_json("report.json", report)
+
+    def fmt(value, kind):
+        if value is None:
+            return "n/a"
+        if kind == "ppl":
+            return f"{value:,.2f}"
+        if kind == "pct":
+            return f"{value:+.1f}%"
+        if kind == "bytes":
+            return f"{value / 1e6:,.2f} MB"
+        if kind == "s":
+            return f"{value:.3f} s"
+        return f"{value:,d}"
+
+    lines = ["# Forgetting report", "",
+             "Perplexity of the base model and of the adapted model on the run's validation text (medical) "
+             "and on general English held out from all training. Lower is better; a rise on general text is "
+             "forgetting.", "",
+             "| | " + " | ".join(r["method"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    table = [("medical perplexity, base", "medical_perplexity_base", "ppl"),
+             ("medical perplexity, adapted", "medical_perplexity", "ppl"),
+             ("medical change", "medical_change_percent", "pct"),
+             ("general perplexity, base", "general_perplexity_base", "ppl"),
+             ("general perplexity, adapted", "general_perplexity", "ppl"),
+             ("general change (forgetting)", "general_change_percent", "pct"),
+             ("trainable parameters", "trainable_params", "int"),
+             ("checkpoint size", "checkpoint_bytes", "bytes"),
+             ("optimizer state", "optimizer_state_bytes", "bytes"),
+             ("time per update", "seconds_per_update", "s"),
+             ("peak accelerator memory", "peak_memory_bytes", "bytes"),
+             ("optimizer updates", "updates", "int")]
+    for label, key, kind in table:
+        if any(key in r for r in rows):
+            lines.append(f"| {label} | " + " | ".join(fmt(r.get(key), kind) for r in rows) + " |")
+    lines += ["", report["note"], ""]
+    with open(out.path("report.md"), "w") as f:
+        f.write("\n".join(lines))
+    out.publish("report.md")
+    _report_plot(out, rows)
+    return report
+
+
+def _verdict(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        if "general_change_percent" in r:
+            change = r["general_change_percent"]
+            word = "rose" if change > 0 else "fell"
+            parts.append(f"With {r['method']}, general-English perplexity {word} by {abs(change):.1f}% "
+                         f"while medical perplexity changed by {r.get('medical_change_percent', float('nan')):+.1f}%.")
+    if len(rows) == 2 and all("general_change_percent" in r for r in rows):
+        lora, full = rows
+        parts.append("LoRA forgot less than full fine-tuning here." if lora["general_change_percent"] < full["general_change_percent"]
+                     else "LoRA did NOT forget less than full fine-tuning here: the guide's claim does not hold for these settings.")
+    return " ".join(parts) or "No general-English evaluation was run (--general_eval_dataset none)."
+
+
+def _report_plot(out: RunDir, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in ("medical", "general") if f"{g}_perplexity" in rows[0]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        labels = ["base"] + [r["method"] for r in rows]
+        values = [rows[0][f"{group}_perplexity_base"]] + [r[f"{group}_perplexity"] for r in rows]
+        ax.bar(labels, values, color=["tab:gray", "tab:blue", "tab:red"][:len(values)])
+        ax.set_title(f"{group} perplexity (lower is better)")
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:,.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.path("report.png"), dpi=100)
+    plt.close(fig)
+    out.publish("report.png")
