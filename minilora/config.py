@@ -107,8 +107,9 @@ class LoRAConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def selects(self, name: str) -> bool:
-        """Whether the module called ``name`` is a target (before the nn.Linear type check)."""
-        if not matches(self.target_modules, name):
+        """Whether the module called ``name`` is a target (before the nn.Linear type check; with
+        ``"all-linear"`` every name is, and the caller keeps the Linears but the output head)."""
+        if self.target_modules != "all-linear" and not matches(self.target_modules, name):
             return False
         if self.exclude_modules is not None and matches(self.exclude_modules, name):
             return False
@@ -121,7 +122,7 @@ class LoRAConfig:
 
 def matches(spec: Union[list[str], str], name: str) -> bool:
     """PEFT's rule: a list entry matches the whole name or its end after a dot; a string is a
-    regex that must match the whole name. ``"all-linear"`` is resolved by the caller."""
+    regex that must match the whole name."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)

@@ -46,7 +46,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     if config.target_modules == "all-linear":
         head = _output_head(model)
         chosen = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, (nn.Linear, LoRALinear)) and m is not head and _passes_filters(config, n)]
+                  if isinstance(m, (nn.Linear, LoRALinear)) and m is not head and config.selects(n)]
     else:
         chosen = []
         for name, module in model.named_modules():
@@ -67,10 +67,6 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
             + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
         )
     return chosen
-
-
-def _passes_filters(config: LoRAConfig, name: str) -> bool:
-    return config.replace(target_modules=r".*").selects(name)
 
 
 def _inside_lora(name: str, model: nn.Module) -> bool:

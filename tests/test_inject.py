@@ -72,6 +72,13 @@ def test_fresh_injection_gives_exactly_the_base_logits():
     assert torch.equal(model(ids).logits, base_logits)
 
 
+def test_a_bf16_model_gets_float32_adapters_and_still_returns_bf16():
+    model = randomize_adapters(minilora.inject(tiny_llama().to(torch.bfloat16), r=4))
+    assert {p.dtype for _, p in minilora.lora_parameters(model)} == {torch.float32}
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model(torch.randint(3, 128, (1, 8))).logits.dtype == torch.bfloat16
+
+
 def test_injecting_into_an_eval_model_keeps_dropout_off():
     model = randomize_adapters(minilora.inject(tiny_llama(), dropout=0.5))  # tiny_llama() is in eval mode
     ids = torch.randint(3, 128, (1, 8))
