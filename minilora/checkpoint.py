@@ -139,13 +139,13 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
                                "load under another adapter_name or delete that adapter first")
     previous = active_adapter(model)
     try:
-        find_targets(model, config)
+        targets = find_targets(model, config)
     except ValueError as e:
         raise AdapterLoadError(f"the adapter at {path} does not fit this model"
                                + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
     # What inject changes, so a load that fails can put it back: the replaced Linears and the
     # requires_grad flags (inject freezes everything but the new adapter).
-    replaced = [(name, module) for name, module in find_targets(model, config) if not isinstance(module, LoRALinear)]
+    replaced = [(name, module) for name, module in targets if not isinstance(module, LoRALinear)]
     trainable = {param: param.requires_grad for param in model.parameters()}
     inject(model, config, adapter_name=adapter_name)
     try:
@@ -190,16 +190,16 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
                                    "(plain LoRA on nn.Linear only)")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise AdapterLoadError(f"{config_path}: init_lora_weights={init!r} rewrote the base weights during training, "
-                               "so the adapter does not fit the original base; convert it to plain LoRA first "
-                               "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        raise AdapterLoadError(f"{config_path}: init_lora_weights={init!r} rewrote the base weights during "
+                               "training, so the adapter does not fit the original base; convert it to plain "
+                               "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     known = _IGNORED_FIELDS | set(_UNSUPPORTED) | {
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "bias",
         "use_rslora", "rank_pattern", "alpha_pattern"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): {', '.join(unknown)}",
-                      stacklevel=3)
+        warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): "
+                      f"{', '.join(unknown)}", stacklevel=3)
     fields = {
         "r": _typed(raw, "r", int, 8, config_path),
         "alpha": _typed(raw, "lora_alpha", (int, float), 8, config_path),

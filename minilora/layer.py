@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: Optional[str] = None
         self.merged_adapter: Optional[str] = None
         self.disabled = False
-        # Per-row adapter names for a mixed batch (see minilora.adapters.mixed_batch).
+        # Per-row adapter names for a mixed batch (see minilora.inject.mixed_batch).
         self.row_adapters: Optional[Sequence[Optional[str]]] = None
         # A new nn.Module starts in training mode; inherit the Linear's mode instead, or adapter
         # dropout would run inside a model the user had put in eval().
