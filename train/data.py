@@ -120,6 +120,8 @@ def _data_files(root: str, dataset_format: Optional[str]) -> tuple[str, dict[str
             raise UsageError(f"--dataset_dir {root}: cannot tell the format from the file names "
                              f"({', '.join(os.path.basename(f) for f in files[:5])}); pass --dataset_format")
         builder = kinds.pop()
+    if os.path.isfile(root):
+        return builder, {"train": files}  # one file named directly is the data, whatever its name
     splits: dict[str, list[str]] = {}
     for f in files:
         stem = os.path.splitext(os.path.relpath(f, root if os.path.isdir(root) else os.path.dirname(root)))[0]
