@@ -1,1 +1,10 @@
+"""minilora's training application: ``minilora-train``, inference and evaluation helpers.
 
+The guide's inference API is importable from here and from ``train.inference``:
+
+    from train import load_lora_model, generate_text, AdapterManager
+"""
+
+from .inference import AdapterManager, generate_text, load_lora_model
+
+__all__ = ["AdapterManager", "generate_text", "load_lora_model"]
