@@ -13,6 +13,11 @@ import textwrap
 import pytest
 import torch
 
+# Tests use tiny models, for which one thread is as fast as two on a quiet machine and several
+# times faster on a busy one (OpenMP threads spinning against each other); subprocesses inherit it.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
 

@@ -128,8 +128,9 @@ def run_and_adapter(model_dir, data, out, *extra) -> dict:
     return adapter(out)
 
 
-def test_resume_continues_exactly(tiny_model_dir, tiny_text_file, tmp_path):
-    common = ("--lora_dropout", "0.1", "--save_epoch_percentage", "0.1", "--save_total_limit", "0")
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    tiny_text_file = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in medical_sentences(100)])
+    common = ("--lora_dropout", "0.1", "--save_epoch_percentage", "0.2", "--save_total_limit", "0")
     straight = run_and_adapter(tiny_model_dir, tiny_text_file, tmp_path / "straight", *common)
     total = json.loads((tmp_path / "straight" / "train_summary.json").read_text())["updates"]
 
