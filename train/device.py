@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from . import distributed
 from .config import UsageError
 
 
@@ -32,8 +33,12 @@ class Device:
 
     @classmethod
     def choose(cls, requested: str = "auto") -> "Device":
-        """auto: XLA whenever torch_xla is installed (TPU if present, else its CPU device),
-        else CUDA, else CPU."""
+        return cls(cls.resolve(requested))
+
+    @staticmethod
+    def resolve(requested: str = "auto") -> str:
+        """The kind ``--device`` names, without starting it. auto: XLA whenever torch_xla is
+        installed (TPU if present, else its CPU device), else CUDA, else CPU."""
         has_xla = importlib.util.find_spec("torch_xla") is not None
         if requested == "auto":
             requested = "xla" if has_xla else "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +46,7 @@ class Device:
             raise UsageError("--device xla needs torch_xla: pip install 'minilora[xla]' (Linux x86_64)")
         if requested == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-        return cls(requested)
+        return requested
 
     @property
     def is_xla(self) -> bool:
@@ -60,11 +65,15 @@ class Device:
 
     def loader(self, batches: Iterable) -> Iterator:
         """Batches moved to the device. On XLA a background thread prefetches them and each
-        batch boundary is a graph cut (``sync``), so every step runs as one compiled graph."""
+        batch boundary is a graph cut (``sync``), so every step runs as one compiled graph.
+        With several processes each moves only its rows; under SPMD the rows are split
+        across devices (distributed.py)."""
+        batches = distributed.process_rows(batches)
         if self.is_xla:
             import torch_xla.distributed.parallel_loader as pl
 
-            return iter(pl.MpDeviceLoader(_Reiterable(batches), self.torch_device))
+            return iter(pl.MpDeviceLoader(_Reiterable(batches), self.torch_device,
+                                          input_sharding=distributed.input_sharding()))
         return (tuple(t.to(self.torch_device, non_blocking=True) for t in batch) for batch in batches)
 
     def attention_mask(self, model, ids: torch.Tensor):
@@ -121,6 +130,17 @@ class Device:
             group["lr"] = torch.tensor(lr).to(self.torch_device)
         return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay, capturable=True, foreach=False)
 
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """``optimizer.load_state_dict``, with the learning rate kept in this device's tensor.
+        The checkpoint's is a host tensor; left in place, every step would upload it and build
+        a graph unlike an unresumed run's, which the persistent compilation cache then misses."""
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, lr in zip(optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):
+                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
+                group["lr"] = lr
+
     def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
@@ -161,7 +181,8 @@ class Device:
         if self.is_xla:
             import torch_xla.core.xla_model as xm
 
-            state["xla"] = torch.tensor(xm.get_rng_state(), dtype=torch.int64)
+            seed = xm.get_rng_state()  # a uint64 (SPMD's often needs all 64 bits): stored as int64 bits
+            state["xla"] = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
         return state
 
     def set_rng_state(self, state: dict) -> None:
@@ -171,7 +192,7 @@ class Device:
         if self.is_xla and "xla" in state:
             import torch_xla.core.xla_model as xm
 
-            xm.set_rng_state(int(state["xla"]))
+            xm.set_rng_state(int(state["xla"]) % 2**64)
 
     def compile_count(self) -> int:
         """XLA graph compilations so far in this process (0 elsewhere)."""

@@ -1,0 +1,348 @@
+"""Scaling out on engines that already exist: XLA's SPMD partitioner, and torch.distributed.
+
+``setup`` picks one layout per run; the loop then calls the few functions below, which do
+nothing in the single-device layout:
+
+    single  one device, one process.
+    spmd    XLA with more than one device (or --spmd): one process per host and a 1-D mesh
+            ('fsdp',) over every device of every host. Each global batch is split across the
+            devices along its batch axis, and every weight, frozen base and adapter alike, is
+            sharded along its largest dimension FSDPv2-style: decoder layers are wrapped, so
+            XLA gathers one layer's weights at a time and a model larger than one chip fits.
+    ddp     torchrun (WORLD_SIZE > 1): one process per GPU, or per CPU slot with gloo.
+            DistributedDataParallel reduces the adapter's gradients only (frozen weights are
+            not registered with it and not in the optimizer); every rank takes its own rows of
+            each global batch.
+
+In all three a micro-batch holds ``per_device_train_batch_size x data-parallel ways`` rows
+(``global_batch``), drawn from one shuffled order that every process computes alike, and the
+loss is divided by the token count of the whole global update. A run on N devices therefore
+takes the same optimizer steps as one device given the N-times larger batch.
+
+Multi-process ``torch_xla.launch`` (one process per device with XLA collectives) is not a
+layout here: SPMD replaces it on TPUs, and its collectives hang on XLA's CPU client, so it
+could not be tested.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .config import UsageError
+
+BATCH_AXIS = "fsdp"  # the mesh's only axis: data and weights are both sharded along it
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str = "single"   # single | spmd | ddp
+    ways: int = 1          # data-parallel ways: devices (spmd) or processes (ddp)
+    processes: int = 1     # processes that load data: hosts (spmd) or ranks (ddp)
+    index: int = 0         # this process among them
+    mesh: Any = None       # spmd: the xs.Mesh
+
+
+_layout = Layout()
+
+
+def layout() -> Layout:
+    return _layout
+
+
+def setup(args, kind: str) -> Layout:
+    """Choose the layout for ``args`` on a device of ``kind`` (xla, cuda, cpu) and start what
+    it needs: XLA's persistent compilation cache, SPMD and its mesh, or the torch.distributed
+    process group. Call it before the device is first used: SPMD started after
+    ``torch_xla.device()`` crashes later. Safe to call again in the same process."""
+    global _layout
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "xla":
+        if world > 1:
+            raise UsageError(f"{world} processes were launched (torchrun?) but the device is XLA: on TPUs run one "
+                             "process per host (the same command on every worker; SPMD spans the devices); "
+                             "on GPUs pass --device cuda")
+        if args.xla_cache_dir:
+            _start_cache(args.xla_cache_dir)
+        import torch_xla.runtime as xr
+
+        _layout = _start_spmd() if args.spmd or xr.global_runtime_device_count() > 1 else Layout()
+    else:
+        for flag, value in (("--spmd", args.spmd), ("--xla_cache_dir", args.xla_cache_dir)):
+            if value:
+                raise UsageError(f"{flag} applies to XLA only, and this run's device is {kind}; "
+                                 "pass --device xla, or drop the flag (GPUs scale out with torchrun)")
+        _layout = _start_process_group(kind) if world > 1 else Layout()
+    return _layout
+
+
+def _start_cache(path: str) -> None:
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    if torch_xla._XLAC._xla_computation_cache_is_initialized():
+        if os.environ.get("XLA_PERSISTENT_CACHE_PATH") == path:
+            return  # a second run in this process, with the same cache
+        raise UsageError(f"--xla_cache_dir {path}: this process already compiled XLA graphs without that cache; "
+                         "the cache must be set before the first compilation (start a new process)")
+    os.makedirs(path, exist_ok=True)
+    xr.initialize_cache(path, readonly=False)
+
+
+def _start_spmd() -> Layout:
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    xr.use_spmd()
+    devices = xr.global_runtime_device_count()
+    mesh = xs.Mesh(np.arange(devices), (devices,), (BATCH_AXIS,))
+    xs.set_global_mesh(mesh)
+    return Layout("spmd", ways=devices, processes=xr.process_count(), index=xr.process_index(), mesh=mesh)
+
+
+def _start_process_group(kind: str) -> Layout:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if kind == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # Device's "cuda" is now this GPU
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return Layout("ddp", ways=dist.get_world_size(), processes=dist.get_world_size(), index=dist.get_rank())
+
+
+# -- who does what -----------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """The one process that prints, writes files and talks to wandb (rank 0, or host 0)."""
+    return _layout.index == 0
+
+
+def global_batch(per_device: int) -> int:
+    """Rows in one micro-batch across all devices: per-device rows x data-parallel ways."""
+    return per_device * _layout.ways
+
+
+def process_rows(batches: Iterable[tuple]) -> Iterable[tuple]:
+    """This process's rows of each global batch: the i-th of ``processes`` equal blocks of every
+    (rows, L) tensor; 1-D tensors (per-batch values such as a token count) pass whole. Under
+    single-host SPMD the one process keeps everything and XLA splits it across devices."""
+    if _layout.processes == 1:
+        return batches
+    n, i = _layout.processes, _layout.index
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < 2:
+            return t
+        per = t.shape[0] // n
+        return t[i * per:(i + 1) * per]
+
+    return (tuple(rows(t) for t in batch) for batch in batches)
+
+
+def input_sharding():
+    """SPMD: how MpDeviceLoader places each (rows, L) batch: split along rows over the mesh;
+    with several hosts each feeds only its own rows (``minibatch``). None elsewhere."""
+    if _layout.kind != "spmd":
+        return None
+    import torch_xla.distributed.spmd as xs
+
+    return xs.ShardingSpec(_layout.mesh, (BATCH_AXIS, None), minibatch=_layout.processes > 1)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+def wrap(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
+    """SPMD: FSDPv2 over the decoder layers and the rest; DDP: DistributedDataParallel that
+    sums adapter gradients. Call after gradient checkpointing is set up and the model is on
+    its device, and before the first forward. The optimizer may already hold the parameters
+    (they stay the same objects) and state restored from a checkpoint; SPMD shards that state
+    like its parameter, as an unresumed run's first update does (same memory per device, same
+    graphs)."""
+    if _layout.kind == "spmd":
+        wrapped = _fsdp_v2(model)
+        if optimizer is not None:
+            _shard_like_parameters(optimizer)
+        return wrapped
+    if _layout.kind == "ddp":
+        return _ddp(model)
+    return model
+
+
+def _fsdp_v2(model: nn.Module) -> nn.Module:
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+    from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+    # A tensor copied in from a checkpoint arrives marked replicated, and FSDPv2 leaves marked
+    # parameters alone: unmarked, a resumed run shards its restored weights like a fresh one.
+    for p in model.parameters():
+        if torch_xla._XLAC._get_xla_sharding_spec(p):
+            xs.clear_sharding(p)
+    # transformers names the classes it never splits across devices: the decoder layers.
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
+    return SpmdFullyShardedDataParallel(model, mesh=_layout.mesh, shard_output=_shard_batch_axis,
+                                        auto_wrap_policy=policy)
+
+
+def _shard_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+
+    for param, state in optimizer.state.items():
+        for tensor in state.values():
+            if isinstance(tensor, torch.Tensor) and tensor.shape == param.shape and tensor.dim():
+                if torch_xla._XLAC._get_xla_sharding_spec(tensor):
+                    xs.clear_sharding(tensor)
+                spec = [None] * tensor.dim()
+                spec[list(tensor.shape).index(max(tensor.shape))] = BATCH_AXIS  # FSDPv2's choice for the parameter
+                xs.mark_sharding(tensor, _layout.mesh, tuple(spec))
+
+
+def _shard_batch_axis(output, mesh) -> None:
+    """Each wrapped module's output (a decoder layer's hidden states (B, L, H), the model's
+    logits (B, L, V)) stays split along the batch axis, which is what makes XLA's
+    partitioner run FSDP (gather weights, keep activations local) rather than replicate."""
+    import torch_xla.distributed.spmd as xs
+
+    tensor = getattr(output, "logits", None)
+    if tensor is None:
+        tensor = output[0] if isinstance(output, tuple) else output
+    xs.mark_sharding(tensor, mesh, (BATCH_AXIS,) + (None,) * (tensor.dim() - 1))
+
+
+def _ddp(model: nn.Module) -> nn.Module:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Every rank loaded the same base from the same files with the same seed, so only the
+    # trainable tensors are made identical here; DDP's own start-up sync would send the whole
+    # frozen base from rank 0 as well.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p, src=0)
+    on_gpu = next(model.parameters()).is_cuda
+    ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None,
+                                  broadcast_buffers=False, init_sync=False)
+    ddp.register_comm_hook(None, _sum_gradients)
+    return ddp
+
+
+def _sum_gradients(state, bucket):
+    """DDP comm hook: sum, not average. Each rank's loss is already divided by the token count
+    of the global update, so the ranks' gradients add up to the single-process gradient."""
+    import torch.distributed as dist
+
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def gradient_sync(model: nn.Module, now: bool):
+    """Context for one micro-batch's forward and backward. DDP: reduce gradients only with the
+    last micro-batch of an update (``now``); earlier ones accumulate locally (``no_sync``)."""
+    if _layout.kind == "ddp" and not now:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """DDP: the sum of ``tensor`` over ranks (each rank summed its own rows). Under SPMD a
+    value is already global; single: itself."""
+    if _layout.kind != "ddp":
+        return tensor
+    import torch.distributed as dist
+
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under its own module names ('model.layers.0.self_attn.q_proj', never
+    'module.…' or '_orig_module.…'): adapters saved from a wrapped model carry the wrapper's
+    prefixes and load elsewhere as missing keys. A view: modules on the way to a wrapper are
+    shallow copies, every parameter is the model's own; the model itself is left as it is."""
+    return _view(model, _wrapper_types(), host={})
+
+
+def for_saving(model: nn.Module) -> nn.Module:
+    """``unwrap``, with trainable parameters copied to host memory under SPMD. Call it on
+    every process: gathering sharded tensors is a computation on all devices (on a pod, a
+    collective); only then may the main process alone write files."""
+    host = {}
+    if _layout.kind == "spmd":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        host = {id(p): nn.Parameter(c, requires_grad=True) for p, c in zip(trainable, to_host(trainable))}
+    return _view(model, _wrapper_types(), host)
+
+
+def to_host(tree):
+    """Tensors anywhere in nested dicts, lists and tuples (a state dict, an optimizer's) as CPU
+    copies. Under SPMD every sharded tensor gets a replicated copy in one graph, compiled once
+    for all saves; gathering each tensor on its own would compile a program per tensor, per save."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten(tree)
+    if _layout.kind == "spmd":
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+
+        on_device = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+        for i in on_device:
+            copy_ = leaves[i].detach() * 1  # a new value: a clone would alias the sharded data and its annotation
+            if copy_.dim():
+                xs.mark_sharding(copy_, _layout.mesh, (None,) * copy_.dim())  # replicated
+            leaves[i] = copy_
+        torch_xla.sync()
+    leaves = [t.detach().to("cpu") if isinstance(t, torch.Tensor) else t for t in leaves]
+    return tree_unflatten(leaves, spec)
+
+
+def _wrapper_types() -> tuple:
+    from torch.nn.parallel import DistributedDataParallel
+
+    types = [DistributedDataParallel]
+    if _layout.kind == "spmd":
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+        types.append(SpmdFullyShardedDataParallel)
+    return tuple(types)
+
+
+def _view(module: nn.Module, wrappers: tuple, host: dict) -> nn.Module:
+    """``module`` with wrappers skipped and parameters replaced per ``host`` (id -> Parameter);
+    only the modules that change are copied."""
+    while isinstance(module, wrappers):
+        module = module.module
+    children = {name: None if child is None else _view(child, wrappers, host)
+                for name, child in module._modules.items()}
+    params = {name: host.get(id(p), p) for name, p in module._parameters.items()}
+    if all(children[n] is c for n, c in module._modules.items()) and all(
+            params[n] is p for n, p in module._parameters.items()):
+        return module
+    view = copy.copy(module)
+    view.__dict__["_modules"] = children
+    view.__dict__["_parameters"] = params
+    return view
+
+
+def describe() -> Optional[str]:
+    """One line on the layout for the run's console header; None when single."""
+    if _layout.kind == "spmd":
+        return (f"SPMD over {_layout.ways} device(s) on {_layout.processes} host(s), FSDPv2 "
+                f"(global batch = per-device batch x {_layout.ways})")
+    if _layout.kind == "ddp":
+        return f"DDP over {_layout.ways} process(es) (global batch = per-device batch x {_layout.ways})"
+    return None
