@@ -165,6 +165,15 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     return model
 
 
+def load_adapter_weights(model: nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Copy the adapter weights saved at ``path`` into the model's existing adapter
+    ``adapter_name`` (continuing training from a checkpoint). As strict as load_adapter: a
+    missing, unexpected or mis-shaped key raises AdapterLoadError naming it, before anything is
+    copied; only safetensors are read."""
+    _, base_name = read_adapter_config(path)
+    _copy_strict(model, _read_weights(path), adapter_name, path, base_name)
+
+
 def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
     """(LoRAConfig, base_model_name_or_path) from ``path/adapter_config.json``; checks types and
     ranges, warns about fields it does not know, refuses features it does not implement."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from typing import Optional
@@ -30,7 +31,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (UsageError, AdapterLoadError) as e:
         if debug:
             traceback.print_exc()
-        print(f"minilora-train: error: {e}", file=sys.stderr)
+        # One line: a heading "…:" runs on into its list, list items are joined with "; ".
+        message = re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", str(e).strip()))
+        print(f"minilora-train: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minilora-train: interrupted", file=sys.stderr)

@@ -180,7 +180,7 @@ def _check_utf8(path: str) -> None:
 def _check_json_lines(path: str) -> None:
     """A malformed line is reported with its file and line number (datasets' own error is not)."""
     _check_utf8(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows exports) is fine, as for datasets
         head = f.read(1).lstrip()
         f.seek(0)
         if head == "[":  # one JSON array, not JSON lines
