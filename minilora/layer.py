@@ -2,12 +2,119 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# -- the dropout mask ------------------------------------------------------------------------------
+
+def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep mask shaped and typed like ``x``: 1 with probability 1 - p, else 0, each element
+    independently.
+
+    ``bernoulli_`` wherever torch has a vectorised kernel for it: other devices, and CPUs where
+    ATen hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit
+    Mersenne-Twister draw into a double per element; here each 64-bit draw gives two elements a
+    32-bit uniform each, compared with p rounded to a multiple of 2⁻³² (|error| ≤ 2⁻³³; MKL's
+    generator has 31 bits).
+    """
+    if x.device.type != "cpu" or _cpu_bernoulli_is_vectorised():
+        return torch.empty_like(x).bernoulli_(1.0 - p)
+    n = x.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
+    uniform = bits.view(torch.int32)[:n].view(x.shape)  # uniform over [-2³¹, 2³¹)
+    return torch.ge(uniform, min(round(p * 2**32), 2**32 - 1) - 2**31).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bernoulli_is_vectorised() -> bool:
+    """ATen's own test for its MKL bernoulli_ kernel: built with MKL and running on an Intel CPU."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read(4096)
+    except OSError:
+        return "intel" in platform.processor().lower()
+
+
+# A registered op rather than a plain function so that the mask shows up by name, as
+# minilora::dropout_mask, in profiles and to dispatch-level tools (the tests' op recorder).
+# CompositeExplicitAutograd: one Python implementation for every device (on XLA it is traced).
+_ops = torch.library.Library("minilora", "FRAGMENT")
+if not hasattr(torch.ops.minilora, "dropout_mask"):  # importing this module a second time
+    _ops.define("dropout_mask(Tensor x, float p) -> Tensor")
+    _ops.impl("dropout_mask", _draw_keep_mask, "CompositeExplicitAutograd")
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """(..., in) keep mask in x's dtype: 1 with probability 1 - p, else 0 (see _draw_keep_mask)."""
+    return torch.ops.minilora.dropout_mask(x.detach(), p)
+
+
+# -- one autograd node per adapted Linear ----------------------------------------------------------
+
+class _LoRAFunction(torch.autograd.Function):
+    """``x Wᵀ + b + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` as one autograd node (``W = None``: the adapter
+    term alone). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale (1,), keep like x.
+
+    What it saves over composing torch ops: the adapter term is added inside the base GEMM's
+    output (``addmm_``) rather than as a separate (..., out) sum, and in backward the adapter's
+    input gradient goes into the base one the same way; with dropout, only the keep mask is saved
+    and x ⊙ keep is recomputed in backward, where composed ops keep the dropped copy of x *and*
+    the mask for every adapted Linear. No (out, in) tensor is ever formed (unless W itself trains).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, keep):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        dropped = x2 if keep is None else x2 * keep.reshape(x2.shape)
+        # (N, r); A is cast to x's dtype (an r-wide cast) and the scaling is applied in float32
+        narrow = F.linear(dropped, lora_A.to(x.dtype)) * scale
+        if weight is None:
+            narrow = narrow.to(x.dtype)
+            out = F.linear(narrow, lora_B.to(x.dtype))  # (N, out)
+        else:
+            out = F.linear(x2, weight, bias)  # (N, out)
+            narrow = narrow.to(out.dtype)
+            out.addmm_(narrow, lora_B.to(out.dtype).t())
+        ctx.save_for_backward(x, weight, lora_A, lora_B, scale, keep, narrow)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_A, lora_B, scale, keep, narrow = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        dt = narrow.dtype  # the GEMMs' dtype: x's, or the base output's under autocast
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)  # (N, out)
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        g_narrow = ((g @ lora_B.to(dt)) * scale).to(dt)  # (N, r)
+        if need_B:
+            grad_B = (g.t() @ narrow).to(lora_B.dtype)  # (out, r)
+        x2 = x.reshape(-1, x.shape[-1])
+        keep2 = None if keep is None else keep.reshape(x2.shape)
+        if need_A:
+            dropped = x2 if keep2 is None else x2 * keep2
+            grad_A = (g_narrow.t() @ dropped.to(dt)).to(lora_A.dtype)  # (r, in)
+        if need_x:
+            grad_x = g_narrow @ lora_A.to(dt)  # (N, in)
+            if keep2 is not None:
+                grad_x.mul_(keep2)
+            if weight is not None:
+                grad_x.addmm_(g, weight.to(dt))
+            grad_x = grad_x.to(x.dtype).view(x.shape)
+        if need_w:  # only when the base weight itself trains
+            grad_w = (g.t() @ x2.to(dt)).to(weight.dtype)
+        if need_b:
+            grad_b = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
 
 
 class LoRAAdapter(nn.Module):
@@ -36,22 +143,30 @@ class LoRAAdapter(nn.Module):
         self.register_buffer("scale", torch.full((1,), self.scaling, device=device), persistent=False)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        # nn.Identity at 0: no dropout op runs. Otherwise nn.Dropout holds p (and follows
+        # train/eval) but forward draws the mask itself and hands it to _LoRAFunction, so that
+        # backward can re-apply the mask instead of keeping a dropped copy of x.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (..., out_features), in x's dtype.
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), in x's dtype: the adapter term
+        ``dropout(x) Aᵀ · scaling Bᵀ``, or with ``weight`` (and ``bias``) the whole
+        ``x Wᵀ + b + dropout(x) Aᵀ · scaling Bᵀ`` in one autograd node (what LoRALinear runs).
 
         The weights are cast to x's dtype (a cheap r-wide cast; autograd still accumulates
         float32 gradients), and the scaling multiplies the narrow (..., r) intermediate rather
         than the (..., out) result. The out × in product B·A is never formed.
         """
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        narrow = F.linear(self.dropout(x), a) * self.scale  # (..., r), scaled in float32
-        return F.linear(narrow.to(x.dtype), b)
+        keep, scale = None, self.scale
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            keep = dropout_mask(x, self.dropout.p)
+            scale = scale / (1.0 - self.dropout.p)  # inverted dropout's 1/(1-p), on the r-wide side
+        return _LoRAFunction.apply(x, weight, bias, self.lora_A, self.lora_B, scale, keep)
 
     def delta_weight(self) -> torch.Tensor:
         """B·A·scaling as an (out_features, in_features) float32 tensor, for merging."""
@@ -124,14 +239,14 @@ class LoRALinear(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.disabled or self.merged_adapter is not None:
-            return out
+            return F.linear(x, self.weight, self.bias)
         if self.row_adapters is not None:
+            out = F.linear(x, self.weight, self.bias)
             return out + self._mixed_delta(x, out.shape).to(out.dtype)
         if self.active_adapter is None:
-            return out
-        return out + self.adapters[self.active_adapter](x).to(out.dtype)
+            return F.linear(x, self.weight, self.bias)
+        return self.adapters[self.active_adapter](x, self.weight, self.bias)
 
     def _mixed_delta(self, x: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
         """Each batch row (dim 0) through its own adapter, or none for ``None``."""

@@ -1,0 +1,184 @@
+"""The benchmark (train/bench.py) and the structural properties its figures rest on. These tests
+time nothing: speed and memory are the benchmark's to report, never a test's to assert.
+
+- the unmerged forward and backward never form an out x in tensor, in a whole Llama, with dropout;
+- LoRA dropout 0 runs no dropout op, and dropout p > 0 draws one mask per adapted Linear;
+- switching adapters runs no tensor op and allocates no parameter;
+- the XLA training step reads nothing back to the host except on logging steps (and evaluations);
+- ``python -m train.bench --quick`` runs end to end and writes its JSON and markdown.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import minilora
+from conftest import make_tokenizer, medical_sentences, tiny_llama, write_jsonl
+from test_layer import OpRecorder
+from train import bench
+
+# 3 x 7 = 21 token rows: no activation is shaped like any weight of the tiny Llama (64, 32, 128 wide).
+IDS = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+def llama(dropout: float, **fields):
+    model = minilora.inject(tiny_llama(vocab_size=100), r=4, dropout=dropout, **fields)
+    with torch.no_grad():
+        for _, p in minilora.lora_parameters(model):
+            p.normal_(std=0.05)  # a trained adapter: B is not zero
+    return model.train()
+
+
+def train_step_ops(model) -> OpRecorder:
+    with OpRecorder() as recorder:
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    return recorder
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_llama_training_step_never_forms_an_out_by_in_tensor(dropout):
+    model = llama(dropout)
+    recorder = train_step_ops(model)
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = set()
+    for _, layer in minilora.lora_modules(model):
+        weight_shapes |= {tuple(layer.weight.shape), tuple(layer.weight.shape[::-1])}
+    formed = [(name, tuple(t.shape)) for name, t in recorder.ops
+              if tuple(t.shape) in weight_shapes and t.untyped_storage().data_ptr() not in parameter_storages]
+    assert formed == []
+    assert all(p.grad is not None for _, p in minilora.lora_parameters(model))
+    assert all(layer.weight.grad is None for _, layer in minilora.lora_modules(model))
+
+
+def dropout_ops(recorder) -> list[str]:
+    return [name for name, _ in recorder.ops if any(w in name for w in ("dropout", "bernoulli", "rand"))]
+
+
+def test_dropout_zero_runs_no_dropout_op_and_p_draws_one_mask_per_adapted_linear():
+    assert dropout_ops(train_step_ops(llama(0.0))) == []
+
+    model = llama(0.1)
+    adapted = len(list(minilora.lora_modules(model)))
+    ops = dropout_ops(train_step_ops(model))
+    # One mask per adapted Linear per step, drawn by minilora's own op (on the CPU from 64-bit
+    # random words, never torch's per-element bernoulli_); backward re-applies it, draws none.
+    assert ops == ["minilora.dropout_mask.default"] * adapted
+    model.eval()
+    with OpRecorder() as recorder, torch.no_grad():
+        model(input_ids=IDS)
+    assert dropout_ops(recorder) == []
+
+
+@pytest.mark.parametrize("vectorised_bernoulli", [False, True])
+def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised_bernoulli, monkeypatch):
+    # both ways of drawing it: 32-bit uniforms from random words, and bernoulli_ (Intel CPUs, devices)
+    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    x = torch.zeros(1000, 1000)
+    for p in (0.05, 0.1, 0.5):
+        keep = minilora.layer.dropout_mask(x, p)
+        assert keep.dtype == x.dtype and keep.shape == x.shape
+        assert set(keep.unique().tolist()) <= {0.0, 1.0}
+        # a binomial over 10^6 elements: 5 standard deviations
+        assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    torch.manual_seed(3)
+    first = minilora.layer.dropout_mask(x, 0.1)
+    torch.manual_seed(3)
+    assert torch.equal(first, minilora.layer.dropout_mask(x, 0.1))  # torch's generator drives it
+    assert not torch.equal(first, minilora.layer.dropout_mask(x, 0.1))
+
+
+def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask():
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = minilora.LoRALinear(nn.Linear(48, 80))
+    layer.weight.requires_grad_(False)
+    adapter = layer.add_adapter("default", 4, 8.0, dropout=0.25)
+    layer.active_adapter = "default"
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    torch.manual_seed(7)
+    layer.train()(x).square().sum().backward()
+    got = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
+
+    torch.manual_seed(7)
+    keep = minilora.layer.dropout_mask(x, 0.25)  # the same draw the layer made
+    x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
+    a, b = adapter.lora_A, adapter.lora_B
+    y = nn.functional.linear(x, layer.weight, layer.bias) + (x * keep / 0.75) @ a.T @ b.T * adapter.scaling
+    y.square().sum().backward()
+    for ours, reference in zip(got, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_switching_adapters_runs_no_tensor_op_and_allocates_no_parameter():
+    result = bench.bench_switching(bench.Settings(switch_adapters=2, switch_rounds=4))  # the 1B-shaped set
+    assert result["tensor_ops_during_switch"] == 0
+    assert result["parameters_unchanged"]
+    assert result["params_per_adapter"] == 11_272_192  # PEFT's count for Llama-3.2-1B, r=16, seven projections
+
+    model = llama(0.0, adapter_name="a")
+    minilora.inject(model, r=4, adapter_name="b")
+    before = [(n, id(p), p.data_ptr()) for n, p in model.named_parameters()]
+    modules = [id(m) for m in model.modules()]
+    with OpRecorder() as recorder:
+        minilora.set_adapter(model, "a")
+        minilora.set_adapter(model, "b")
+    assert recorder.ops == []
+    assert [(n, id(p), p.data_ptr()) for n, p in model.named_parameters()] == before
+    assert [id(m) for m in model.modules()] == modules
+
+
+@pytest.fixture(scope="module")
+def text_and_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-text")
+    sentences = medical_sentences(300)
+    records = write_jsonl(path / "records.jsonl", [{"question": s.split(".")[0] + "?", "answer": s} for s in sentences])
+    make_tokenizer(path / "tokenizer", sentences)
+    return str(path / "tokenizer"), records
+
+
+def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokenizer, tmp_path):
+    from conftest import require_xla
+
+    require_xla()
+    tokenizer_dir, records = text_and_tokenizer
+    result = bench.bench_xla(bench.Settings(xla_updates=9), str(tmp_path), 1, tokenizer_dir, records,
+                             compare_eager=False)
+    assert result["compiles_after_warmup"] == 0, result
+    assert result["fallbacks_in_step"] == {}, result  # the logged losses and the evaluation only
+    assert result["host_fallbacks_after_warmup"] == {
+        "aten::_local_scalar_dense": result["designed_host_reads_after_warmup"]}
+
+
+def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_tokenizer, tmp_path, capsys):
+    _, records = text_and_tokenizer
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = bench.main(["--quick", "--only", "training,inference,packing", "--rounds", "1", "--threads", "1",
+                       "--shape", "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32",
+                       "--medquad", records, "--json", str(out), "--markdown", str(md)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    kinds = [(r["kind"], r["dropout"]) for r in results["training"]["cpu"]["rows"]]
+    assert kinds == [("minilora", 0.0), ("peft", 0.0), ("minilora", 0.1), ("peft", 0.1), ("full", 0.0)]
+    for row in results["training"]["cpu"]["rows"]:
+        assert len(row["samples"]) == 1 and row["median"] > 0 and row["peak_memory_bytes"] > 0
+    assert set(results["inference"]["rows"]) == {"base", "unmerged", "merged"}
+    assert results["packing"]["rows"][0]["efficiency"] > 0.9
+    targets = {t["target"]: t for t in results["targets"]}
+    assert targets["minilora / PEFT training step, dropout 0.1"]["value"] is not None
+    assert targets["XLA compiles after warm-up"]["value"] is None  # not run here
+    text = md.read_text()
+    assert "### Targets" in text and "| minilora LoRA, dropout 0 |" in text
+    assert text in capsys.readouterr().out
+
+
+def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
+    assert bench.main(["--only", "trainig"]) == 2
+    assert "unknown section(s) trainig" in capsys.readouterr().err
+    assert bench.main(["--shape", "layers=two"]) == 2
+    assert "--shape layers=two" in capsys.readouterr().err
