@@ -71,6 +71,9 @@ class TrainArgs:
     learning_rate: float = _f(5e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norm weights)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)")
+    skip_nonfinite_steps: bool = _f(False, "skip (and count) an update whose loss or gradient is not finite, "
+                                           "instead of stopping the run; costs a copy of the trainable "
+                                           "parameters and their optimizer state")
     num_train_epochs: float = _f(3.0, "epochs over the training windows")
     max_steps: int = _f(-1, "optimizer updates to run; overrides --num_train_epochs when > 0")
     per_device_train_batch_size: int = _f(8, "windows per micro-batch on each device")
@@ -82,6 +85,12 @@ class TrainArgs:
     bf16: bool = _f(False, "keep the base model in bfloat16 (adapters stay float32)")
     device: str = _f("auto", "auto (XLA when torch_xla is installed, else CUDA, else CPU), xla, cuda or cpu",
                      choices=("auto", "xla", "cuda", "cpu"))
+    spmd: bool = _f(False, "XLA: run SPMD even on one device (it is on whenever more than one XLA device is present): "
+                           "one process per host, batches and weights sharded FSDPv2-style over every device; "
+                           "the global batch is per_device_train_batch_size x devices (docs/scaling.md)")
+    xla_cache_dir: Optional[str] = _f(None, "XLA's persistent compilation cache (a local directory): a restarted or "
+                                            "resumed run looks its compiled graphs up here instead of compiling "
+                                            "again (torch_xla 2.9 cannot load them yet: docs/scaling.md)")
     # -- logging, evaluation, saving -------------------------------------------------------
     logging_steps: int = _f(10, "log the training loss every N optimizer updates (on XLA this is a host sync)")
     eval_steps: int = _f(0, "evaluate every N optimizer updates (0: only at the end of the run)")

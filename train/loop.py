@@ -25,9 +25,10 @@ import torch.nn.functional as F
 import minilora
 
 from . import data as data_mod
+from . import distributed
 from .config import TrainArgs, UsageError
 from .device import Device
-from .outputs import FINISHED, RunDir, load_tensors_safely, save_tensors_safely
+from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
 from .report import Reporter, write_report
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
@@ -66,11 +67,11 @@ def evaluate(model, windows: data_mod.Windows, batch_size: int, device: Device, 
     was_training = model.training
     model.eval()
     total = device.tensor(0.0)
-    for ids, labels in device.loader(data_mod.batches(windows, batch_size, pad_id)):
+    for ids, labels in device.loader(data_mod.batches(windows, distributed.global_batch(batch_size), pad_id)):
         total = total + summed_nll(model, ids, labels, device)
     device.sync()
     tokens = windows.real_tokens - int((windows.labels[:, 0] != data_mod.IGNORE).sum())
-    loss = total.item() / max(1, tokens)  # host sync point (once per evaluation)
+    loss = distributed.all_reduce_sum(total).item() / max(1, tokens)  # host sync point (once per evaluation)
     model.train(was_training)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
@@ -131,7 +132,8 @@ def train_and_report(args: TrainArgs, **kwargs) -> dict:
             learning_rate=args.full_finetune_learning_rate, compare_full_finetune=False, overwrite_output_dir=True,
             resume_from_checkpoint=None, report_to="none"), **{k: v for k, v in kwargs.items() if k != "model"})
         summary["full_finetune"] = full
-    write_report(RunDir(args.output_dir, args.tmp_dir), summary, full)
+    if distributed.is_main_process():
+        write_report(RunDir(args.output_dir, args.tmp_dir), summary, full)
     return summary
 
 
@@ -141,6 +143,12 @@ def load_model_and_tokenizer(args: TrainArgs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = args.tokenizer_name_or_path or args.model_name
+    if not args.model_name:
+        raise UsageError("--dataset_dir needs --model_name (a hub id or a local directory); with neither, the "
+                         "embedded demo runs")
+    for flag, name in (("--model_name", args.model_name), ("--tokenizer_name_or_path", source)):
+        if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=args.huggingface_token)
         model = AutoModelForCausalLM.from_pretrained(
@@ -158,14 +166,31 @@ def load_model_and_tokenizer(args: TrainArgs):
 
 
 def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[data_mod.Windows] = None) -> dict:
-    """Train per ``args``; returns the summary that is also written to train_summary.json."""
+    """Train per ``args``; returns the summary that is also written to train_summary.json.
+    Bad settings or input raise UsageError (or AdapterLoadError) before anything is written, and
+    an output directory this call created is removed again."""
+    out = RunDir(args.output_dir, args.tmp_dir)
+    try:
+        return _run(args, out, model, tokenizer, general_windows)
+    except (UsageError, minilora.AdapterLoadError):
+        out.discard_if_unused()
+        raise
+
+
+def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Optional[data_mod.Windows]) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
-    out = RunDir(args.output_dir, args.tmp_dir)
-    if out.exists(FINISHED) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run; pass --overwrite_output_dir "
-                         "to replace it, --resume_from_checkpoint to continue, or choose another directory")
-    device = Device.choose(args.device)
+    if not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        if out.exists(FINISHED):
+            raise UsageError(f"--output_dir {args.output_dir} already holds a finished run; pass --overwrite_output_dir "
+                             "to replace it, --resume_from_checkpoint to continue, or choose another directory")
+        if out.checkpoints():
+            raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run; pass "
+                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
+                             "or choose another directory")
+    kind = Device.resolve(args.device)
+    distributed.setup(args, kind)  # XLA cache, SPMD or a process group: before XLA hands out its device
+    device = Device(kind)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args)
     if args.max_seq_length > getattr(model.config, "max_position_embeddings", args.max_seq_length):
@@ -177,9 +202,12 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     pad_id = tokenizer.pad_token_id
 
     if args.use_lora:
-        minilora.inject(model, minilora.LoRAConfig(
-            r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules,
-            bias=args.lora_bias, use_rslora=args.use_rslora))
+        try:
+            minilora.inject(model, minilora.LoRAConfig(
+                r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules,
+                bias=args.lora_bias, use_rslora=args.use_rslora))
+        except ValueError as e:  # e.g. no module matched: the message lists the Linear names there are
+            raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
     model.to(device.torch_device)
@@ -188,7 +216,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     if trainable == 0:
         raise UsageError("nothing to train: no parameter requires grad")
 
-    G, B = args.gradient_accumulation_steps, args.per_device_train_batch_size
+    G, B = args.gradient_accumulation_steps, distributed.global_batch(args.per_device_train_batch_size)
     micro_per_epoch = math.ceil(len(data.train) / B) if data.train is not None else None
     updates_per_epoch = math.ceil(micro_per_epoch / G) if micro_per_epoch else None
     total_updates = args.max_steps if args.max_steps > 0 else math.ceil(updates_per_epoch * args.num_train_epochs)
@@ -199,12 +227,15 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     pos = Position()
     if args.resume_from_checkpoint:
         pos = _restore(out.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
+    model = distributed.wrap(model, optimizer)  # SPMD: FSDPv2; torchrun: DDP; else the model itself
 
     eval_sets = {"validation": data.validation}
     if general_windows is None:
         general_windows = general_eval_windows(args, tokenizer)
     if general_windows is not None:
         eval_sets["general"] = general_windows
+    if not args.resume_from_checkpoint and distributed.is_main_process():
+        out.clear_previous_run()  # --overwrite_output_dir: an old run's checkpoints must never be resumed from
     reporter = Reporter(args, out, device, total_updates, start_update=pos.update, history=pos.history)
     reporter.start(trainable=trainable, total=total_params,
                    train_windows=len(data.train) if data.train is not None else None)
@@ -221,6 +252,8 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
 
     stop = _StopFlag()  # SIGTERM (preemption): finish the update, checkpoint, exit cleanly
     loss_sum = device.tensor(0.0)  # summed NLL since the last log, stays on the device
+    group_nll = device.tensor(0.0)  # summed NLL of this update's micro-batches
+    nonfinite = _NonFiniteGuard(args, device, optimizer, params)
     tokens_since_log = 0
     compiles_after_warmup = None
     fallbacks_after_warmup = None
@@ -229,17 +262,17 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
         pending = collections.deque()  # host-side facts about each batch, in loader order
         for ids, labels, denom in device.loader(_micro_batches(data, args, pos, pending, pad_id)):
             last_in_group, group_tokens = pending.popleft()
-            nll = summed_nll(model, ids, labels, device)
-            (nll / denom).backward()
-            loss_sum = loss_sum + nll.detach()
+            with distributed.gradient_sync(model, now=last_in_group):  # DDP: reduce once per update
+                nll = summed_nll(model, ids, labels, device)
+                (nll / denom).backward()
+            group_nll = group_nll + nll.detach()
             pos.micro += 1
             if not last_in_group:
                 device.sync()  # micro-batch graphs stay the same whatever the group size
                 continue
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             device.set_lr(optimizer, lr_at(pos.update, args.learning_rate, args.warmup_steps, total_updates))
-            optimizer.step()
+            loss_sum = loss_sum + nonfinite.step(group_nll, denom)  # clip, AdamW; see _NonFiniteGuard
+            group_nll = torch.zeros_like(group_nll)
             optimizer.zero_grad(set_to_none=True)
             device.sync()  # end of the compiled step
             pos.update += 1
@@ -249,7 +282,9 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
                 compiles_after_warmup = device.compile_count()
                 fallbacks_after_warmup = device.host_fallbacks()
             if pos.update % args.logging_steps == 0 or pos.update == total_updates:
-                loss = loss_sum.item() / max(1, tokens_since_log)  # host sync point (logging steps only)
+                tokens_since_log -= nonfinite.read(pos)  # skipped updates' tokens leave the mean
+                loss = distributed.all_reduce_sum(loss_sum).item()  # host sync point (logging steps only)
+                loss = loss / tokens_since_log if tokens_since_log > 0 else math.nan  # nan: every update was skipped
                 loss_sum, tokens_since_log = device.tensor(0.0), 0
                 _check_finite(loss, pos, args)
                 reporter.train(pos.update, loss, lr_at(pos.update - 1, args.learning_rate, args.warmup_steps, total_updates),
@@ -257,6 +292,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
             if args.eval_steps and pos.update % args.eval_steps == 0 and pos.update < total_updates:
                 pos.history.append({"update": pos.update, "eval": run_eval("eval")})
             if (save_every and pos.update % save_every == 0 and pos.update < total_updates) or stop.requested:
+                tokens_since_log -= nonfinite.read(pos)  # the checkpoint carries the exact skip count
                 _save_checkpoint(out, model, optimizer, device, pos, args)
             if pos.update >= total_updates or stop.requested:
                 break
@@ -291,7 +327,8 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
         "steps_per_second": reporter.steps_per_second(),
     }
     reporter.finish(summary)
-    out.write_json(FINISHED, summary)
+    if distributed.is_main_process():
+        out.write_json(FINISHED, summary)
     return summary
 
 
@@ -299,7 +336,7 @@ def _micro_batches(data: data_mod.TrainData, args: TrainArgs, pos: Position, pen
     """This epoch's remaining micro-batches as (ids, labels, denominator), where the
     denominator is the loss-carrying token count of the batch's whole optimizer update; for
     each batch, (last in its update?, that token count) goes to ``pending``."""
-    B, G = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    B, G = distributed.global_batch(args.per_device_train_batch_size), args.gradient_accumulation_steps
     if data.train is not None:
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed + pos.epoch))
         source = data_mod.batches(data.train, B, pad_id, order, start=pos.micro)
@@ -318,15 +355,80 @@ def _micro_batches(data: data_mod.TrainData, args: TrainArgs, pos: Position, pen
 
 
 def _check_finite(loss: float, pos: Position, args: TrainArgs) -> None:
-    if math.isfinite(loss):
+    """Stop the run on a non-finite loss or gradient (both show in the logged loss, see
+    _NonFiniteGuard), unless --skip_nonfinite_steps (then nan only says every update since
+    the last log was skipped)."""
+    if math.isfinite(loss) or args.skip_nonfinite_steps:
         return
     raise UsageError(
-        f"the training loss became {loss} at update {pos.update}. Lower --learning_rate (e.g. 1e-4), keep "
-        "--max_grad_norm at 1.0 or lower, or raise --warmup_steps; resume from the last good checkpoint with "
-        f"--resume_from_checkpoint latest (checkpoints in {args.output_dir})")
+        f"the training loss or gradient became {loss} by update {pos.update}. Lower --learning_rate (e.g. 1e-4), "
+        "keep --max_grad_norm at 1.0 or lower, or raise --warmup_steps; no checkpoint was written from the bad "
+        f"state: resume from the last good one with --resume_from_checkpoint latest (checkpoints in "
+        f"{args.output_dir}), or pass --skip_nonfinite_steps to skip such updates")
+
+
+class _NonFiniteGuard:
+    """Clipping and the AdamW step, for updates whose loss or gradient may not be finite.
+
+    Checking on the host every update would be an XLA sync, so the check stays on the device.
+    By default a non-finite gradient norm makes the update's logged loss non-finite too (a
+    non-finite loss already gives non-finite gradients), the next logging step stops the run,
+    and _save_checkpoint refuses a non-finite optimizer state, so the latest checkpoint stays
+    good. With --skip_nonfinite_steps such an update is undone with torch.where (parameters
+    and optimizer state; this keeps a copy of both) and counted; the count is read at logging
+    steps and checkpoints, which are host sync points anyway.
+    """
+
+    def __init__(self, args: TrainArgs, device: Device, optimizer, params: list):
+        self.args, self.device, self.optimizer, self.params = args, device, optimizer, params
+        self.pending = self._zeros()  # (2,): [updates skipped, their tokens] since the last read
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(2).to(self.device.torch_device)  # device data, not a graph constant
+
+    def step(self, group_nll: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """Clip, step; returns what this update adds to the logged summed NLL, shape (1,)."""
+        if self.args.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if not self.args.skip_nonfinite_steps:
+            self.optimizer.step()
+            return group_nll + norm * 0  # nan when the gradient is not finite
+        bad = ~torch.isfinite(norm)  # 0-dim bool, on the device
+        before = [(p, p.detach().clone(), {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)})
+                  for p in self.params]
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old, old_state in before:
+                p.copy_(torch.where(bad, old, p))
+                for key, value in self.optimizer.state[p].items():
+                    if torch.is_tensor(value):  # state created by this very step goes back to zeros
+                        value.copy_(torch.where(bad, old_state.get(key, torch.zeros_like(value)), value))
+        self.pending = self.pending + torch.cat([bad.reshape(1).float(), torch.where(bad, denom, 0.0)])
+        return torch.where(bad, 0.0, group_nll)
+
+    def read(self, pos: Position) -> int:
+        """Adds the updates skipped since the last read to pos.nonfinite_skipped (and says so);
+        returns the tokens they held. Without --skip_nonfinite_steps: 0, and no host read."""
+        if not self.args.skip_nonfinite_steps:
+            return 0
+        skipped, tokens = (int(v) for v in self.pending.to("cpu").tolist())  # host sync point (logging steps, checkpoints)
+        self.pending = self._zeros()
+        if skipped:
+            pos.nonfinite_skipped += skipped
+            print(f"update {pos.update}: skipped {skipped} update(s) with a non-finite loss or gradient "
+                  f"({pos.nonfinite_skipped} in this run)", flush=True)
+        return tokens
 
 
 def _save_checkpoint(out: RunDir, model, optimizer, device: Device, pos: Position, args: TrainArgs) -> None:
+    # Every process gathers (on a TPU pod, gathering sharded tensors is a collective); one writes.
+    model, state = distributed.for_saving(model), distributed.to_host(optimizer.state_dict())
+    if not all(torch.isfinite(t).all() for s in state["state"].values() for t in s.values() if torch.is_tensor(t)):
+        _check_finite(math.nan, pos, args)  # a non-finite update never becomes the latest checkpoint
+    if not distributed.is_main_process():
+        return
     tmp = out.begin_checkpoint(pos.update)
     if args.use_lora:
         minilora.save_adapter(model, tmp, base_model_name_or_path=args.model_name)
@@ -334,8 +436,7 @@ def _save_checkpoint(out: RunDir, model, optimizer, device: Device, pos: Positio
         from safetensors.torch import save_file
 
         save_file(trainable_state(model), os.path.join(tmp, "model.safetensors"))
-    state = optimizer.state_dict()
-    save_tensors_safely(_to_cpu(state), os.path.join(tmp, "optimizer.pt"))
+    save_tensors_safely(state, os.path.join(tmp, "optimizer.pt"))
     save_tensors_safely(device.rng_state(), os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
@@ -347,35 +448,43 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
     state_file = os.path.join(path, "trainer_state.json")
     if not os.path.exists(state_file):
         raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no trainer_state.json)")
-    with open(state_file) as f:
-        state = json.load(f)
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+        position = Position(update=int(state["update"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
+                            nonfinite_skipped=state.get("nonfinite_skipped", 0), history=state.get("history", []))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged ({e!r})") from None
+    # Safetensors and torch.load(weights_only=True) only: reading a checkpoint runs no code.
+    optimizer_state = load_tensors_safely(os.path.join(path, "optimizer.pt"))
+    rng_state = load_tensors_safely(os.path.join(path, "rng.pt"))
     if args.use_lora:
-        config, _ = minilora.read_adapter_config(path)
-        from safetensors.torch import load_file
-
-        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
-        expected = minilora.lora_state_dict(model)
-        if set(weights) != set(expected):
-            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint's adapter does not match this run's "
-                             "LoRA settings (different targets or rank?)")
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(weights[key].to(target.dtype))
+        minilora.checkpoint.load_adapter_weights(model, path)  # strict: AdapterLoadError names key and shapes
     else:
-        from safetensors.torch import load_file
-
-        weights = load_file(os.path.join(path, "model.safetensors"))
+        weights = load_safetensors(os.path.join(path, "model.safetensors"))
+        expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        wrong = [f"missing from file: {k}" for k in expected if k not in weights]
+        wrong += [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(p.shape)}"
+                  for k, p in expected.items() if k in weights and weights[k].shape != p.shape]
+        if wrong:
+            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint does not fit this model ("
+                             + "; ".join(wrong[:5]) + (f"; … and {len(wrong) - 5} more" if len(wrong) > 5 else "") + ")")
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in weights:
-                    p.copy_(weights[name].to(p.dtype))
-    optimizer.load_state_dict(load_tensors_safely(os.path.join(path, "optimizer.pt")))
-    device.set_rng_state(load_tensors_safely(os.path.join(path, "rng.pt")))
-    return Position(update=state["update"], epoch=state["epoch"], micro=state["micro"],
-                    nonfinite_skipped=state.get("nonfinite_skipped", 0), history=state.get("history", []))
+            for name, p in expected.items():
+                p.copy_(weights[name].to(p.dtype))
+    try:
+        device.load_optimizer_state(optimizer, optimizer_state)
+        device.set_rng_state(rng_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"--resume_from_checkpoint {path}: its optimizer or RNG state does not fit this run "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return position
 
 
 def _save_final(out: RunDir, model, tokenizer, args: TrainArgs) -> None:
+    model = distributed.for_saving(model)  # every process: see _save_checkpoint
+    if not distributed.is_main_process():
+        return
     if args.use_lora:
         minilora.save_adapter(model, out.local, base_model_name_or_path=args.model_name)
         for name in ("adapter_model.safetensors", "adapter_config.json"):
@@ -390,16 +499,6 @@ def _save_final(out: RunDir, model, tokenizer, args: TrainArgs) -> None:
     for name in os.listdir(out.local):
         if "token" in name or name == "special_tokens_map.json":
             out.publish(name)
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _size(path: str) -> Optional[int]:

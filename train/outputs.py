@@ -34,16 +34,25 @@ class RunDir:
         self.remote = "file" not in protocols and "local" not in protocols
         if self.remote:
             self.local = tempfile.mkdtemp(prefix="minilora-out-", dir=tmp_dir)
+            self.created = self.local
         else:
             self.local = os.path.abspath(self.root)
+            self.created = _first_missing(self.local)  # what discard_if_unused may remove again
             try:
                 os.makedirs(self.local, exist_ok=True)
-                probe = os.path.join(self.local, ".minilora-write-test")
+                probe = os.path.join(self.local, f".minilora-write-test-{os.getpid()}")  # one per process (torchrun)
                 with open(probe, "w") as f:
                     f.write("ok")
                 os.remove(probe)
             except OSError as e:
+                self.discard_if_unused()
                 raise UsageError(f"--output_dir {url} is not writable ({e.strerror}); pick another directory") from None
+
+    def discard_if_unused(self) -> None:
+        """Remove the folders this RunDir created if nothing was written into them: a run
+        refused for bad input leaves no trace."""
+        if self.created and not any(files for _, _, files in os.walk(self.created)):
+            shutil.rmtree(self.created, ignore_errors=True)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.local, *parts)
@@ -84,16 +93,38 @@ class RunDir:
     def commit_checkpoint(self, tmp: str, update: int, keep: int) -> str:
         name = f"checkpoint-{update}"
         final = self.path(name)
-        if os.path.exists(final):
+        if os.path.exists(final):  # a resumed run saving the same update again
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: a checkpoint folder is complete or absent
-        if self.remote:
+        if self.remote:  # an upload is not atomic: only a verified one gets named in `latest`
             self.publish(name)
+            self._verify_upload(name)
         self._write_latest(name)
         if keep > 0:
             for old in self.checkpoints()[:-keep]:
                 self._remove(old)
         return final
+
+    def clear_previous_run(self) -> None:
+        """Remove an earlier run's checkpoints, `latest` marker and finished marker (a run started
+        over with --overwrite_output_dir), so a later resume can only find this run's."""
+        for name in self.checkpoints():
+            self._remove(name)
+        for name in (LATEST, FINISHED):
+            if os.path.exists(self.path(name)):
+                os.remove(self.path(name))
+            if self.remote and self.exists(name):
+                self.fs.rm(f"{self.root.rstrip('/')}/{name}")
+
+    def _verify_upload(self, name: str) -> None:
+        """Every file of local folder ``name`` is in the remote copy at its full size."""
+        for folder, _, files in os.walk(self.path(name)):
+            for file in files:
+                rel = os.path.relpath(os.path.join(folder, file), self.local).replace(os.sep, "/")
+                remote = f"{self.root.rstrip('/')}/{rel}"
+                if not self.fs.exists(remote) or self.fs.size(remote) != os.path.getsize(self.path(rel)):
+                    raise OSError(f"uploading {rel} to {self.url} did not complete; `latest` still names the "
+                                  "previous checkpoint")
 
     def _write_latest(self, name: str) -> None:
         tmp = self.path(LATEST + ".tmp")
@@ -119,18 +150,20 @@ class RunDir:
     def resolve_checkpoint(self, spec: str) -> str:
         """A local folder holding the checkpoint that ``--resume_from_checkpoint spec`` names."""
         if spec == "latest":
-            names = self.checkpoints()
-            if not names:
+            # Locally a checkpoint folder exists only once complete (renamed into place); remotely
+            # a folder may be a cut-off upload, so only the one the `latest` marker names counts.
+            names = [self._read_latest()] if self.remote else self.checkpoints()
+            if not names or not names[-1]:
                 raise UsageError(f"--resume_from_checkpoint latest: no checkpoint in {self.url}")
             spec = names[-1]
             if self.remote:
-                return self._download(f"{self.root.rstrip('/')}/{spec}")
+                return self._download(f"{self.root.rstrip('/')}/{spec}", self.fs)
             return self.path(spec)
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(spec)
         if not fs.exists(root) and not os.path.isabs(spec) and self.exists(spec):
-            return self.path(spec) if not self.remote else self._download(f"{self.root.rstrip('/')}/{spec}")
+            return self.path(spec) if not self.remote else self._download(f"{self.root.rstrip('/')}/{spec}", self.fs)
         if not fs.exists(root):
             raise UsageError(f"--resume_from_checkpoint {spec}: no such checkpoint")
         if fs is self.fs and not self.remote or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
@@ -139,10 +172,18 @@ class RunDir:
             return root
         return self._download(spec)
 
-    def _download(self, url: str) -> str:
+    def _read_latest(self) -> Optional[str]:
+        marker = f"{self.root.rstrip('/')}/{LATEST}"
+        if not self.fs.exists(marker):
+            return None
+        name = self.fs.cat_file(marker).decode().strip()
+        return name if _CKPT.match(name) else None
+
+    def _download(self, url: str, fs=None) -> str:
+        """A local copy of folder ``url`` (a path on ``fs`` when given: the output's own store)."""
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = (fs, url) if fs is not None else fsspec.core.url_to_fs(url)
         local = tempfile.mkdtemp(prefix="minilora-resume-")
         fs.get(root.rstrip("/") + "/", local + "/", recursive=True)
         return local
@@ -157,4 +198,36 @@ def save_tensors_safely(obj, path: str) -> None:
 
 
 def load_tensors_safely(path: str):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """What save_tensors_safely wrote. Anything else (a planted pickle that would run code, a
+    truncated file) is refused with a UsageError, never executed."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} is missing; the checkpoint is incomplete, resume from another one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for a disallowed object, RuntimeError for a damaged zip
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path} was not loaded: it is damaged or holds more than tensors, and loading "
+                         f"arbitrary pickle could run code ({first}); resume from another checkpoint") from None
+
+
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file (no code can run reading one); missing or damaged: UsageError."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} is missing; the checkpoint is incomplete, resume from another one")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error types for truncated or corrupt files
+        raise UsageError(f"{path} is truncated or corrupted and cannot be read ({e}); resume from another "
+                         "checkpoint") from None
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost folder of ``path`` that does not exist yet (None when it all exists)."""
+    missing = None
+    while path and not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+        if path == missing:
+            break
+    return missing

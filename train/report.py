@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Optional
 
+from . import distributed
 from .config import TrainArgs
 from .outputs import RunDir
 
@@ -17,13 +18,15 @@ class Reporter:
                  history: Optional[list] = None):
         self.args, self.out, self.device, self.total = args, out, device, total_updates
         self.metrics_path = out.path("metrics.jsonl")
+        self.main = distributed.is_main_process()  # the others report nothing: one log, one set of files
         self.records: list[dict] = self._read_existing() if start_update else []
-        if not start_update and os.path.exists(self.metrics_path):
+        if self.main and not start_update and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
         self.start_update = start_update
         self.started = time.time()
         self.last_time, self.last_update = self.started, start_update
-        self.tokens_per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.max_seq_length
+        self.tokens_per_update = (distributed.global_batch(args.per_device_train_batch_size)
+                                  * args.gradient_accumulation_steps * args.max_seq_length)
         self.bar = None
         self.wandb = None
 
@@ -36,8 +39,12 @@ class Reporter:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, trainable: int, total: int, train_windows: Optional[int]) -> None:
+        if not self.main:
+            return
         self.out.write_json("train_config.json", self.args.redacted())
-        print(f"device: {self.device.describe()} | trainable params: {trainable:,d} || all params: {total:,d} || "
+        layout = distributed.describe()
+        print(f"device: {self.device.describe()}" + (f" | {layout}" if layout else "")
+              + f" | trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f} | updates: {self.total}"
               + (f" | training windows: {train_windows:,d}" if train_windows else ""), flush=True)
         if self.args.report_to == "wandb":
@@ -52,6 +59,8 @@ class Reporter:
         done = update - self.last_update
         rate = done / max(1e-9, now - self.last_time)
         self.last_time, self.last_update = now, update
+        if not self.main:
+            return
         eta = (self.total - update) / rate if rate > 0 else float("nan")
         record = {"update": update, "epoch": round(epoch, 4), "train_loss": loss, "lr": lr,
                   "tokens_per_second": rate * self.tokens_per_update, "time": now - self.started}
@@ -64,6 +73,8 @@ class Reporter:
                   f"{record['tokens_per_second']:.0f} tok/s | eta {_duration(eta)}", flush=True)
 
     def eval(self, update: int, results: dict, tag: str) -> None:
+        if not self.main:
+            return
         record = {"update": update, "eval_tag": tag}
         for name, r in results.items():
             record[f"{name}_loss"] = r["loss"]
@@ -75,15 +86,15 @@ class Reporter:
             self.bar.write(line)
         else:
             print(line, flush=True)
-        self.plot()
+        if tag != "base":  # before training there is nothing to draw yet
+            self.plot()
 
     def steps_per_second(self) -> Optional[float]:
         done = self.last_update - self.start_update
         return done / max(1e-9, self.last_time - self.started) if done else None
 
     def finish(self, summary: dict) -> None:
-        self.plot()
-        self.close(summary)
+        self.close(summary)  # the final evaluation has drawn loss.png already
 
     def close(self, summary: Optional[dict] = None) -> None:
         if self.bar is not None:
@@ -111,6 +122,8 @@ class Reporter:
 
     def plot(self) -> None:
         """loss.png: training loss and every evaluated loss against optimizer updates."""
+        if not self.main:
+            return
         import matplotlib
 
         matplotlib.use("Agg")
