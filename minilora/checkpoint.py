@@ -154,6 +154,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
         delete_adapter(model, adapter_name)
         for name, linear in replaced:
             _replace(model, name, linear)
+            model.__dict__.pop("_minilora_layers", None)
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         if previous is not None:

@@ -32,6 +32,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
         layer = module if isinstance(module, LoRALinear) else _replace(model, name, LoRALinear(module))
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
                           config.use_rslora, config.init)
+    model.__dict__.pop("_minilora_layers", None)  # new LoRALinear modules may exist now
     # Remember how the adapter was made, for saving it in PEFT's format later.
     configs = model.__dict__.setdefault("_minilora_configs", {})
     configs[adapter_name] = config
@@ -111,16 +112,27 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the adapter every LoRALinear uses. Only a Python attribute changes: no
-    module, parameter or tensor shape does, so a compiled XLA graph is reused."""
-    known = adapter_names(model)
+    module, parameter or tensor shape does, so a compiled XLA graph is reused. The adapted
+    layers are remembered at inject/load time, so a switch walks no module tree."""
+    layers = adapted_layers(model)
+    known = list(dict.fromkeys(n for m in layers for n in m.adapters))
     if name not in known:
         raise ValueError(f"unknown adapter {name!r}; the model has: {', '.join(known) or '(no adapters)'}")
-    merged = {m.merged_adapter for _, m in lora_modules(model)} - {None}
+    merged = {m.merged_adapter for m in layers} - {None}
     if merged and merged != {name}:
         raise ValueError(f"adapter {merged.pop()!r} is merged into the weights; call minilora.unmerge(model) "
                          "before switching adapters")
-    for _, module in lora_modules(model):
+    for module in layers:
         module.active_adapter = name if name in module.adapters else None
+
+
+def adapted_layers(model: nn.Module) -> list:
+    """The model's LoRALinear modules, cached on the model by inject/delete_adapter (a module
+    walk of a 1B Llama costs milliseconds; an adapter switch should not)."""
+    cached = model.__dict__.get("_minilora_layers")
+    if cached is None:
+        cached = model.__dict__["_minilora_layers"] = [m for _, m in lora_modules(model)]
+    return cached
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:
@@ -145,6 +157,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if module.active_adapter == name:
             module.active_adapter = None
     model.__dict__.get("_minilora_configs", {}).pop(name, None)
+    model.__dict__.pop("_minilora_layers", None)
 
 
 class disable_adapters:

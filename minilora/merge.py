@@ -37,4 +37,5 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     for name, layer in list(lora_modules(model)):
         _replace(model, name, layer.to_linear())
     model.__dict__.pop("_minilora_configs", None)
+    model.__dict__.pop("_minilora_layers", None)
     return model
