@@ -205,3 +205,33 @@ def test_forgetting_report_compares_lora_with_full_fine_tuning(tiny_model_dir, t
     assert (out / "report.png").exists() and (out / "full_finetune" / "model.safetensors").exists()
     metrics_lines = metrics(out)
     assert any("general_perplexity" in m for m in metrics_lines)
+
+
+def test_tied_embeddings_stay_one_matrix_when_trained_on_xla(tmp_path, tiny_text_file):
+    # Module.to() cannot move a CPU parameter to XLA in place, so a tied input embedding and LM head
+    # (as in Llama-3.2-1B) would become two tensors trained apart. Full fine-tuning on XLA must
+    # train and save the one matrix, exactly as eager does.
+    from conftest import make_tokenizer, tiny_llama
+
+    model_dir = tmp_path / "tied"
+    tokenizer = make_tokenizer(model_dir)
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True).save_pretrained(model_dir)
+    code = """
+import sys
+from conftest import train_argv
+from train.config import parse_args
+from train.loop import run
+argv = [a for a in train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", "--max_steps", "3") if a != "--use_lora"]
+run(parse_args(argv))
+print("{{}}")
+"""
+    run_xla(code.format(model=str(model_dir), data=tiny_text_file, out=str(tmp_path / "x")),
+            env={"PYTHONPATH": os.path.dirname(__file__)})
+    argv = [a for a in train_argv(str(model_dir), tiny_text_file, tmp_path / "e", "--max_steps", "3") if a != "--use_lora"]
+    run(parse_args(argv))
+    xla, eager = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("x", "e"))
+    assert "lm_head.weight" not in eager
+    head = xla.get("lm_head.weight", xla["model.embed_tokens.weight"])
+    assert torch.equal(head, xla["model.embed_tokens.weight"])
+    torch.testing.assert_close(xla["model.embed_tokens.weight"], eager["model.embed_tokens.weight"], atol=2e-5, rtol=1e-4)

@@ -16,6 +16,21 @@ from . import distributed
 from .config import UsageError
 
 
+def move_model(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model.to(device)`` that keeps tied weights tied.
+
+    Moving between CPU and an XLA device cannot swap a parameter's storage in place, so
+    ``Module.to`` gives every module its own new Parameter: the input embedding and the LM head of
+    a tied model (Llama-3.2-1B, the demo's base) become two tensors, the optimizer trains them
+    apart and ``save_pretrained`` writes both. Re-tying after the move restores the one matrix.
+    """
+    model.to(device)
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
 class Device:
     """One accelerator (or the CPU), chosen by ``--device``."""
 

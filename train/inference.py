@@ -22,6 +22,7 @@ import torch
 
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from .device import move_model
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
 # one, its tokenizer (which then wins over the base model's: it may have added a pad token).
@@ -73,7 +74,7 @@ def load_base_model(name_or_path: str, *, device: Union[str, torch.device, None]
 
     dtype = _dtype(torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, token=token, **({"dtype": dtype} if dtype else {}))
-    return model.to(resolve_device(device)).eval()
+    return move_model(model, resolve_device(device)).eval()
 
 
 def load_tokenizer(name_or_path: str, *, token: Optional[str] = None):

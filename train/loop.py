@@ -27,7 +27,7 @@ import minilora
 from . import data as data_mod
 from . import distributed
 from .config import TrainArgs, UsageError
-from .device import Device
+from .device import Device, move_model
 from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
 from .report import Reporter, write_report
 
@@ -210,7 +210,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
-    model.to(device.torch_device)
+    move_model(model, device.torch_device)
     model.train()
     trainable, total_params = minilora.count_parameters(model)
     if trainable == 0:
@@ -490,7 +490,7 @@ def _save_final(out: RunDir, model, tokenizer, args: TrainArgs) -> None:
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             out.publish(name)
     else:
-        model.to("cpu")  # the run is over; safetensors reads host memory (XLA storage has none)
+        move_model(model, "cpu")  # the run is over; safetensors reads host memory (XLA storage has none)
         model.save_pretrained(out.local)
         for name in os.listdir(out.local):
             if name.startswith("model") or name in ("config.json", "generation_config.json"):
