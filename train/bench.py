@@ -107,7 +107,9 @@ def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torc
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(shape)).to(dtype)
+    # Built where it runs: a 1B-shaped model's random init takes seconds on a GPU, minutes on a CPU.
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
     if kind == "minilora":
         import minilora
 
@@ -705,6 +707,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--medquad", default=MEDQUAD, help="the packing section's data (JSON lines with 'answer')")
     p.add_argument("--shape", default="", help="Llama and batch overrides, e.g. layers=2,hidden=256,batch=2 "
                                                 "(fields: " + ", ".join(f.name for f in dataclasses.fields(Shape)) + ")")
+    p.add_argument("--devices", default="cpu,cuda",
+                   help="devices of the training section, comma-separated (cuda only where present)")
     p.add_argument("--xla-device", default="CPU", help="PJRT_DEVICE of the XLA section: CPU, or TPU / CUDA where present")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for model FLOPs utilisation")
     p.add_argument("--seed", type=int, default=0)
@@ -732,6 +736,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 2
     settings.seed = args.seed
+    if set(d.strip() for d in args.devices.split(",") if d.strip()) - {"cpu", "cuda"}:
+        print(f"minilora-bench: error: --devices {args.devices}: choose from cpu, cuda", file=sys.stderr)
+        return 2
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SECTIONS) | ({s for s in args.skip.split(",") if s} - set(SECTIONS))
     if unknown:
@@ -751,7 +758,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="minilora-bench-") as workdir:
         if "training" in chosen:
             results["training"] = {}
-            devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+            wanted = [d.strip() for d in args.devices.split(",") if d.strip()]
+            devices = [torch.device(d) for d in wanted if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
             for device in devices:
                 log(f"training on {device}")
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
