@@ -141,9 +141,14 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
                          key=lambda p: int(p.name.split("-")[1]))
     middle = checkpoints[len(checkpoints) // 2]
     assert 0 < int(middle.name.split("-")[1]) < total
+    with open(out / "metrics.jsonl", "a") as f:  # a kill in the middle of writing a record
+        f.write('{"update": 99, "train_lo')
     resumed = run_and_adapter(tiny_model_dir, tiny_text_file, out, *common, "--resume_from_checkpoint", str(middle))
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], atol=1e-6, rtol=0)
+    # metrics.jsonl: the torn line and the records past the checkpoint are gone, each update once
+    logged = [m["update"] for m in metrics(out) if "train_loss" in m]
+    assert logged == list(range(1, total + 1))
 
 
 def test_resume_latest_and_missing_checkpoint(tiny_model_dir, tiny_text_file, tmp_path):

@@ -547,18 +547,21 @@ def targets(results: dict) -> list[dict]:
         met = None if value is None else (value <= limit if better == "lower" else value >= limit)
         rows.append({"target": name, "value": value, "limit": limit, "better": better, "met": met, "note": note})
 
-    training = results.get("training", {}).get("cpu") or {}
-    step = {(r["kind"], r["dropout"]): r for r in training.get("rows", [])}
-    for p, limit in ((0.0, 1.00), (0.1, 0.90)):
-        ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
-        add(f"minilora / PEFT training step, dropout {p:g}", ours and theirs and ours["median"] / theirs["median"], limit)
-    ours, full = step.get(("minilora", 0.0)), step.get(("full", 0.0))
-    add("minilora LoRA / full fine-tune step, dropout 0", ours and full and ours["median"] / full["median"], 0.55,
-        note=ours and full and f"model FLOPs ratio {ours['model_gflop_per_step'] / full['model_gflop_per_step']:.3f}")
-    for p in results.get("settings", {}).get("dropouts", ()):
-        ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
-        value = ours and theirs and "peak_memory_bytes" in ours and ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
-        add(f"minilora / PEFT peak training memory, dropout {p:g}", value or None, 1.00)
+    # The training targets once per device measured (eager CPU, and CUDA where present).
+    for device, training in (results.get("training") or {"cpu": {}}).items():
+        on = "" if device == "cpu" else f" ({device})"
+        step = {(r["kind"], r["dropout"]): r for r in training.get("rows", [])}
+        for p, limit in ((0.0, 1.00), (0.1, 0.90)):
+            ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
+            add(f"minilora / PEFT training step, dropout {p:g}{on}", ours and theirs and ours["median"] / theirs["median"],
+                limit)
+        ours, full = step.get(("minilora", 0.0)), step.get(("full", 0.0))
+        add(f"minilora LoRA / full fine-tune step, dropout 0{on}", ours and full and ours["median"] / full["median"],
+            0.55, note=ours and full and f"model FLOPs ratio {ours['model_gflop_per_step'] / full['model_gflop_per_step']:.3f}")
+        for p in results.get("settings", {}).get("dropouts", ()):
+            ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
+            value = ours and theirs and "peak_memory_bytes" in ours and ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
+            add(f"minilora / PEFT peak training memory, dropout {p:g}{on}", value or None, 1.00)
     inference = results.get("inference", {}).get("rows")
     add("merged inference / base forward", inference and inference["merged"]["vs_base"], 1.02,
         note=inference and f"unmerged / base {inference['unmerged']['vs_base']:.3f}")

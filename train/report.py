@@ -19,7 +19,7 @@ class Reporter:
         self.args, self.out, self.device, self.total = args, out, device, total_updates
         self.metrics_path = out.path("metrics.jsonl")
         self.main = distributed.is_main_process()  # the others report nothing: one log, one set of files
-        self.records: list[dict] = self._read_existing() if start_update else []
+        self.records: list[dict] = self._read_existing(start_update) if start_update else []
         if self.main and not start_update and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
         self.start_update = start_update
@@ -30,11 +30,30 @@ class Reporter:
         self.bar = None
         self.wandb = None
 
-    def _read_existing(self) -> list[dict]:
+    def _read_existing(self, start_update: int) -> list[dict]:
+        """A resumed run's earlier records: those up to the checkpoint it resumes from.
+
+        A kill can leave the last line half-written, and records logged after the checkpoint
+        will be logged again by the resumed run; both are dropped and the file rewritten so that
+        it holds one record per update again.
+        """
         if not os.path.exists(self.metrics_path):
             return []
+        records = []
         with open(self.metrics_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # the torn last line of a killed run
+                if isinstance(record, dict) and record.get("update", 0) <= start_update:
+                    records.append(record)
+        if self.main:
+            tmp = self.metrics_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(tmp, self.metrics_path)
+        return records
 
     # -- lifecycle ---------------------------------------------------------------------------
 
