@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -491,10 +492,15 @@ def _save_final(out: RunDir, model, tokenizer, args: TrainArgs) -> None:
             out.publish(name)
     else:
         move_model(model, "cpu")  # the run is over; safetensors reads host memory (XLA storage has none)
-        model.save_pretrained(out.local)
-        for name in os.listdir(out.local):
-            if name.startswith("model") or name in ("config.json", "generation_config.json"):
-                out.publish(name)
+        # Written aside, then each file renamed into place: a kill mid-save leaves no half-written
+        # model.safetensors next to a previous run's files (train_summary.json comes last anyway).
+        staging = out.path(".final-model.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), out.path(name))
+            out.publish(name)
+        os.rmdir(staging)
     tokenizer.save_pretrained(out.local)
     for name in os.listdir(out.local):
         if "token" in name or name == "special_tokens_map.json":
