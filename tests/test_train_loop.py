@@ -205,6 +205,7 @@ def test_forgetting_report_compares_lora_with_full_fine_tuning(tiny_model_dir, t
     assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert lora["optimizer_state_bytes"] < full["optimizer_state_bytes"]
     assert lora["general_perplexity_base"] == pytest.approx(full["general_perplexity_base"])  # same base, same text
+    assert (lora["learning_rate"], full["learning_rate"]) == (5e-3, 5e-5)  # each method's own, in the report
     text = (out / "report.md").read_text()
     assert "| general change (forgetting) |" in text and "full fine-tuning" in text
     assert (out / "report.png").exists() and (out / "full_finetune" / "model.safetensors").exists()

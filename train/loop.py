@@ -325,7 +325,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": len(data.train) if data.train is not None else None,
-        "steps_per_second": reporter.steps_per_second(),
+        "steps_per_second": reporter.steps_per_second(), "learning_rate": args.learning_rate,
     }
     reporter.finish(summary)
     if distributed.is_main_process():

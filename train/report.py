@@ -208,7 +208,8 @@ def _method_row(summary: dict) -> dict:
            "checkpoint_bytes": summary["adapter_bytes"] if summary["use_lora"] else summary["model_bytes"],
            "seconds_per_update": 1 / summary["steps_per_second"] if summary.get("steps_per_second") else None,
            "peak_memory_bytes": summary.get("peak_memory_bytes"),
-           "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "updates": summary["updates"]}
+           "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "updates": summary["updates"],
+           "learning_rate": summary.get("learning_rate")}
     for name, label in (("validation", "medical"), ("general", "general")):
         if name in final:
             b, f = base[name]["perplexity"], final[name]["perplexity"]
@@ -234,6 +235,8 @@ def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dic
             return f"{value:+.1f}%"
         if kind == "bytes":
             return f"{value / 1e6:,.2f} MB"
+        if kind == "lr":
+            return f"{value:.2g}"
         if kind == "s":
             return f"{value:.3f} s"
         return f"{value:,d}"
@@ -254,7 +257,8 @@ def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dic
              ("optimizer state", "optimizer_state_bytes", "bytes"),
              ("time per update", "seconds_per_update", "s"),
              ("peak accelerator memory", "peak_memory_bytes", "bytes"),
-             ("optimizer updates", "updates", "int")]
+             ("optimizer updates", "updates", "int"),
+             ("peak learning rate", "learning_rate", "lr")]
     for label, key, kind in table:
         if any(key in r for r in rows):
             lines.append(f"| {label} | " + " | ".join(fmt(r.get(key), kind) for r in rows) + " |")
@@ -278,6 +282,12 @@ def _verdict(rows: list[dict]) -> str:
         lora, full = rows
         parts.append("LoRA forgot less than full fine-tuning here." if lora["general_change_percent"] < full["general_change_percent"]
                      else "LoRA did NOT forget less than full fine-tuning here: the guide's claim does not hold for these settings.")
+        gained = {r["method"]: r.get("medical_change_percent") for r in rows}
+        if None not in gained.values() and abs(gained["LoRA"] - gained["full fine-tuning"]) > 5:
+            more = max(gained, key=lambda m: -gained[m])
+            parts.append(f"The two did not adapt equally ({more} lowered medical perplexity more, at its own learning "
+                         "rate), so compare forgetting at matched medical perplexity before drawing a conclusion: "
+                         "rerun with other --learning_rate / --full_finetune_learning_rate.")
     return " ".join(parts) or "No general-English evaluation was run (--general_eval_dataset none)."
 
 
