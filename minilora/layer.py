@@ -15,8 +15,13 @@ from torch import nn
 # -- the dropout mask ------------------------------------------------------------------------------
 
 def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A keep mask shaped and typed like ``x``: 1 with probability 1 - p, else 0, each element
-    independently.
+    """A keep mask shaped like ``x``: 1 with probability 1 - p, else 0, each element independently.
+
+    On GPUs (any device but the CPU and XLA) the mask is ``bool``: it is saved for backward in
+    every adapted Linear, and one byte an element instead of two (bf16) or four halves or
+    quarters that memory; multiplying by it costs nothing extra there. On the CPU it is in x's
+    dtype, where a same-dtype multiply is several times faster than one by a bool tensor (see
+    docs/benchmarks.md); XLA gets x's dtype too and keeps or fuses it as its compiler decides.
 
     ``bernoulli_`` wherever torch has a vectorised kernel for it: other devices, and CPUs where
     ATen hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit
@@ -24,7 +29,9 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     32-bit uniform each, compared with p rounded to a multiple of 2⁻³² (|error| ≤ 2⁻³³; MKL's
     generator has 31 bits).
     """
-    if x.device.type != "cpu" or _cpu_bernoulli_is_vectorised():
+    if x.device.type not in ("cpu", "xla"):
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    if x.device.type == "xla" or _cpu_bernoulli_is_vectorised():
         return torch.empty_like(x).bernoulli_(1.0 - p)
     n = x.numel()
     bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
@@ -54,15 +61,23 @@ if not hasattr(torch.ops.minilora, "dropout_mask"):  # importing this module a s
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """(..., in) keep mask in x's dtype: 1 with probability 1 - p, else 0 (see _draw_keep_mask)."""
+    """(..., in) keep mask, 1 with probability 1 - p, else 0: bool on GPUs, else in x's dtype
+    (see _draw_keep_mask)."""
     return torch.ops.minilora.dropout_mask(x.detach(), p)
+
+
+def _apply_mask(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """t ⊙ keep in t's dtype: a select for a bool mask (one fused kernel; a multiply by a bool
+    tensor takes torch's slower mixed-dtype path), a multiply for a mask in t's dtype."""
+    return torch.where(keep, t, 0) if keep.dtype == torch.bool else t * keep
 
 
 # -- one autograd node per adapted Linear ----------------------------------------------------------
 
 class _LoRAFunction(torch.autograd.Function):
     """``x Wᵀ + b + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` as one autograd node (``W = None``: the adapter
-    term alone). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale (1,), keep like x.
+    term alone). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale (1,), keep like x (its
+    dtype or bool).
 
     What it saves over composing torch ops: the adapter term is added inside the base GEMM's
     output (``addmm_``) rather than as a separate (..., out) sum, and in backward the adapter's
@@ -74,7 +89,7 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, keep):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        dropped = x2 if keep is None else x2 * keep.reshape(x2.shape)
+        dropped = x2 if keep is None else _apply_mask(x2, keep.reshape(x2.shape))
         # (N, r); A is cast to x's dtype (an r-wide cast) and the scaling is applied in float32
         narrow = F.linear(dropped, lora_A.to(x.dtype)) * scale
         if weight is None:
@@ -101,12 +116,12 @@ class _LoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         keep2 = None if keep is None else keep.reshape(x2.shape)
         if need_A:
-            dropped = x2 if keep2 is None else x2 * keep2
+            dropped = x2 if keep2 is None else _apply_mask(x2, keep2)
             grad_A = (g_narrow.t() @ dropped.to(dt)).to(lora_A.dtype)  # (r, in)
         if need_x:
             grad_x = g_narrow @ lora_A.to(dt)  # (N, in)
             if keep2 is not None:
-                grad_x.mul_(keep2)
+                grad_x = _apply_mask(grad_x, keep2)
             if weight is not None:
                 grad_x.addmm_(g, weight.to(dt))
             grad_x = grad_x.to(x.dtype).view(x.shape)

@@ -139,6 +139,36 @@ def main(out: str) -> int:
         return {"set_adapter_us": round(switch_us, 1)}
 
     check("named_adapters_cuda", named_adapters_on_cuda)
+
+    def dropout_exact_on_device():
+        # tests/test_bench.py's exactness check, on the device: the one autograd node with its
+        # (bool, on GPUs) mask against composed torch ops with the same mask
+        import minilora
+        from torch import nn
+
+        torch.manual_seed(0)
+        layer = minilora.LoRALinear(nn.Linear(256, 384)).to(DEV)
+        layer.weight.requires_grad_(False)
+        adapter = layer.add_adapter("default", 8, 16.0, dropout=0.25)
+        layer.active_adapter = "default"
+        with torch.no_grad():
+            adapter.lora_B.normal_()
+        x = torch.randn(4, 64, 256, device=DEV, requires_grad=True)
+        torch.manual_seed(7)
+        layer.train()(x).square().sum().backward()
+        got = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
+        torch.manual_seed(7)
+        keep = minilora.layer.dropout_mask(x, 0.25)
+        x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
+        a, b = adapter.lora_A, adapter.lora_B
+        y = nn.functional.linear(x, layer.weight, layer.bias) + (x * keep / 0.75) @ a.T @ b.T * adapter.scaling
+        y.square().sum().backward()
+        for ours, reference in zip(got, (x.grad, a.grad, b.grad)):
+            # float32 sums of thousands of terms in other orders: within 1e-5 of the largest entry
+            assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max(), (ours - reference).abs().max()
+        return {"mask_dtype": str(keep.dtype), "kept": round(keep.float().mean().item(), 4)}
+
+    check("dropout_exact_on_device", dropout_exact_on_device)
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name() if DEV == "cuda" else None, "torch": torch.__version__, "results": results}, f, indent=2)
     return 1 if failed else 0

@@ -90,8 +90,20 @@ def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised
     assert not torch.equal(first, minilora.layer.dropout_mask(x, 0.1))
 
 
-def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask():
+def test_dropout_mask_is_one_byte_per_element_on_gpus_and_in_x_dtype_on_cpu():
+    # "meta" stands in for a GPU here (any device but CPU and XLA); scripts/gpu_check.py checks
+    # the values and gradients on CUDA itself.
+    assert minilora.layer.dropout_mask(torch.zeros(8, 16, device="meta", dtype=torch.bfloat16), 0.1).dtype == torch.bool
+    assert minilora.layer.dropout_mask(torch.zeros(8, 16, dtype=torch.bfloat16), 0.1).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mask_dtype", ["float", "bool"])  # bool: what GPUs draw (see above)
+def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, monkeypatch):
     from torch import nn
+
+    if mask_dtype == "bool":
+        draw = minilora.layer.dropout_mask
+        monkeypatch.setattr(minilora.layer, "dropout_mask", lambda x, p: draw(x, p).bool())
 
     torch.manual_seed(0)
     layer = minilora.LoRALinear(nn.Linear(48, 80))
@@ -107,6 +119,7 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask():
 
     torch.manual_seed(7)
     keep = minilora.layer.dropout_mask(x, 0.25)  # the same draw the layer made
+    assert keep.dtype == (torch.bool if mask_dtype == "bool" else x.dtype)
     x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
     a, b = adapter.lora_A, adapter.lora_B
     y = nn.functional.linear(x, layer.weight, layer.bias) + (x * keep / 0.75) @ a.T @ b.T * adapter.scaling
