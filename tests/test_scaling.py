@@ -206,9 +206,19 @@ if "RANK" in os.environ:
 
 
 def torchrun(argv: list[str], env: dict, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), *argv], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Workers run in sessions of their own: killing torchrun would leave them behind. On
+            # SIGTERM it passes the signal on and kills the workers still there 30 s later.
+            popen.terminate()
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"torchrun did not finish in {timeout} s (ranks waiting in a collective?):\n"
+                                 f"STDOUT:\n{stdout[-4000:]}\nSTDERR:\n{stderr[-6000:]}") from None
+    proc = subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")
@@ -245,6 +255,87 @@ def test_torchrun_ddp_equals_one_process_with_the_global_batch_and_only_rank_0_w
     assert {"adapter_model.safetensors", "metrics.jsonl", "train_summary.json"} <= set(written[0])
     assert sorted(os.listdir(out)) == sorted(os.listdir(one))
     assert proc.stdout.count("update 1/3 |") == 1  # one log line per update, from rank 0
+    assert proc.stdout.count("done: 3 updates in") == 1  # the end-of-run summary, from rank 0 alone
+
+
+# Every worker of the dropout runs below runs the CLI with two additions: it notes a hash of the
+# first dropout mask it draws in $MASKS/rank<r>, and the rank named by $SIGTERM_RANK alone sends
+# itself SIGTERM in the first micro-batch of update 3, as a scheduler preempting one worker would.
+DDP_DROPOUT_WORKER = """
+import hashlib, os, signal, sys
+import minilora.layer
+import train.loop as loop
+from train.cli import main
+
+rank = os.environ["RANK"]
+draw, load = minilora.layer.dropout_mask, loop.load_model_and_tokenizer
+
+def noted_mask(x, p):
+    keep = draw(x, p)
+    if "MASKS" in os.environ and not os.path.exists(os.path.join(os.environ["MASKS"], "rank" + rank)):
+        with open(os.path.join(os.environ["MASKS"], "rank" + rank), "w") as f:
+            f.write(hashlib.sha256(keep.numpy().tobytes()).hexdigest())
+    return keep
+
+def load_and_arm(args):
+    model, tokenizer = load(args)
+    forwards = [0]
+
+    def preempt(module, inputs, output):
+        if module.training:
+            forwards[0] += 1
+            if forwards[0] == 5 and rank == os.environ.get("SIGTERM_RANK"):  # update 3, micro-batch 1 of 2
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_hook(preempt)
+    return model, tokenizer
+
+minilora.layer.dropout_mask = noted_mask  # what LoRAAdapter.forward calls
+loop.load_model_and_tokenizer = load_and_arm
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_ranks_draw_their_own_dropout_masks_stop_together_on_sigterm_and_resume_exactly(
+        tiny_model_dir, tiny_text_file, tmp_path):
+    # 6 updates of 2 ranks x 1 window x 2 micro-batches, with adapter dropout: each rank's RNG matters.
+    worker, masks = tmp_path / "worker.py", tmp_path / "masks"
+    worker.write_text(textwrap.dedent(DDP_DROPOUT_WORKER))
+    masks.mkdir()
+    flags = ("--max_steps", "6", "--general_eval_dataset", "none", "--max_eval_samples", "4", "--lora_dropout", "0.1",
+             "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")
+
+    def launch(out, *extra, **env):
+        return torchrun([str(worker), *train_argv(tiny_model_dir, tiny_text_file, out, *flags, *extra)],
+                        env={"PYTHONPATH": ROOT, **env}, timeout=150)  # about 20 s each; ranks that disagree hang
+
+    straight = tmp_path / "straight"
+    launch(straight, MASKS=str(masks))
+    # The same shapes, so the same seed would give the same mask: rank 1 drew its own.
+    first = {rank: (masks / f"rank{rank}").read_text() for rank in (0, 1)}
+    assert len(first[0]) == len(first[1]) == 64 and first[0] != first[1]
+
+    # SIGTERM reaches rank 1 only, mid-update 3. Rank 0 learns of it at the end of that update,
+    # and both stop there: exit 0, one checkpoint, written by rank 0, holding both ranks' RNG.
+    out = tmp_path / "preempted"
+    proc = launch(out, SIGTERM_RANK="1")  # torchrun() asserts that torchrun and both workers exited 0
+    assert proc.stderr.count("SIGTERM received") == 1
+    assert proc.stdout.count(f"stopped by SIGTERM after update 3; checkpoint saved. Resume with: minilora-train ... "
+                             f"--output_dir {out} --resume_from_checkpoint latest") == 1
+    assert (out / "latest").read_text().strip() == "checkpoint-3"
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert (state["update"], state["micro"]) == (3, 6)
+    assert not (out / "train_summary.json").exists()
+    ranks = torch.load(out / "checkpoint-3" / "rng.pt", weights_only=True)["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+
+    # Each rank resumes from its own RNG state: the adapter of the uninterrupted run.
+    launch(out, "--resume_from_checkpoint", "latest")
+    assert json.loads((out / "train_summary.json").read_text())["updates"] == 6
+    resumed, expected = load_file(out / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
+    assert sorted(resumed) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)
 
 
 DDP_GRADIENTS = """
@@ -293,6 +384,14 @@ def test_each_process_takes_its_block_of_rows_and_per_batch_values_whole(monkeyp
     assert rows.tolist() == [[4, 5], [6, 7]] and same is denom
     assert distributed.global_batch(4) == 8
     assert not distributed.is_main_process()
+
+
+def test_a_resumed_rank_takes_its_own_rng_state_and_none_saved_by_another_process_count(monkeypatch):
+    assert distributed.own_entry(["single"]) == "single"  # one process: the one state, as before
+    assert distributed.any_process(True) and not distributed.any_process(False)  # no process group needed
+    monkeypatch.setattr(distributed, "_layout", distributed.Layout("ddp", ways=2, processes=2, index=1))
+    assert distributed.own_entry(["rank 0", "rank 1"]) == "rank 1"
+    assert distributed.own_entry(["single"]) is None and distributed.own_entry(["a", "b", "c"]) is None
 
 
 def test_spmd_and_the_xla_cache_are_refused_off_xla():

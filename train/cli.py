@@ -9,6 +9,7 @@ from typing import Optional
 
 from minilora import AdapterLoadError
 
+from . import distributed
 from .config import UsageError, parse_args
 
 
@@ -25,7 +26,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .loop import train_and_report
 
             summary = train_and_report(args)
-            if not summary.get("stopped"):
+            if not summary.get("stopped") and distributed.is_main_process():  # torchrun: once, from rank 0
                 print_summary(summary)
         return 0
     except (UsageError, AdapterLoadError) as e:

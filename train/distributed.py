@@ -12,7 +12,8 @@ nothing in the single-device layout:
     ddp     torchrun (WORLD_SIZE > 1): one process per GPU, or per CPU slot with gloo.
             DistributedDataParallel reduces the adapter's gradients only (frozen weights are
             not registered with it and not in the optimizer); every rank takes its own rows of
-            each global batch.
+            each global batch and draws its own dropout masks. The ranks agree, once per
+            update, on whether to stop (SIGTERM), so that they all stop after the same update.
 
 In all three a micro-batch holds ``per_device_train_batch_size x data-parallel ways`` rows
 (``global_batch``), drawn from one shuffled order that every process computes alike, and the
@@ -52,6 +53,9 @@ class Layout:
 
 
 _layout = Layout()
+# DDP: the group that carries host-side values (the stop flag, RNG states). gloo on the CPU; with
+# NCCL, a second, gloo group, so that reading them back never waits for the GPU. None: the default.
+_host_group = None
 
 
 def layout() -> Layout:
@@ -112,11 +116,14 @@ def _start_spmd() -> Layout:
 def _start_process_group(kind: str) -> Layout:
     import torch.distributed as dist
 
+    global _host_group
     if not dist.is_initialized():
         if kind == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # Device's "cuda" is now this GPU
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         atexit.register(dist.destroy_process_group)
+    if kind == "cuda" and _host_group is None:
+        _host_group = dist.new_group(backend="gloo")  # a collective: every rank creates it here
     return Layout("ddp", ways=dist.get_world_size(), processes=dist.get_world_size(), index=dist.get_rank())
 
 
@@ -125,6 +132,52 @@ def _start_process_group(kind: str) -> Layout:
 def is_main_process() -> bool:
     """The one process that prints, writes files and talks to wandb (rank 0, or host 0)."""
     return _layout.index == 0
+
+
+def seed_per_rank(seed: int) -> None:
+    """DDP: give each rank its own training random numbers (the dropout masks of its rows):
+    rank r > 0 reseeds with ``seed + r``; rank 0 keeps the stream one process would have. Call
+    once the model and adapter are built (alike on every rank, from ``seed``) and before a resume
+    restores the ranks' states. Elsewhere nothing: one process draws the masks of all its rows
+    (under SPMD, XLA's generator, for every device)."""
+    if _layout.kind == "ddp" and _layout.index > 0:
+        torch.manual_seed(seed + _layout.index)
+
+
+def any_process(flag: bool) -> bool:
+    """DDP: whether ``flag`` is set on any rank, by a one-element all-reduce (MAX) of a host
+    tensor (gloo, also beside NCCL: no GPU sync). Every rank must call it at the same point of
+    the loop. Elsewhere ``flag`` itself: no collective and no host read (XLA, SPMD hosts)."""
+    if _layout.kind != "ddp":
+        return flag
+    import torch.distributed as dist
+
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(votes.item())  # a host tensor: no device sync
+
+
+def gather_on_main(value) -> Optional[list]:
+    """DDP: every rank's ``value`` (tensors in nested dicts, say an RNG state), in rank order,
+    on rank 0, and None on the others; a collective, every rank calls it. Elsewhere ``[value]``:
+    one process, or SPMD hosts that share one RNG state."""
+    if _layout.kind != "ddp":
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * _layout.ways if is_main_process() else None
+    dist.gather_object(value, gathered, dst=0, group=_host_group)
+    return gathered
+
+
+def own_entry(per_rank: list):
+    """This process's entry of a list ``gather_on_main`` made: rank r's under DDP, the one entry
+    elsewhere. None when the list comes from a different number of ranks (a run resumed with
+    another ``--nproc_per_node``)."""
+    ranks = _layout.ways if _layout.kind == "ddp" else 1
+    if len(per_rank) != ranks:
+        return None
+    return per_rank[_layout.index if _layout.kind == "ddp" else 0]
 
 
 def global_batch(per_device: int) -> int:

@@ -226,6 +226,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = device.optimizer(param_groups(model, args.weight_decay), args.learning_rate, args.weight_decay)
     pos = Position()
+    distributed.seed_per_rank(args.seed)  # torchrun: each rank its own dropout masks; a resume restores each rank's
     if args.resume_from_checkpoint:
         pos = _restore(out.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
     model = distributed.wrap(model, optimizer)  # SPMD: FSDPv2; torchrun: DDP; else the model itself
@@ -292,6 +293,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
                                epoch=pos.epoch + (pos.micro / micro_per_epoch if micro_per_epoch else 0))
             if args.eval_steps and pos.update % args.eval_steps == 0 and pos.update < total_updates:
                 pos.history.append({"update": pos.update, "eval": run_eval("eval")})
+            stop.agree()  # torchrun: every rank stops after the same update (one tiny host-side all-reduce)
             if (save_every and pos.update % save_every == 0 and pos.update < total_updates) or stop.requested:
                 tokens_since_log -= nonfinite.read(pos)  # the checkpoint carries the exact skip count
                 _save_checkpoint(out, model, optimizer, device, pos, args)
@@ -302,8 +304,9 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
 
     if stop.requested and pos.update < total_updates:
         reporter.close()
-        print(f"stopped by SIGTERM after update {pos.update}; checkpoint saved. Resume with: "
-              f"minilora-train ... --output_dir {args.output_dir} --resume_from_checkpoint latest", flush=True)
+        if distributed.is_main_process():
+            print(f"stopped by SIGTERM after update {pos.update}; checkpoint saved. Resume with: "
+                  f"minilora-train ... --output_dir {args.output_dir} --resume_from_checkpoint latest", flush=True)
         return {"stopped": True, "update": pos.update}
 
     final_eval = run_eval("final")
@@ -428,6 +431,7 @@ def _save_checkpoint(out: RunDir, model, optimizer, device: Device, pos: Positio
     model, state = distributed.for_saving(model), distributed.to_host(optimizer.state_dict())
     if not all(torch.isfinite(t).all() for s in state["state"].values() for t in s.values() if torch.is_tensor(t)):
         _check_finite(math.nan, pos, args)  # a non-finite update never becomes the latest checkpoint
+    rng = distributed.gather_on_main(device.rng_state())  # torchrun: every rank's dropout RNG, on rank 0
     if not distributed.is_main_process():
         return
     tmp = out.begin_checkpoint(pos.update)
@@ -438,7 +442,7 @@ def _save_checkpoint(out: RunDir, model, optimizer, device: Device, pos: Positio
 
         save_file(trainable_state(model), os.path.join(tmp, "model.safetensors"))
     save_tensors_safely(state, os.path.join(tmp, "optimizer.pt"))
-    save_tensors_safely(device.rng_state(), os.path.join(tmp, "rng.pt"))
+    save_tensors_safely(rng[0] if len(rng) == 1 else {"ranks": rng}, os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
                    "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history}, f, indent=2)
@@ -475,7 +479,13 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
                 p.copy_(weights[name].to(p.dtype))
     try:
         device.load_optimizer_state(optimizer, optimizer_state)
-        device.set_rng_state(rng_state)
+        per_rank = rng_state["ranks"] if "ranks" in rng_state else [rng_state]  # torchrun runs store one per rank
+        own = distributed.own_entry(per_rank)
+        if own is not None:
+            device.set_rng_state(own)
+        elif distributed.is_main_process():
+            print(f"note: {path} holds the RNG states of {len(per_rank)} process(es), a different number from this "
+                  "run's; dropout masks start afresh, so the run does not continue exactly", flush=True)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UsageError(f"--resume_from_checkpoint {path}: its optimizer or RNG state does not fit this run "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -512,15 +522,26 @@ def _size(path: str) -> Optional[int]:
 
 
 class _StopFlag:
-    """Set by SIGTERM; the loop finishes its update, saves a checkpoint and returns."""
+    """SIGTERM (preemption): the loop finishes its update, saves a checkpoint and returns.
+
+    The signal only marks this process; ``agree`` turns that into ``requested`` at an update
+    boundary. Under torchrun every rank gets the signal (torchrun forwards it; a scheduler may
+    send it to one worker), but each notices it at its own update. They must stop after the same
+    one: a rank that stopped early leaves the others in a gradient all-reduce that never completes."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # agreed: every process stops after this update
+        self._signalled = False
         try:
             signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
             pass
 
+    def agree(self) -> None:
+        """Every process, at the same update boundary. torchrun: a host-side all-reduce (MAX) of
+        the flag. Elsewhere no collective and no host read: the flag is a Python bool."""
+        self.requested = distributed.any_process(self._signalled)
+
     def _handle(self, signum, frame):
-        self.requested = True
+        self._signalled = True
         print("SIGTERM received: finishing this update and saving a checkpoint", file=sys.stderr, flush=True)
