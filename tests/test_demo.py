@@ -70,3 +70,24 @@ def test_second_run_reuses_the_base_and_a_changed_setting_builds_another(first_r
     assert "pre-training the base on general English for 7 updates" in stdout
     entries = [p for p in (cache / "minilora").iterdir() if p.name.startswith("demo-")]
     assert len(entries) == 2
+
+
+def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tmp_path):
+    # 5e-4 is --learning_rate's default; given on the command line it must win over the demo's own
+    # learning rate, while settings the user did not give take the demo's values.
+    from train.config import TrainArgs, parse_args
+    from train.demo import DEMO_LORA, demo_lora_args
+    from train.demo_assets import DemoAssets, DemoSettings
+
+    assert TrainArgs().learning_rate == 5e-4 != DEMO_LORA["learning_rate"]
+    assets = DemoAssets(tmp_path, DemoSettings())
+    for name in ("medical_train", "medical_validation"):
+        getattr(assets, name).parent.mkdir(parents=True, exist_ok=True)
+        getattr(assets, name).write_text('{"text": "x"}\n')
+    args = demo_lora_args(parse_args(["--learning_rate", "5e-4", "--lora_r", "8"]), assets)
+    assert (args.learning_rate, args.lora_r) == (5e-4, 8)
+    assert args.max_steps == DEMO_LORA["max_steps"] and args.lora_dropout == DEMO_LORA["lora_dropout"]
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"learning_rate": 5e-4}))
+    assert demo_lora_args(parse_args(["--config", str(config)]), assets).learning_rate == 5e-4
+    assert demo_lora_args(parse_args([]), assets).learning_rate == DEMO_LORA["learning_rate"]

@@ -418,7 +418,7 @@ print(json.dumps({"xla": summary.get("xla"), "device": summary.get("device"), "u
 
 
 def bench_xla(settings: Settings, workdir: str, threads: int, tokenizer_dir: str, data_file: str,
-              xla_device: str = "CPU", compare_eager: bool = True) -> dict:
+              xla_device: str = "CPU", compare_eager: bool = True, compare_full: bool = True) -> dict:
     """The training app's loop (train.loop.run) in fresh processes, on an XLA device (by default
     the XLA CPU device, PJRT_DEVICE=CPU) and on eager CPU, with the same small model, data and
     settings (LoRA r=16 on the seven projections, dropout 0.1, 4 x 128 tokens, the loss read back
@@ -438,15 +438,17 @@ def bench_xla(settings: Settings, workdir: str, threads: int, tokenizer_dir: str
     tokenizer.save_pretrained(model_dir)
     log_every, updates = 4, settings.xla_updates
     runs = {}
-    for kind in ("xla", "cpu") if compare_eager else ("xla",):
+    # xla-full: full fine-tuning through the same loop on XLA, for LoRA / full on the XLA device
+    for kind in ["xla"] + ["xla-full"] * compare_full + ["cpu"] * compare_eager:
         out = os.path.join(workdir, f"loop-{kind}")
-        argv = ["--model_name", model_dir, "--dataset_dir", data_file, "--output_dir", out, "--use_lora",
-                "--lora_r", "16", "--lora_dropout", "0.1", "--max_seq_length", "128",
+        method = [] if kind == "xla-full" else ["--use_lora", "--lora_r", "16", "--lora_dropout", "0.1"]
+        argv = ["--model_name", model_dir, "--dataset_dir", data_file, "--output_dir", out, *method,
+                "--max_seq_length", "128",
                 "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", str(updates),
-                "--logging_steps", str(log_every), "--device", kind, "--report_to", "none",
+                "--logging_steps", str(log_every), "--device", kind.split("-")[0], "--report_to", "none",
                 "--save_epoch_percentage", "0", "--general_eval_dataset", "none", "--max_eval_samples", "8",
                 "--overwrite_output_dir", "--seed", str(settings.seed)]
-        env = {**_child_env(), "PJRT_DEVICE": xla_device} if kind == "xla" else _child_env()
+        env = {**_child_env(), "PJRT_DEVICE": xla_device} if kind.startswith("xla") else _child_env()
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", LOOP_CHILD, json.dumps(argv)], capture_output=True, text=True,
                               cwd=ROOT, env=env)
@@ -471,6 +473,9 @@ def bench_xla(settings: Settings, workdir: str, threads: int, tokenizer_dir: str
               "xla_device": runs["xla"]["device"], "xla_update_seconds": runs["xla"]["update_seconds"],
               "xla_wall_seconds": runs["xla"]["wall_seconds"],
               "xla_tokens_per_second": 4 * 128 / runs["xla"]["update_seconds"]}
+    if compare_full:
+        result.update({"xla_full_update_seconds": runs["xla-full"]["update_seconds"],
+                       "xla_lora_vs_full": runs["xla"]["update_seconds"] / runs["xla-full"]["update_seconds"]})
     if compare_eager:
         result.update({"eager_update_seconds": runs["cpu"]["update_seconds"],
                        "xla_vs_eager": runs["xla"]["update_seconds"] / runs["cpu"]["update_seconds"],
@@ -679,6 +684,9 @@ def markdown(results: dict) -> str:
                       f"{x['host_fallbacks_after_warmup'].get('aten::_local_scalar_dense', 0)} "
                       f"({x['designed_host_reads_after_warmup']}) | {sum(x['fallbacks_in_step'].values())} | "
                       f"{x['xla_update_seconds']:.3f} | {eager_cells} | {x['xla_tokens_per_second']:,.0f} |", ""]
+            if "xla_full_update_seconds" in x:
+                lines += [f"Full fine-tuning through the same loop on XLA: {x['xla_full_update_seconds']:.3f} s/update; "
+                          f"LoRA / full on XLA {x['xla_lora_vs_full']:.2f}.", ""]
     if "packing" in results:
         lines += [f"### Packing ({results['packing']['source']})", "",
                   "| max_seq_length | windows | real tokens | all tokens | real / all |", "|---|---|---|---|---|"]

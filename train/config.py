@@ -196,11 +196,17 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainArgs:
     """Command line (and optional --config file) -> validated TrainArgs."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**read_config_file(first.config))
+    from_file = read_config_file(first.config) if first.config else {}
+    parser.set_defaults(**from_file)
     ns = vars(parser.parse_args(argv))
     ns.pop("debug_args", None)
     args = TrainArgs(**ns)
+    # Which settings the user gave (flag or --config), as opposed to defaults: the demo fills in
+    # its own settings only where the user gave none, even when a given value equals the default.
+    silent = build_parser()
+    for action in silent._actions:
+        action.default = argparse.SUPPRESS
+    args.given = frozenset(vars(silent.parse_args(argv))) | frozenset(from_file)
     if args.lora_target_modules == ["all-linear"]:
         args.lora_target_modules = "all-linear"
     if args.tokenizer_name_or_path is None:

@@ -100,9 +100,12 @@ def pretrain_base(assets: DemoAssets, args: TrainArgs) -> float:
 
 def demo_lora_args(args: TrainArgs, assets: DemoAssets) -> TrainArgs:
     """The user's flags, with the demo's model and data, and the demo's settings wherever the
-    user left a setting at its default."""
-    defaults = TrainArgs()
-    changes = {k: v for k, v in DEMO_LORA.items() if getattr(args, k) == getattr(defaults, k)}
+    user gave none (``--learning_rate 5e-4`` is kept although 5e-4 is also the default)."""
+    given = getattr(args, "given", None)  # set by parse_args; else: whatever differs from the defaults
+    if given is None:
+        defaults = TrainArgs()
+        given = {k for k in DEMO_LORA if getattr(args, k) != getattr(defaults, k)}
+    changes = {k: v for k, v in DEMO_LORA.items() if k not in given}
     return dataclasses.replace(
         args, **changes, use_lora=True, model_name=str(assets.pretrained_dir),
         tokenizer_name_or_path=str(assets.tokenizer_dir), dataset_dir=_split_dir(assets, "medical"),

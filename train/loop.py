@@ -127,7 +127,8 @@ def train_and_report(args: TrainArgs, **kwargs) -> dict:
         return summary
     full = None
     if args.compare_full_finetune and args.use_lora:
-        print("comparison: full fine-tuning with the same data, steps and seed", flush=True)
+        if distributed.is_main_process():
+            print("comparison: full fine-tuning with the same data, steps and seed", flush=True)
         full = run(dataclasses.replace(
             args, use_lora=False, output_dir=f"{args.output_dir.rstrip('/')}/full_finetune",
             learning_rate=args.full_finetune_learning_rate, compare_full_finetune=False, overwrite_output_dir=True,
