@@ -66,10 +66,13 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.ops.minilora.dropout_mask(x.detach(), p)
 
 
-def _apply_mask(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """t ⊙ keep in t's dtype: a select for a bool mask (one fused kernel; a multiply by a bool
-    tensor takes torch's slower mixed-dtype path), a multiply for a mask in t's dtype."""
-    return torch.where(keep, t, 0) if keep.dtype == torch.bool else t * keep
+    tensor takes torch's slower mixed-dtype path), a multiply for a mask in t's dtype, in place
+    on ``t`` when allowed (no second (N, in) tensor)."""
+    if keep.dtype == torch.bool:
+        return torch.where(keep, t, 0)
+    return t.mul_(keep) if inplace else t * keep
 
 
 # -- one autograd node per adapted Linear ----------------------------------------------------------
@@ -121,7 +124,7 @@ class _LoRAFunction(torch.autograd.Function):
         if need_x:
             grad_x = g_narrow @ lora_A.to(dt)  # (N, in)
             if keep2 is not None:
-                grad_x = _apply_mask(grad_x, keep2)
+                grad_x = _apply_mask(grad_x, keep2, inplace=True)
             if weight is not None:
                 grad_x.addmm_(g, weight.to(dt))
             grad_x = grad_x.to(x.dtype).view(x.shape)
