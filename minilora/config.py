@@ -17,6 +17,10 @@ INIT_MODES = ("kaiming", "gaussian")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 
 
+# PEFT's LoraConfig names for two of LoRAConfig's fields, accepted wherever settings are given by name.
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
 @dataclass
 class LoRAConfig:
     """What to adapt and how.
@@ -85,6 +89,19 @@ class LoRAConfig:
                              "(PEFT refuses such an adapter); put the layer indices in the regex instead")
 
     def replace(self, **changes) -> "LoRAConfig":
+        """A copy with ``changes``; PEFT's names ``lora_alpha`` and ``lora_dropout`` are taken for
+        ``alpha`` and ``dropout``, so ``inject(model, r=16, lora_alpha=32, lora_dropout=0.05)`` works
+        as a PEFT user would write it."""
+        for peft_name, name in PEFT_ALIASES.items():
+            if peft_name in changes:
+                if name in changes:
+                    raise ValueError(f"give {name} or {peft_name}, not both")
+                changes[name] = changes.pop(peft_name)
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown LoRA setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(sorted(known | set(PEFT_ALIASES)))}")
         return dataclasses.replace(self, **changes)
 
     # -- per-module decisions ------------------------------------------------------------------

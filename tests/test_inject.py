@@ -220,3 +220,16 @@ def test_inject_into_a_merged_model_is_refused():
     model = minilora.merge(minilora.inject(tiny_llama(), adapter_name="a"))
     with pytest.raises(ValueError, match="merged adapter.*unmerge"):
         minilora.inject(model, adapter_name="b")
+
+
+def test_inject_takes_peft_setting_names_and_names_the_settings_on_a_typo():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    minilora.inject(model, r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["0"])
+    adapter = model[0].adapters["default"]
+    assert (adapter.scaling, adapter.dropout.p) == (4.0, 0.05)
+    with pytest.raises(ValueError, match="alpha or lora_alpha"):
+        minilora.inject(nn.Sequential(nn.Linear(8, 8)), r=4, alpha=8, lora_alpha=16, target_modules=["0"])
+    with pytest.raises(TypeError, match="lora_alpa.*the settings are .*lora_dropout"):
+        minilora.inject(nn.Sequential(nn.Linear(8, 8)), r=4, lora_alpa=16, target_modules=["0"])
