@@ -258,6 +258,61 @@ def test_torchrun_ddp_equals_one_process_with_the_global_batch_and_only_rank_0_w
     assert proc.stdout.count("done: 3 updates in") == 1  # the end-of-run summary, from rank 0 alone
 
 
+def test_torchrun_fsdp_equals_one_process_gathers_plain_files_on_rank_0_and_loads_unsharded(
+        tiny_model_dir, tiny_text_file, tmp_path):
+    # As the DDP test, with FSDP2 sharding every weight across the 2 ranks. A checkpoint after
+    # each update (--save_epoch_percentage 5) makes the ranks also gather the optimizer state.
+    common = (*SHORT, "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--save_epoch_percentage", "5")
+    one = tmp_path / "one"
+    train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, one, *common,
+                                           "--per_device_train_batch_size", "8")))  # what the CLI runs
+
+    out, audit = tmp_path / "fsdp", tmp_path / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
+    proc = torchrun(["-m", "train", *train_argv(tiny_model_dir, tiny_text_file, out, *common, "--fsdp",
+                                                "--per_device_train_batch_size", "4")],
+                    env={"PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_ROOT": str(out), "AUDIT_LOGS": str(audit)})
+    assert "FSDP2 over 2 process(es)" in proc.stdout
+
+    sharded, whole = load_file(out / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert set(sharded) == set(whole)  # PEFT names: no wrapper prefix, whole tensors (shapes checked below)
+    for key in whole:
+        torch.testing.assert_close(sharded[key], whole[key], atol=1e-5, rtol=0)
+    assert train_losses(out) == pytest.approx(train_losses(one), rel=1e-5)  # gradients summed, not averaged
+    assert sorted(os.listdir(out)) == sorted(os.listdir(one))  # the same checkpoints, too
+    # The checkpoint's optimizer state is gathered whole: the single process's, moment for moment.
+    ckpt = sorted(n for n in os.listdir(one) if n.startswith("checkpoint-"))[-1]
+    states = [torch.load(d / ckpt / "optimizer.pt", weights_only=True)["state"] for d in (out, one)]
+    for index, state in states[1].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(states[0][index][name], state[name], atol=1e-5, rtol=1e-3)
+
+    written = {rank: (audit / f"rank{rank}").read_text().split() if (audit / f"rank{rank}").exists() else []
+               for rank in (0, 1)}
+    assert [p for p in written[1] if not p.startswith(".minilora-write-test-")] == []
+    assert {"adapter_model.safetensors", "metrics.jsonl", "train_summary.json"} <= set(written[0])
+
+    # The adapter serves an ordinary, unsharded model.
+    from transformers import AutoModelForCausalLM
+
+    model = minilora.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    loaded = minilora.lora_state_dict(model)
+    assert set(loaded) == set(sharded)
+    for key in sharded:
+        torch.testing.assert_close(loaded[key], sharded[key], atol=0, rtol=0)
+
+
+def test_fsdp_is_refused_without_torchrun_on_xla_and_with_a_resume():
+    flags = dict(spmd=False, xla_cache_dir=None, fsdp=True, resume_from_checkpoint=None)
+    with pytest.raises(UsageError, match="--fsdp shards the model across torchrun's processes"):
+        distributed.setup(SimpleNamespace(**flags), "cpu")
+    with pytest.raises(UsageError, match="--fsdp is for torchrun"):
+        distributed.setup(SimpleNamespace(**flags), "xla")
+    with pytest.raises(UsageError, match="--resume_from_checkpoint does not work with --fsdp"):
+        distributed.setup(SimpleNamespace(**{**flags, "resume_from_checkpoint": "latest"}), "cpu")
+
+
 # Every worker of the dropout runs below runs the CLI with two additions: it notes a hash of the
 # first dropout mask it draws in $MASKS/rank<r>, and the rank named by $SIGTERM_RANK alone sends
 # itself SIGTERM in the first micro-batch of update 3, as a scheduler preempting one worker would.

@@ -91,6 +91,9 @@ class TrainArgs:
     xla_cache_dir: Optional[str] = _f(None, "XLA's persistent compilation cache (a local directory): a restarted or "
                                             "resumed run looks its compiled graphs up here instead of compiling "
                                             "again (torch_xla 2.9 cannot load them yet: docs/scaling.md)")
+    fsdp: bool = _f(False, "torchrun: shard every weight, frozen base included, across the ranks with FSDP2 "
+                           "(fully_shard per decoder layer) instead of copying the model to each (DDP); for bases "
+                           "larger than one GPU. No --resume_from_checkpoint yet (docs/scaling.md)")
     # -- logging, evaluation, saving -------------------------------------------------------
     logging_steps: int = _f(10, "log the training loss every N optimizer updates (on XLA this is a host sync)")
     eval_steps: int = _f(0, "evaluate every N optimizer updates (0: only at the end of the run)")

@@ -14,6 +14,8 @@ nothing in the single-device layout:
             not registered with it and not in the optimizer); every rank takes its own rows of
             each global batch and draws its own dropout masks. The ranks agree, once per
             update, on whether to stop (SIGTERM), so that they all stop after the same update.
+            With --fsdp, FSDP2 (``fully_shard``) instead of DDP: every weight, frozen base
+            included, is split across the ranks, one decoder layer gathered at a time.
 
 In all three a micro-batch holds ``per_device_train_batch_size x data-parallel ways`` rows
 (``global_batch``), drawn from one shuffled order that every process computes alike, and the
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -49,7 +51,8 @@ class Layout:
     ways: int = 1          # data-parallel ways: devices (spmd) or processes (ddp)
     processes: int = 1     # processes that load data: hosts (spmd) or ranks (ddp)
     index: int = 0         # this process among them
-    mesh: Any = None       # spmd: the xs.Mesh
+    mesh: Any = None       # spmd: the xs.Mesh; ddp with fsdp: a 1-D DeviceMesh over the ranks
+    fsdp: bool = False     # ddp: FSDP2 instead of DistributedDataParallel (--fsdp)
 
 
 _layout = Layout()
@@ -69,6 +72,17 @@ def setup(args, kind: str) -> Layout:
     ``torch_xla.device()`` crashes later. Safe to call again in the same process."""
     global _layout
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = getattr(args, "fsdp", False)
+    if fsdp and kind == "xla":
+        raise UsageError("--fsdp is for torchrun (CUDA, or CPU with gloo); on XLA, SPMD already shards every "
+                         "weight FSDPv2-style: drop --fsdp")
+    if fsdp and getattr(args, "resume_from_checkpoint", None):
+        raise UsageError("--resume_from_checkpoint does not work with --fsdp yet (restoring into sharded "
+                         "parameters and optimizer state is not implemented): start the run again, or train "
+                         "without --fsdp if the model fits one device")
+    if fsdp and world == 1:
+        raise UsageError("--fsdp shards the model across torchrun's processes, and this run has one: launch it "
+                         "with torchrun --nproc_per_node N, or drop --fsdp")
     if kind == "xla":
         if world > 1:
             raise UsageError(f"{world} processes were launched (torchrun?) but the device is XLA: on TPUs run one "
@@ -85,6 +99,11 @@ def setup(args, kind: str) -> Layout:
                 raise UsageError(f"{flag} applies to XLA only, and this run's device is {kind}; "
                                  "pass --device xla, or drop the flag (GPUs scale out with torchrun)")
         _layout = _start_process_group(kind) if world > 1 else Layout()
+        if fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cuda" if kind == "cuda" else "cpu", (_layout.ways,))
+            _layout = dataclasses.replace(_layout, fsdp=True, mesh=mesh)
     return _layout
 
 
@@ -214,6 +233,37 @@ def input_sharding():
 
 # -- the model ---------------------------------------------------------------------------------
 
+def shard(model: nn.Module) -> nn.Module:
+    """torchrun --fsdp: FSDP2, ``fully_shard`` on each decoder layer, then on the root (the
+    embeddings, final norm and LM head). Each parameter becomes a DTensor holding this rank's
+    shard, moved to the device as it is sharded (a base larger than one GPU never sits whole on
+    one), so call it after LoRA injection and gradient checkpointing and before the optimizer
+    is built: an optimizer built earlier would hold the replaced, unsharded tensors. The model
+    keeps its module names. Elsewhere the model itself."""
+    if not _layout.fsdp:
+        return model
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=_layout.mesh)
+    fully_shard(model, mesh=_layout.mesh)
+    # Sum, not average, as DDP's _sum_gradients: each rank's loss is already divided by the
+    # token count of the global update. Both settings are per FSDP module, so set them on each;
+    # the plain SUM op, since a factor alone asks for PREMUL_SUM, which gloo does not have.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules transformers never splits across devices (``_no_split_modules``): the decoder
+    layers, which FSDPv2 and FSDP2 each wrap on their own."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def wrap(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
     """SPMD: FSDPv2 over the decoder layers and the rest; DDP: DistributedDataParallel that
     sums adapter gradients. Call after gradient checkpointing is set up and the model is on
@@ -226,7 +276,7 @@ def wrap(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) ->
         if optimizer is not None:
             _shard_like_parameters(optimizer)
         return wrapped
-    if _layout.kind == "ddp":
+    if _layout.kind == "ddp" and not _layout.fsdp:  # --fsdp: ``shard`` did it, before the optimizer
         return _ddp(model)
     return model
 
@@ -243,8 +293,7 @@ def _fsdp_v2(model: nn.Module) -> nn.Module:
         if torch_xla._XLAC._get_xla_sharding_spec(p):
             xs.clear_sharding(p)
     # transformers names the classes it never splits across devices: the decoder layers.
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+    layers = {type(m) for m in _decoder_layers(model)}
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
     return SpmdFullyShardedDataParallel(model, mesh=_layout.mesh, shard_output=_shard_batch_axis,
                                         auto_wrap_policy=policy)
@@ -304,7 +353,12 @@ def _sum_gradients(state, bucket):
 
 def gradient_sync(model: nn.Module, now: bool):
     """Context for one micro-batch's forward and backward. DDP: reduce gradients only with the
-    last micro-batch of an update (``now``); earlier ones accumulate locally (``no_sync``)."""
+    last micro-batch of an update (``now``); earlier ones accumulate locally (``no_sync``).
+    FSDP2 likewise, through a setting rather than a context: set on every micro-batch, so the
+    last one turns it back on."""
+    if _layout.fsdp:
+        model.set_requires_gradient_sync(now)
+        return contextlib.nullcontext()
     if _layout.kind == "ddp" and not now:
         return model.no_sync()
     return contextlib.nullcontext()
@@ -331,10 +385,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def for_saving(model: nn.Module) -> nn.Module:
-    """``unwrap``, with trainable parameters copied to host memory under SPMD. Call it on
-    every process: gathering sharded tensors is a computation on all devices (on a pod, a
-    collective); only then may the main process alone write files."""
+    """``unwrap``, with trainable parameters copied to host memory under SPMD, and gathered
+    whole (``full_tensor``) under --fsdp; the frozen base stays sharded. Call it on every
+    process: gathering sharded tensors is a computation on all devices (a collective); only
+    then may the main process alone write files."""
     host = {}
+    if _layout.fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():  # the root keeps its weights gathered after a forward: shards again
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        host = {id(p): nn.Parameter(whole(p), requires_grad=True)
+                for p in model.parameters() if p.requires_grad}
     if _layout.kind == "spmd":
         trainable = [p for p in model.parameters() if p.requires_grad]
         host = {id(p): nn.Parameter(c, requires_grad=True) for p, c in zip(trainable, to_host(trainable))}
@@ -344,10 +407,14 @@ def for_saving(model: nn.Module) -> nn.Module:
 def to_host(tree):
     """Tensors anywhere in nested dicts, lists and tuples (a state dict, an optimizer's) as CPU
     copies. Under SPMD every sharded tensor gets a replicated copy in one graph, compiled once
-    for all saves; gathering each tensor on its own would compile a program per tensor, per save."""
+    for all saves; gathering each tensor on its own would compile a program per tensor, per save.
+    Under --fsdp every DTensor (an optimizer state's shard) is gathered whole: a collective, in
+    the same order on every rank."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     leaves, spec = tree_flatten(tree)
+    if _layout.fsdp:
+        leaves = [whole(t) for t in leaves]
     if _layout.kind == "spmd":
         import torch_xla
         import torch_xla.distributed.spmd as xs
@@ -361,6 +428,17 @@ def to_host(tree):
         torch_xla.sync()
     leaves = [t.detach().to("cpu") if isinstance(t, torch.Tensor) else t for t in leaves]
     return tree_unflatten(leaves, spec)
+
+
+def whole(value):
+    """--fsdp: a DTensor (a parameter's shard, its optimizer state, a norm over sharded
+    gradients) gathered whole with ``full_tensor()``, a collective every rank must call.
+    Anything else, and every value elsewhere: itself."""
+    if not _layout.fsdp:
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def _wrapper_types() -> tuple:
@@ -385,16 +463,32 @@ def _view(module: nn.Module, wrappers: tuple, host: dict) -> nn.Module:
     if all(children[n] is c for n, c in module._modules.items()) and all(
             params[n] is p for n, p in module._parameters.items()):
         return module
-    view = copy.copy(module)
+    view = object.__new__(_unsharded_class(type(module)))  # a shallow copy, as copy.copy would make
+    view.__dict__.update(module.__dict__)
     view.__dict__["_modules"] = children
     view.__dict__["_parameters"] = params
     return view
+
+
+def _unsharded_class(cls: type) -> type:
+    """The model's own class for FSDP2's ``FSDP<Name>`` subclass of it: a view (its parameters
+    gathered whole) is a plain module; FSDP2's methods on it (``to`` reshards) would look for
+    the sharding state of a module that has none."""
+    if _layout.fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
+        if issubclass(cls, FSDPModule):
+            return next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
 
 
 def describe() -> Optional[str]:
     """One line on the layout for the run's console header; None when single."""
     if _layout.kind == "spmd":
         return (f"SPMD over {_layout.ways} device(s) on {_layout.processes} host(s), FSDPv2 "
+                f"(global batch = per-device batch x {_layout.ways})")
+    if _layout.fsdp:
+        return (f"FSDP2 over {_layout.ways} process(es), every weight sharded "
                 f"(global batch = per-device batch x {_layout.ways})")
     if _layout.kind == "ddp":
         return f"DDP over {_layout.ways} process(es) (global batch = per-device batch x {_layout.ways})"

@@ -212,6 +212,9 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
+    # torchrun --fsdp: FSDP2 moves each layer to the device as it shards it, so a base larger than
+    # one GPU never sits whole on one; the optimizer below then holds the shards (DTensors).
+    model = distributed.shard(model)
     move_model(model, device.torch_device)
     model.train()
     trainable, total_params = minilora.count_parameters(model)
@@ -230,7 +233,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
     distributed.seed_per_rank(args.seed)  # torchrun: each rank its own dropout masks; a resume restores each rank's
     if args.resume_from_checkpoint:
         pos = _restore(out.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
-    model = distributed.wrap(model, optimizer)  # SPMD: FSDPv2; torchrun: DDP; else the model itself
+    model = distributed.wrap(model, optimizer)  # SPMD: FSDPv2; torchrun: DDP (--fsdp: sharded above); else the model itself
 
     eval_sets = {"validation": data.validation}
     if general_windows is None:
@@ -397,6 +400,7 @@ class _NonFiniteGuard:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = distributed.whole(norm)  # --fsdp: the norm of sharded gradients is a DTensor; this, every rank's
         if not self.args.skip_nonfinite_steps:
             self.optimizer.step()
             return group_nll + norm * 0  # nan when the gradient is not finite
