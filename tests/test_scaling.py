@@ -225,22 +225,30 @@ def torchrun(argv: list[str], env: dict, nproc: int = 2, timeout: int = 300) -> 
     return proc
 
 
+def one_process_and_torchrun(model_dir, data, tmp_path, common, *distributed_flags):
+    """One process with 8 windows per micro-batch, then torchrun with 2 ranks x 4 under the write
+    audit: (one process's output, torchrun's output, the torchrun process, files each rank wrote)."""
+    one = tmp_path / "one"
+    train_and_report(parse_args(train_argv(model_dir, data, one, *common,
+                                           "--per_device_train_batch_size", "8")))  # what the CLI runs
+    out, audit = tmp_path / "torchrun", tmp_path / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
+    proc = torchrun(["-m", "train", *train_argv(model_dir, data, out, *common, *distributed_flags,
+                                                "--per_device_train_batch_size", "4")],
+                    env={"PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_ROOT": str(out), "AUDIT_LOGS": str(audit)})
+    written = {rank: (audit / f"rank{rank}").read_text().split() if (audit / f"rank{rank}").exists() else []
+               for rank in (0, 1)}
+    return one, out, proc, written
+
+
 def test_torchrun_ddp_equals_one_process_with_the_global_batch_and_only_rank_0_writes(
         tiny_model_dir, tiny_text_file, tmp_path):
     # 2 ranks x 4 windows x 2 micro-batches against 1 process x 8 windows x 2 micro-batches.
     # A smaller learning rate than the other tests: AdamW turns float rounding in near-zero
     # gradients into steps of up to lr, and two batch splits differ by that much even in one process.
     common = (*SHORT, "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3")
-    one = tmp_path / "one"
-    train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, one, *common,
-                                           "--per_device_train_batch_size", "8")))  # what the CLI runs
-
-    out, audit = tmp_path / "ddp", tmp_path / "audit"
-    audit.mkdir()
-    (audit / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
-    proc = torchrun(["-m", "train", *train_argv(tiny_model_dir, tiny_text_file, out, *common,
-                                                "--per_device_train_batch_size", "4")],
-                    env={"PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_ROOT": str(out), "AUDIT_LOGS": str(audit)})
+    one, out, proc, written = one_process_and_torchrun(tiny_model_dir, tiny_text_file, tmp_path, common)
 
     ddp_adapter, one_adapter = load_file(out / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     assert set(ddp_adapter) == set(one_adapter)  # no 'module.' prefix from the DDP wrapper
@@ -249,8 +257,6 @@ def test_torchrun_ddp_equals_one_process_with_the_global_batch_and_only_rank_0_w
     assert train_losses(out) == pytest.approx(train_losses(one), rel=1e-5)  # losses summed over ranks
 
     # Only rank 0 wrote: rank 1 touched nothing but its own start-up write probe.
-    written = {rank: (audit / f"rank{rank}").read_text().split() if (audit / f"rank{rank}").exists() else []
-               for rank in (0, 1)}
     assert [p for p in written[1] if not p.startswith(".minilora-write-test-")] == []
     assert {"adapter_model.safetensors", "metrics.jsonl", "train_summary.json"} <= set(written[0])
     assert sorted(os.listdir(out)) == sorted(os.listdir(one))
@@ -263,16 +269,7 @@ def test_torchrun_fsdp_equals_one_process_gathers_plain_files_on_rank_0_and_load
     # As the DDP test, with FSDP2 sharding every weight across the 2 ranks. A checkpoint after
     # each update (--save_epoch_percentage 5) makes the ranks also gather the optimizer state.
     common = (*SHORT, "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--save_epoch_percentage", "5")
-    one = tmp_path / "one"
-    train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, one, *common,
-                                           "--per_device_train_batch_size", "8")))  # what the CLI runs
-
-    out, audit = tmp_path / "fsdp", tmp_path / "audit"
-    audit.mkdir()
-    (audit / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
-    proc = torchrun(["-m", "train", *train_argv(tiny_model_dir, tiny_text_file, out, *common, "--fsdp",
-                                                "--per_device_train_batch_size", "4")],
-                    env={"PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_ROOT": str(out), "AUDIT_LOGS": str(audit)})
+    one, out, proc, written = one_process_and_torchrun(tiny_model_dir, tiny_text_file, tmp_path, common, "--fsdp")
     assert "FSDP2 over 2 process(es)" in proc.stdout
 
     sharded, whole = load_file(out / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
@@ -288,8 +285,6 @@ def test_torchrun_fsdp_equals_one_process_gathers_plain_files_on_rank_0_and_load
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(states[0][index][name], state[name], atol=1e-5, rtol=1e-3)
 
-    written = {rank: (audit / f"rank{rank}").read_text().split() if (audit / f"rank{rank}").exists() else []
-               for rank in (0, 1)}
     assert [p for p in written[1] if not p.startswith(".minilora-write-test-")] == []
     assert {"adapter_model.safetensors", "metrics.jsonl", "train_summary.json"} <= set(written[0])
 
