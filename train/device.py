@@ -169,7 +169,10 @@ class Device:
         """Recompute each decoder layer in the backward pass. On XLA, torch_xla's checkpoint
         wraps the recomputation in an optimization barrier; plain torch checkpointing would be
         undone by XLA's common-subexpression elimination."""
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.is_xla:
             from torch_xla.utils.checkpoint import checkpoint
 
