@@ -19,7 +19,8 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
     On GPUs (any device but the CPU and XLA) the mask is ``bool``: it is saved for backward in
     every adapted Linear, and one byte an element instead of two (bf16) or four halves or
-    quarters that memory; multiplying by it costs nothing extra there. On the CPU it is in x's
+    quarters that memory, for a little time (H200, Llama-1B shape: +6% step time with dropout,
+    -5 GB peak; docs/benchmarks.md). On the CPU it is in x's
     dtype, where a same-dtype multiply is several times faster than one by a bool tensor (see
     docs/benchmarks.md); XLA gets x's dtype too and keeps or fuses it as its compiler decides.
 

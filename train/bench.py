@@ -747,7 +747,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 2
     settings.seed = args.seed
-    if set(d.strip() for d in args.devices.split(",") if d.strip()) - {"cpu", "cuda"}:
+    wanted = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if set(wanted) - {"cpu", "cuda"}:
         print(f"minilora-bench: error: --devices {args.devices}: choose from cpu, cuda", file=sys.stderr)
         return 2
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -769,7 +770,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="minilora-bench-") as workdir:
         if "training" in chosen:
             results["training"] = {}
-            wanted = [d.strip() for d in args.devices.split(",") if d.strip()]
             devices = [torch.device(d) for d in wanted if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
             for device in devices:
                 log(f"training on {device}")

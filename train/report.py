@@ -284,7 +284,7 @@ def _verdict(rows: list[dict]) -> str:
                      else "LoRA did NOT forget less than full fine-tuning here: the guide's claim does not hold for these settings.")
         gained = {r["method"]: r.get("medical_change_percent") for r in rows}
         if None not in gained.values() and abs(gained["LoRA"] - gained["full fine-tuning"]) > 5:
-            more = max(gained, key=lambda m: -gained[m])
+            more = min(gained, key=gained.get)  # the larger fall in medical perplexity
             parts.append(f"The two did not adapt equally ({more} lowered medical perplexity more, at its own learning "
                          "rate), so compare forgetting at matched medical perplexity before drawing a conclusion: "
                          "rerun with other --learning_rate / --full_finetune_learning_rate.")
