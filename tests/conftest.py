@@ -58,6 +58,19 @@ def tiny_llama_dir(tmp_path_factory):
     return str(path)
 
 
+def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, reduction: int) -> None:
+    """``actual`` equals ``expected`` up to the rounding of sums of ``reduction`` terms in
+    expected's dtype, computed in another order (another BLAS kernel, another CPU vendor).
+
+    The classic bound for a floating-point sum of K products is |error| <= K * eps * sum|terms|;
+    the largest magnitude in ``expected`` stands in for sum|terms|. Any real mistake (a wrong
+    mask, a missing scale) moves results by a fraction of their size, far above this bound.
+    """
+    eps = torch.finfo(expected.dtype).eps
+    scale = max(expected.detach().abs().max().item(), torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(actual, expected, rtol=reduction * eps, atol=reduction * eps * scale)
+
+
 def xla_available() -> bool:
     return importlib.util.find_spec("torch_xla") is not None
 
