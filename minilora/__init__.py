@@ -14,13 +14,14 @@ from .inject import (active_adapter, adapter_names, count_parameters, delete_ada
                      mark_only_lora_trainable, mixed_batch, print_trainable_parameters, set_adapter)
 from .layer import LoRAAdapter, LoRALinear
 from .merge import merge, merge_and_unload, unmerge
+from .quant import QuantizedWeight, QuantLinear, dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRALinear",
-    "active_adapter", "adapter_names", "count_parameters", "delete_adapter", "disable_adapters",
+    "AdapterLoadError", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRALinear", "QuantLinear", "QuantizedWeight",
+    "active_adapter", "adapter_names", "count_parameters", "delete_adapter", "dequantize", "disable_adapters",
     "enable_input_require_grads", "find_targets", "inject", "load_adapter", "lora_modules", "lora_parameters",
     "lora_state_dict", "mark_only_lora_trainable", "merge", "merge_and_unload", "mixed_batch", "peft_config",
-    "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter", "unmerge",
+    "print_trainable_parameters", "quantize", "read_adapter_config", "save_adapter", "set_adapter", "unmerge",
 ]

@@ -10,6 +10,11 @@ from torch import nn
 
 from .config import LoRAConfig
 from .layer import LoRALinear
+from .quant import QuantLinear
+
+# What LoRA can adapt: plain Linears, Linears over a quantized weight (minilora.quantize), and
+# LoRALinear layers that already hold another adapter.
+_ADAPTABLE = (nn.Linear, QuantLinear, LoRALinear)
 
 
 def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_name: str = "default",
@@ -47,13 +52,13 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     if config.target_modules == "all-linear":
         head = _output_head(model)
         chosen = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, (nn.Linear, LoRALinear)) and m is not head and config.selects(n)]
+                  if isinstance(m, _ADAPTABLE) and m is not head and config.selects(n)]
     else:
         chosen = []
         for name, module in model.named_modules():
             if not name or _inside_lora(name, model) or not config.selects(name):
                 continue
-            if not isinstance(module, (nn.Linear, LoRALinear)):
+            if not isinstance(module, _ADAPTABLE):
                 raise ValueError(
                     f"target_modules={config.target_modules!r} matched {name!r}, a "
                     f"{type(module).__name__}; LoRA here replaces nn.Linear modules only. "
@@ -77,7 +82,7 @@ def _inside_lora(name: str, model: nn.Module) -> bool:
 
 def linear_name_endings(model: nn.Module) -> list[str]:
     """Distinct last name parts of the Linear modules, in model order (for error messages)."""
-    endings = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    endings = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _ADAPTABLE)]
     return list(dict.fromkeys(endings))
 
 

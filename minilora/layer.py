@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
+
 
 # -- the dropout mask ------------------------------------------------------------------------------
 
@@ -80,7 +82,8 @@ def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> t
 
 class _LoRAFunction(torch.autograd.Function):
     """``x Wᵀ + b + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` as one autograd node (``W = None``: the adapter
-    term alone). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale (1,), keep like x (its
+    term alone; W a quant.QuantizedWeight: dequantized here and again in backward, so only its
+    codes are kept in between). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale (1,), keep like x (its
     dtype or bool).
 
     What it saves over composing torch ops: the adapter term is added inside the base GEMM's
@@ -100,16 +103,19 @@ class _LoRAFunction(torch.autograd.Function):
             narrow = narrow.to(x.dtype)
             out = F.linear(narrow, lora_B.to(x.dtype))  # (N, out)
         else:
-            out = F.linear(x2, weight, bias)  # (N, out)
+            out = F.linear(x2, quant.dense(weight, x.dtype), bias)  # (N, out)
             narrow = narrow.to(out.dtype)
             out.addmm_(narrow, lora_B.to(out.dtype).t())
-        ctx.save_for_backward(x, weight, lora_A, lora_B, scale, keep, narrow)
+        ctx.quantized = weight if isinstance(weight, quant.QuantizedWeight) else None
+        ctx.save_for_backward(x, None if ctx.quantized else weight, lora_A, lora_B, scale, keep, narrow)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_A, lora_B, scale, keep, narrow = ctx.saved_tensors
+        if ctx.quantized is not None:
+            weight = ctx.quantized
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         dt = narrow.dtype  # the GEMMs' dtype: x's, or the base output's under autocast
         g = grad.reshape(-1, grad.shape[-1]).to(dt)  # (N, out)
@@ -127,7 +133,7 @@ class _LoRAFunction(torch.autograd.Function):
             if keep2 is not None:
                 grad_x = _apply_mask(grad_x, keep2, inplace=True)
             if weight is not None:
-                grad_x.addmm_(g, weight.to(dt))
+                grad_x.addmm_(g, quant.dense(weight, dt))
             grad_x = grad_x.to(x.dtype).view(x.shape)
         if need_w:  # only when the base weight itself trains
             grad_w = (g.t() @ x2.to(dt)).to(weight.dtype)
@@ -197,7 +203,9 @@ class LoRAAdapter(nn.Module):
 
 class LoRALinear(nn.Module):
     """Replaces an ``nn.Linear``: the frozen base ``weight``/``bias`` (the very Parameter objects
-    of the Linear it replaces, so state-dict keys do not change) plus named adapters.
+    of the Linear it replaces, so state-dict keys do not change) plus named adapters. Over a
+    ``quant.QuantLinear`` the ``weight`` is its QuantizedWeight, dequantized in each forward
+    and backward; such a layer cannot ``merge()`` (see ``minilora.merge_and_unload``).
 
     Shapes: input (..., in_features) -> output (..., out_features), output dtype = input dtype.
     Only the active adapter contributes; ``merge()`` folds it into ``weight``.
@@ -205,8 +213,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, quant.QuantLinear)):
+            raise TypeError(f"LoRALinear wraps nn.Linear or minilora.quant.QuantLinear, got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
@@ -259,12 +267,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
-            return F.linear(x, self.weight, self.bias)
+            return quant.linear(x, self.weight, self.bias)
         if self.row_adapters is not None:
-            out = F.linear(x, self.weight, self.bias)
+            out = quant.linear(x, self.weight, self.bias)
             return out + self._mixed_delta(x, out.shape).to(out.dtype)
         if self.active_adapter is None:
-            return F.linear(x, self.weight, self.bias)
+            return quant.linear(x, self.weight, self.bias)
         return self.adapters[self.active_adapter](x, self.weight, self.bias)
 
     def _mixed_delta(self, x: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
@@ -290,6 +298,11 @@ class LoRALinear(nn.Module):
         """
         if self.merged_adapter is not None or self.active_adapter is None:
             return
+        if self.quantized:
+            raise ValueError(
+                f"cannot merge adapter {self.active_adapter!r} into a {self.weight.scheme} base: the sum would "
+                "have to be quantized again, losing most of the adapter; use minilora.merge_and_unload(model) "
+                "for plain Linears in the compute dtype, or keep the adapter unmerged")
         adapter = self.adapters[self.active_adapter]
         merged = self.weight.float() + adapter.delta_weight().to(self.weight.device)
         if safe and not torch.isfinite(merged).all():
@@ -310,8 +323,16 @@ class LoRALinear(nn.Module):
         self.weight.copy_(restored.to(self.weight.dtype))
         self.merged_adapter = None
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear sharing this layer's weight and bias (merge first to keep the adapter)."""
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is stored quantized (a quant.QuantizedWeight)."""
+        return isinstance(self.weight, quant.QuantizedWeight)
+
+    def to_linear(self) -> nn.Module:
+        """A plain nn.Linear sharing this layer's weight and bias (merge first to keep the adapter);
+        over a quantized base, the quant.QuantLinear it wrapped (same weight and bias objects)."""
+        if self.quantized:
+            return quant.QuantLinear(self.weight, self.bias).train(self.training)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias

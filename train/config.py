@@ -67,6 +67,9 @@ class TrainArgs:
     lora_bias: str = _f("none", "biases that train with the adapter: none, all, lora_only",
                         choices=("none", "all", "lora_only"))
     use_rslora: bool = _f(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    quantize: Optional[str] = _f(None, "QLoRA: store the frozen base's Linear weights (all but the LM head) as nf4 "
+                                       "(4-bit, block 64, double-quantized scales) or int8 (per-row scales), "
+                                       "dequantized one layer at a time (docs/library.md)", choices=("nf4", "int8"))
     # -- optimisation ----------------------------------------------------------------------
     learning_rate: float = _f(5e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norm weights)")
@@ -143,6 +146,9 @@ class TrainArgs:
                 (self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be positive (the guide uses 2 x r), got {self.lora_alpha}"),
                 (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             ]
+        if self.quantize and not (self.use_lora or self.is_demo):
+            checks.append((False, f"--quantize {self.quantize} freezes the base in {self.quantize}, so only an adapter "
+                                  "can train: add --use_lora (full fine-tuning needs the float weights)"))
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)

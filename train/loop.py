@@ -203,6 +203,11 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     pad_id = tokenizer.pad_token_id
 
+    if args.quantize:  # before inject, which then wraps the quantized Linears
+        try:
+            minilora.quantize(model, args.quantize)
+        except ValueError as e:
+            raise UsageError(f"--quantize {args.quantize}: {e}") from None
     if args.use_lora:
         try:
             minilora.inject(model, minilora.LoRAConfig(

@@ -1,0 +1,288 @@
+"""minilora/quant.py: NF4 and int8 frozen bases (QLoRA), their layout, their error bounds (from
+the code books' spacing), LoRA over them, merging, saving, and the training app's --quantize."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minilora
+from minilora.quant import NF4_CODE, SCALE_BLOCK, QuantizedWeight, QuantLinear, dynamic_code
+from conftest import assert_close_to_rounding, randomize_adapters, run_xla, tiny_llama, train_argv
+
+NF4 = torch.tensor(NF4_CODE)
+
+
+def half_gaps(code: torch.Tensor) -> torch.Tensor:
+    """For each code value, half the distance to its farther neighbour: the most by which a
+    value rounded to it can be off, in units of the block scale."""
+    gaps = (code[1:] - code[:-1]) / 2
+    return torch.maximum(F.pad(gaps, (1, 0)), F.pad(gaps, (0, 1)))
+
+
+def odd_weight(shape=(37, 83), seed=0, dtype=torch.float32) -> torch.Tensor:
+    """Weights with an odd element count and a partial last block, and a wide range per block."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.logspace(-3, 0, shape[1]).unsqueeze(0)
+    return w.to(dtype)
+
+
+# -- the layout: bitsandbytes' code books, packing and block scales --------------------------------
+
+def test_nf4_code_book_is_bitsandbytes_and_dynamic_code_has_its_structure():
+    # bitsandbytes' NF4: 16 sorted values, exactly -1, 0 and 1 among them, 7 below 0 and 8 above.
+    assert len(NF4_CODE) == 16 and NF4_CODE == tuple(sorted(NF4_CODE))
+    assert (NF4_CODE[0], NF4_CODE[7], NF4_CODE[15]) == (-1.0, 0.0, 1.0)
+    assert NF4_CODE[14] == pytest.approx(0.7229568362236023, abs=0) and NF4_CODE[1] == pytest.approx(-0.6961928009986877, abs=0)
+    dyn = dynamic_code()
+    # create_dynamic_map(signed=True): 256 distinct sorted values in [-1, 1], symmetric but for 1
+    assert dyn.shape == (256,) and torch.equal(dyn, dyn.sort().values) and len(set(dyn.tolist())) == 256
+    assert dyn[-1] == 1 and dyn[0] == -dyn[-2] and (dyn == 0).sum() == 1
+    # the top decade has 64 evenly spaced means of [0.1, 1]: 0.1 + 0.9 · (k + 0.5) / 64
+    assert dyn[-2].item() == pytest.approx(0.1 + 0.9 * 63.5 / 64, rel=1e-6)
+
+
+def test_nf4_codes_are_packed_high_nibble_first_with_blockwise_absmax():
+    # One block of 64 built from code values times 0.5 (the absmax): each element's code is its
+    # index, so the bytes are known in advance.
+    idx = torch.arange(64) % 16
+    w = (NF4[idx] * 0.5).reshape(4, 16)
+    q = QuantizedWeight(w, "nf4", double_quant=False)
+    pairs = idx.view(-1, 2)
+    assert torch.equal(q.codes, (pairs[:, 0] * 16 + pairs[:, 1]).to(torch.uint8))  # first element: high nibble
+    assert q.absmax.tolist() == [0.5]
+    assert torch.equal(q.dequantize(), w)  # code values times a representable scale: exact
+    # An odd element count pads the last byte's low nibble with the code of 0 (index 7).
+    q = QuantizedWeight(torch.tensor([[1.0, -1.0, 0.5]]), "nf4", double_quant=False)
+    assert q.codes.tolist() == [15 * 16 + 0, int(torch.bucketize(torch.tensor(0.5), (NF4[1:] + NF4[:-1]) / 2)) * 16 + 7]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_picks_the_nearest_code_and_round_trip_error_follows_the_code_spacing(double_quant):
+    w = odd_weight()
+    q = QuantizedWeight(w, "nf4", blocksize=64, double_quant=double_quant)
+    n, bs = w.numel(), 64
+    flat = F.pad(w.reshape(-1), (0, -n % bs)).view(-1, bs)
+    absmax = flat.abs().amax(1, keepdim=True)
+    hi, lo = q.codes.int() >> 4, q.codes.int() & 15
+    codes = torch.stack((hi, lo), 1).reshape(-1)[:n]
+    scaled = (flat / absmax).reshape(-1)[:n]
+    # nearest code: no other code value is closer than the chosen one (up to float32 rounding of w/absmax)
+    chosen = (scaled - NF4[codes]).abs()
+    best = (scaled.unsqueeze(1) - NF4).abs().amin(1)
+    assert (chosen <= best + 4 * torch.finfo(torch.float32).eps).all()
+    # dequantization is code · block scale; the stored block scale is the absmax up to double
+    # quantization's rounding, which is at most half a step of the dynamic code times the
+    # second-level scale of its group of 256 blocks.
+    stored = q.block_absmax()
+    if double_quant:
+        step = half_gaps(dynamic_code()).max() * q.absmax_scale.repeat_interleave(SCALE_BLOCK)[:len(stored)]
+        assert ((stored - absmax.squeeze(1)).abs() <= step * (1 + 1e-5) + 1e-7).all()
+    else:
+        assert torch.equal(stored, absmax.squeeze(1))
+    per_element = stored.repeat_interleave(bs)[:n]
+    assert torch.equal(q.dequantize().reshape(-1), NF4[codes] * per_element)
+    # |w - ŵ| <= half the local gap · absmax + |absmax - stored| (times |code| <= 1)
+    bound = half_gaps(NF4)[codes] * absmax.repeat_interleave(bs)[:n] + (per_element - absmax.repeat_interleave(bs)[:n]).abs()
+    err = (q.dequantize().reshape(-1) - w.reshape(-1)).abs()
+    assert (err <= bound * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_round_trip_within_half_a_step(dtype):
+    w = odd_weight(dtype=dtype)
+    q = QuantizedWeight(w, "int8")
+    assert q.codes.dtype == torch.int8 and q.codes.shape == w.shape and q.absmax.shape == (w.shape[0],)
+    assert q.codes.abs().max() == 127  # each row's absmax maps to ±127
+    step = w.float().abs().amax(1, keepdim=True) / 127
+    err = (q.dequantize(torch.float32) - w.float()).abs()
+    assert (err <= step / 2 * (1 + 1e-5)).all()
+    # in the compute dtype: that plus one rounding to it
+    assert q.dequantize().dtype == dtype
+    assert ((q.dequantize().float() - w.float()).abs() <= step / 2 * 1.001 + w.float().abs() * torch.finfo(dtype).eps).all()
+
+
+def test_a_dtype_conversion_changes_the_compute_dtype_and_never_the_codes():
+    q = QuantizedWeight(odd_weight(), "nf4")
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    layer = QuantLinear(q)
+    layer.to(torch.bfloat16)
+    assert q.dtype == torch.bfloat16
+    for k, v in q.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert layer(torch.randn(2, 83, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert q.nbytes() == sum(v.numel() * v.element_size() for v in before.values())
+
+
+def test_state_dict_holds_the_codes_and_loads_into_a_quantized_model():
+    model = minilora.quantize(tiny_llama(), "nf4")
+    keys = list(model.state_dict())
+    assert "model.layers.0.self_attn.q_proj.weight.codes" in keys and "lm_head.weight" in keys
+    assert not any(k.endswith(("pair_code", "scale_code")) for k in keys)  # code books are constants
+    other = minilora.quantize(tiny_llama(seed=5), "nf4")
+    other.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (2, 12))
+    assert torch.equal(other(ids).logits, model(ids).logits)
+
+
+# -- a Linear over a quantized weight --------------------------------------------------------------
+
+def test_quant_linear_computes_through_the_dequantized_weight_and_saves_no_float_copy():
+    base = nn.Linear(83, 37)
+    base.weight.data = odd_weight()
+    layer = QuantLinear.from_linear(base, "nf4")
+    dense = layer.weight.dequantize()
+    x = torch.randn(3, 5, 83, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not any(t.shape == dense.shape for t in saved)  # only the codes stay between forward and backward
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert_close_to_rounding(out, F.linear(x, dense, base.bias), reduction=83)
+    assert_close_to_rounding(x.grad, g @ dense, reduction=37)
+    assert base.bias.grad is not None  # a bias that requires grad still gets one
+
+
+def dequantized_base(quantized: nn.Module):
+    """A plain tiny Llama (no adapters) holding ``quantized``'s base weights, dequantized."""
+    plain = tiny_llama()
+    missing, _ = plain.load_state_dict(minilora.dequantize(quantized).state_dict(), strict=False)
+    assert not missing
+    return plain
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("order", ["quantize-then-inject", "inject-then-quantize"])
+def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_weights(scheme, order):
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    if order == "quantize-then-inject":
+        minilora.inject(minilora.quantize(model, scheme), r=4, target_modules=["q_proj", "v_proj"])
+    else:
+        minilora.quantize(minilora.inject(model, r=4, target_modules=["q_proj", "v_proj"]), scheme)
+    randomize_adapters(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, QuantizedWeight)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)  # not a LoRA target: quantized all the same
+    assert isinstance(model.lm_head, nn.Linear)  # the head stays in full precision
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters." in n for n in trainable)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in minilora.lora_parameters(model)}
+
+    import copy
+    plain = minilora.dequantize(copy.deepcopy(model))  # LoRA over dense weights: the reference path
+    plain.train()
+    plain_loss = plain(ids, labels=ids).loss
+    plain_loss.backward()
+    assert_close_to_rounding(loss, plain_loss, reduction=128 * 2)
+    for name, p in minilora.lora_parameters(plain):
+        assert_close_to_rounding(p.grad, grads[name], reduction=24 * 128)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = randomize_adapters(minilora.inject(minilora.quantize(tiny_llama(), "nf4"), r=4))
+        if checkpointing:
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in minilora.lora_parameters(model)})
+    for name, g in grads[0].items():
+        assert_close_to_rounding(grads[1][name], g, reduction=24 * 128)
+
+
+# -- merging and adapters --------------------------------------------------------------------------
+
+def test_merge_refuses_a_quantized_base_and_merge_and_unload_returns_plain_linears():
+    ids = torch.randint(3, 128, (2, 12))
+    model = randomize_adapters(minilora.inject(minilora.quantize(tiny_llama(), "nf4"), r=4)).to(torch.bfloat16)
+    expected = model(ids).logits
+    before = model.state_dict()
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        minilora.merge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed
+    layer = model.model.layers[0].self_attn.q_proj
+    dense_then = layer.weight.dequantize().float() + layer.adapters["default"].delta_weight()
+    minilora.merge_and_unload(model)
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear, minilora.LoRALinear))]
+    assert all(type(m) is nn.Linear for m in linears) and len(linears) == 2 * 7 + 1
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.dtype == torch.bfloat16 and not q_proj.requires_grad
+    # round(round(dequantized) + delta): within one bf16 rounding of the float32 sum
+    assert ((q_proj.float() - dense_then).abs() <= dense_then.abs() * 2 * torch.finfo(torch.bfloat16).eps + 1e-6).all()
+    # the merged model computes what the adapter did on the quantized base, up to bf16 rounding
+    torch.testing.assert_close(model(ids).logits, expected, atol=0.1, rtol=0.05)
+
+
+def test_a_qlora_adapter_loads_on_the_plain_base_in_minilora_and_peft(tmp_path, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 128, (2, 12))
+    model = minilora.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "nf4")
+    randomize_adapters(minilora.inject(model, r=4))
+    minilora.save_adapter(model, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and "quant" not in json.dumps(config)
+    # on the dequantized base, both libraries reproduce the quantized model's output
+    expected = model(ids).logits
+    ours = minilora.load_adapter(dequantized_base(minilora.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "nf4")),
+                                 str(tmp_path))
+    peft = PeftModel.from_pretrained(dequantized_base(minilora.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                                                "nf4")), str(tmp_path))
+    assert_close_to_rounding(ours(ids).logits, expected, reduction=128 * 4)
+    assert_close_to_rounding(peft(ids).logits, expected, reduction=128 * 4)
+    # and on the original float base, the adapter loads as any other
+    plain = minilora.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(tmp_path))
+    assert torch.isfinite(plain(ids).logits).all()
+
+
+# -- bad input and sizes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheme="fp4"), "not one of nf4, int8"),
+    (dict(scheme="nf4", blocksize=48), "blocksize=48"),
+    (dict(scheme="nf4", target_modules=["q_proj", "lm_head"]), "shared with model.embed_tokens"),
+])
+def test_bad_settings_raise_and_leave_the_model_as_it_was(kwargs, message):
+    model = tiny_llama(tie_word_embeddings=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        minilora.quantize(model, **kwargs)
+    assert not any(isinstance(m, (QuantLinear, QuantizedWeight)) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_quantizing_twice_is_refused():
+    model = minilora.quantize(tiny_llama(), "nf4")
+    with pytest.raises(ValueError, match="already quantized"):
+        minilora.quantize(model, "int8")
+
+
+def test_weight_bytes_of_the_llama_3_2_1b_shape_on_the_meta_device():
+    # The Llama-3.2-1B shape (its config.json), quantized with no weights allocated: the buffers'
+    # shapes alone give the bytes.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from minilora.quant import weight_bytes
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    bf16 = weight_bytes(model)
+    assert bf16 == sum(p.numel() for p in model.parameters()) * 2  # the tied head counted once
+    minilora.quantize(model, "nf4")
+    up = model.model.layers[0].mlp.up_proj.weight  # (8192, 2048): n = 16,777,216
+    # n/2 code bytes, n/64 one-byte block scales, 4 bytes per 256 of those, a 4-byte offset
+    assert up.nbytes() == 8_388_608 + 262_144 + 4 * 1024 + 4
+    layers = minilora.quant.quantized_layers(model)
+    assert len(layers) == 16 * 7 and not isinstance(model.lm_head, QuantLinear)
+    codes = sum(n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4 for n in (m.shape.numel() for _, m in layers))
+    assert weight_bytes(model) == codes + sum(p.numel() for p in model.parameters()) * 2
