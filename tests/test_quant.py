@@ -2,6 +2,7 @@
 the code books' spacing), LoRA over them, merging, saving, and the training app's --quantize."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -286,3 +287,57 @@ def test_weight_bytes_of_the_llama_3_2_1b_shape_on_the_meta_device():
     assert len(layers) == 16 * 7 and not isinstance(model.lm_head, QuantLinear)
     codes = sum(n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4 for n in (m.shape.numel() for _, m in layers))
     assert weight_bytes(model) == codes + sum(p.numel() for p in model.parameters()) * 2
+
+
+# -- the training app: --quantize ------------------------------------------------------------------
+
+def test_quantize_without_an_adapter_is_a_usage_error(tmp_path):
+    from train.config import UsageError, parse_args
+
+    with pytest.raises(UsageError, match="add --use_lora"):
+        parse_args([a for a in train_argv("m", "d", tmp_path, "--quantize", "nf4") if a != "--use_lora"])
+
+
+QUANTIZED_SPMD_RUN = """
+import json, os, torch, torch_xla
+from conftest import train_argv
+from minilora.quant import quantized_layers
+from train import distributed
+from train.config import parse_args
+from train.loop import run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained({model!r})  # ours, so its shards can be read after the run
+summary = run(parse_args(train_argv({model!r}, {data!r}, {out!r}, *{flags!r})), model=model,
+              tokenizer=AutoTokenizer.from_pretrained({model!r}))
+codes = quantized_layers(model)[0][1].codes
+shards = [list(s.shape) for s, _ in torch_xla._XLAC._get_local_shards([codes])[0]]
+print(json.dumps({{"xla": summary["xla"], "ways": distributed.layout().ways, "codes": list(codes.shape),
+                   "shards": shards}}))
+"""
+
+
+def test_qlora_trains_under_spmd_with_checkpointing_compiled_once_and_the_codes_sharded(tiny_model_dir, tiny_text_file,
+                                                                                       tmp_path):
+    """The XLA path end to end on 4 CPU devices (FSDPv2): the same losses as an eager CPU run,
+    no compilation after the warm-up updates, and each device holding a quarter of the codes."""
+    from train.config import parse_args
+    from train.loop import run
+
+    flags = ("--quantize", "nf4", "--gradient_checkpointing", "--max_steps", "3", "--general_eval_dataset", "none",
+             "--max_eval_samples", "4", "--lora_dropout", "0")
+    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "cpu", *flags,
+                              "--per_device_train_batch_size", "8")))
+    result = run_xla(QUANTIZED_SPMD_RUN.format(model=tiny_model_dir, data=tiny_text_file, out=str(tmp_path / "xla"),
+                                               flags=[*flags, "--device", "xla", "--spmd",
+                                                      "--per_device_train_batch_size", "2"]),
+                     env={"CPU_NUM_DEVICES": "4", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))},
+                     timeout=300)
+    assert result["ways"] == 4 and result["xla"]["compiles_after_warmup"] == 0, result
+    assert result["shards"] == [[result["codes"][0] // 4]] * 4
+    assert train_losses(tmp_path / "xla") == pytest.approx(train_losses(tmp_path / "cpu"), rel=1e-4)
+
+
+def train_losses(out) -> list[float]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]

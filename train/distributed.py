@@ -295,8 +295,24 @@ def _fsdp_v2(model: nn.Module) -> nn.Module:
     # transformers names the classes it never splits across devices: the decoder layers.
     layers = {type(m) for m in _decoder_layers(model)}
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
-    return SpmdFullyShardedDataParallel(model, mesh=_layout.mesh, shard_output=_shard_batch_axis,
-                                        auto_wrap_policy=policy)
+    wrapped = SpmdFullyShardedDataParallel(model, mesh=_layout.mesh, shard_output=_shard_batch_axis,
+                                           auto_wrap_policy=policy)
+    _shard_quantized_codes(model)
+    return wrapped
+
+
+def _shard_quantized_codes(model: nn.Module) -> None:
+    """--quantize: FSDPv2 shards parameters only, and a quantized base is buffers (codes and
+    scales): shard each along its first axis too, so that every device holds 1/N of the 4-bit
+    base, gathered layer by layer as the float weights are."""
+    import torch_xla.distributed.spmd as xs
+    from minilora.quant import QuantizedWeight
+
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            for name, buf in module.named_buffers(recurse=False):
+                if name in ("codes", "absmax") and buf.shape[0] % _layout.ways == 0:
+                    xs.mark_sharding(buf, _layout.mesh, (BATCH_AXIS,) + (None,) * (buf.dim() - 1))
 
 
 def _shard_like_parameters(optimizer: torch.optim.Optimizer) -> None:
