@@ -82,7 +82,7 @@ def _blockwise(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
 
 def _expand_blocks(values: torch.Tensor, scales: torch.Tensor, n: int, blocksize: int) -> torch.Tensor:
     """The first n of ``values`` times the scale of their block, (n,) float32: a reshape and a
-    broadcast multiply (no gather), which XLA fuses."""
+    broadcast multiply, no per-element gather of scales."""
     padded = scales.numel() * blocksize
     values = values[:padded] if values.numel() >= padded else F.pad(values, (0, padded - values.numel()))
     return (values.view(-1, blocksize) * scales.unsqueeze(1)).reshape(-1)[:n]
