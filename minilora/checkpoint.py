@@ -2,7 +2,10 @@
 
 On disk, as PEFT writes it:
     adapter_model.safetensors  keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
-                               and ``...lora_B.weight`` (out, r); no adapter name in keys
+                               and ``...lora_B.weight`` (out, r); ``...lora_embedding_A`` (r, vocab)
+                               and ``...lora_embedding_B`` (dim, r) for embeddings; a
+                               modules_to_save copy under the module's own keys
+                               (``...lm_head.weight``); no adapter name in keys
     adapter_config.json        ``peft_type: "LORA"``, r, lora_alpha, target_modules, …
 """
 
@@ -18,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BIAS_MODES, LoRAConfig
-from .inject import (_replace, adapter_names, active_adapter, bias_parameters, delete_adapter, find_targets,
-                     inject, lora_modules, set_adapter)
+from .embedding import LoRAEmbedding
+from .inject import (LORA_LAYERS, _replace, adapter_modules, adapter_names, active_adapter, bias_parameters,
+                     delete_adapter, find_targets, inject, lora_modules, set_adapter)
 from .layer import LoRALinear
+from .modules_to_save import ModuleToSave, find_modules_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -29,15 +34,15 @@ PREFIX = "base_model.model."
 
 # PEFT LoraConfig fields that carry no meaning for plain LoRA on Linear layers (read and ignored).
 _IGNORED_FIELDS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "layers_pattern", "loftq_config", "megatron_config", "megatron_core", "peft_version", "runtime_config",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "use_qalora", "qalora_group_size",
-    "ensure_weight_tying", "init_lora_weights",
+    "init_lora_weights",
 }
 # Fields whose non-default values change the computation in ways minilora does not implement.
 _UNSUPPORTED = {
     "use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
-    "modules_to_save": (None, []), "layer_replication": (None, []), "target_parameters": (None, []),
+    "layer_replication": (None, []), "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None, []), "arrow_config": (None,),
     "kasa_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
 }
@@ -51,15 +56,18 @@ class AdapterLoadError(ValueError):
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (plus biases per the adapter's ``bias``)."""
+    """The adapter's tensors under PEFT's key names (plus biases per the adapter's ``bias``, and
+    its modules_to_save copies under the modules' own keys)."""
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has: {', '.join(adapter_names(model)) or '(no adapters)'}")
     state = {}
-    for name, module in lora_modules(model):
-        if adapter_name in module.adapters:
+    for name, module in adapter_modules(model):
+        if adapter_name in module.adapters and isinstance(module, LoRALinear):
             adapter = module.adapters[adapter_name]
             state[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A
             state[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+        elif adapter_name in module.adapters:  # LoRAEmbedding, ModuleToSave
+            state.update((f"{PREFIX}{name}.{key}", t) for key, t in module.peft_tensors(adapter_name).items())
     # PEFT keeps an adapted Linear's bias on its wrapped ``base_layer``, so that is the key it
     # writes and expects; biases of other modules keep their own names.
     adapted = {name for name, _ in lora_modules(model)}
@@ -75,12 +83,12 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
     config = _config_of(model, adapter_name)
     targets = config.target_modules
     if targets == "all-linear":  # as PEFT does: the full names of the modules it resolved to
-        targets = sorted(n for n, m in lora_modules(model) if adapter_name in m.adapters)
+        targets = sorted(n for n, m in lora_modules(model) if adapter_name in m.adapters and isinstance(m, LoRALinear))
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": config.task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -98,7 +106,8 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
         "alpha_pattern": dict(config.alpha_pattern),
         "fan_in_fan_out": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": None if config.modules_to_save is None else list(config.modules_to_save),
+        "ensure_weight_tying": config.ensure_weight_tying,
         "layer_replication": None,
         "lora_bias": False,
     }
@@ -111,7 +120,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
     Each file is written under a temporary name and renamed into place when complete, the
     config last, so a crash never leaves a config that points at half-written weights.
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    state = _host_tensors(lora_state_dict(model, adapter_name))
     config = peft_config(model, adapter_name, base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
     weights = os.path.join(path, WEIGHTS_NAME)
@@ -122,6 +131,59 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(config_path + ".tmp", config_path)
+
+
+def _host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors for safetensors, which refuses two keys on one storage: a tensor held
+    under two keys (tied modules_to_save copies) is cloned for its second key."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        host = tensor.detach().to("cpu").contiguous()
+        out[key] = host.clone() if id(tensor) in seen else host
+        seen.add(id(tensor))
+    return out
+
+
+_SAVE_PRETRAINED_OPTIONS = ("safe_serialization", "selected_adapters", "is_main_process", "save_embedding_layers")
+
+
+def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: bool = True,
+                    selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
+                    save_embedding_layers="auto", **unsupported) -> None:
+    """What ``model.save_pretrained(dir)`` does once ``minilora.inject`` has run: write the
+    adapters in PEFT's format, as PEFT's ``PeftModel.save_pretrained`` does: the adapter named
+    "default" into ``save_directory`` itself, any other adapter into ``save_directory/<name>``,
+    each as adapter_model.safetensors + adapter_config.json (save_adapter). Reload with
+    ``minilora.load_adapter(base, dir)`` or ``PeftModel.from_pretrained(base, dir)``.
+
+    The base weights are not written (the adapter folder names its base in
+    base_model_name_or_path); ``minilora.merge_and_unload(model).save_pretrained(dir)`` writes
+    a whole merged model instead. ``safe_serialization=False`` (a pickle file) and options of
+    transformers' own save_pretrained (push_to_hub, max_shard_size, …) are refused.
+    """
+    names = adapter_names(model)
+    if not names:  # every adapter was deleted: the model is the base again
+        return type(model).save_pretrained(model, save_directory, safe_serialization=safe_serialization,
+                                           is_main_process=is_main_process, **unsupported)
+    if unsupported:
+        raise TypeError(f"save_pretrained after minilora.inject writes the adapters only and takes "
+                        f"{', '.join(_SAVE_PRETRAINED_OPTIONS)}; not {', '.join(sorted(unsupported))}. To save the "
+                        "whole model with transformers' options, call minilora.merge_and_unload(model) first")
+    if not safe_serialization:
+        raise ValueError(f"safe_serialization=False would write {PICKLE_NAME}, a pickle file; minilora writes "
+                         f"{WEIGHTS_NAME} only, which PEFT and minilora both load: leave safe_serialization=True")
+    if save_embedding_layers is True:
+        raise ValueError("save_embedding_layers=True: minilora does not write base embedding weights; to train "
+                         "embed_tokens or lm_head in full, name them in modules_to_save")
+    selected = names if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in selected if n not in names]
+    if unknown:
+        raise ValueError(f"selected_adapters: unknown adapter(s) {', '.join(map(repr, unknown))}; "
+                         f"the model has: {', '.join(names)}")
+    if not is_main_process:
+        return
+    for name in selected:
+        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name)
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
@@ -145,7 +207,12 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
                                + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
     # What inject changes, so a load that fails can put it back: the replaced Linears and the
     # requires_grad flags (inject freezes everything but the new adapter).
-    replaced = [(name, module) for name, module in targets if not isinstance(module, LoRALinear)]
+    try:
+        copies = find_modules_to_save(model, config, [n for n, _ in targets]) if config.modules_to_save else []
+    except ValueError as e:
+        raise AdapterLoadError(f"the adapter at {path} does not fit this model: {e}") from None
+    replaced = [(name, module) for name, module in targets + copies
+                if not isinstance(module, LORA_LAYERS + (ModuleToSave,))]
     trainable = {param: param.requires_grad for param in model.parameters()}
     inject(model, config, adapter_name=adapter_name)
     try:
@@ -205,7 +272,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
                                "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     known = _IGNORED_FIELDS | set(_UNSUPPORTED) | {
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "bias",
-        "use_rslora", "rank_pattern", "alpha_pattern"}
+        "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "ensure_weight_tying", "task_type"}
     unknown = sorted(set(raw) - known)
     if unknown:
         warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): "
@@ -222,6 +289,9 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
         "rank_pattern": _typed(raw, "rank_pattern", (dict, type(None)), {}, config_path) or {},
         "alpha_pattern": _typed(raw, "alpha_pattern", (dict, type(None)), {}, config_path) or {},
         "init": "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
+        "modules_to_save": _typed(raw, "modules_to_save", (list, type(None)), None, config_path) or None,
+        "ensure_weight_tying": _typed(raw, "ensure_weight_tying", bool, False, config_path),
+        "task_type": _typed(raw, "task_type", (str, type(None)), None, config_path),
     }
     if fields["target_modules"] is None:
         raise AdapterLoadError(f"{config_path} has no target_modules; it cannot say which layers it adapts")
@@ -264,6 +334,11 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, path: str,
                  base_name: Optional[str]) -> None:
     expected = lora_state_dict(model, adapter_name)
+    # PEFT also writes the base weights of a LoRA-adapted embedding (save_embedding_layers="auto"),
+    # and loads them into the base: they carry rows of tokens added by resizing the vocabulary.
+    expected.update((f"{PREFIX}{name}.base_layer.weight", m.weight) for name, m in lora_modules(model)
+                    if isinstance(m, LoRAEmbedding) and adapter_name in m.adapters
+                    and f"{PREFIX}{name}.base_layer.weight" in state)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
