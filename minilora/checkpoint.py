@@ -22,10 +22,9 @@ from torch import nn
 
 from .config import BIAS_MODES, LoRAConfig
 from .embedding import LoRAEmbedding
-from .inject import (LORA_LAYERS, _replace, adapter_modules, adapter_names, active_adapter, bias_parameters,
-                     delete_adapter, find_targets, inject, lora_modules, set_adapter)
+from .inject import (_remove_save_pretrained, _replace, adapter_modules, adapter_names, active_adapter,
+                     bias_parameters, delete_adapter, find_targets, inject, lora_modules, set_adapter)
 from .layer import LoRALinear
-from .modules_to_save import ModuleToSave, find_modules_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -205,23 +204,24 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     except ValueError as e:
         raise AdapterLoadError(f"the adapter at {path} does not fit this model"
                                + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
-    # What inject changes, so a load that fails can put it back: the replaced Linears and the
-    # requires_grad flags (inject freezes everything but the new adapter).
-    try:
-        copies = find_modules_to_save(model, config, [n for n, _ in targets]) if config.modules_to_save else []
-    except ValueError as e:
-        raise AdapterLoadError(f"the adapter at {path} does not fit this model: {e}") from None
-    replaced = [(name, module) for name, module in targets + copies
-                if not isinstance(module, LORA_LAYERS + (ModuleToSave,))]
+    # What inject changes, so a load that fails can put it back: the modules it replaces (LoRA
+    # layers, modules_to_save wrappers) and the requires_grad flags (it freezes all but the adapter).
+    modules = list(model.named_modules())
     trainable = {param: param.requires_grad for param in model.parameters()}
-    inject(model, config, adapter_name=adapter_name)
+    try:
+        inject(model, config, adapter_name=adapter_name)
+    except ValueError as e:  # raised before inject changes anything (say, modules_to_save matching nothing)
+        raise AdapterLoadError(f"the adapter at {path} does not fit this model: {e}") from None
     try:
         _copy_strict(model, state, adapter_name, path, base_name)
     except AdapterLoadError:
         delete_adapter(model, adapter_name)
-        for name, linear in replaced:
-            _replace(model, name, linear)
-            model.__dict__.pop("_minilora_layers", None)
+        for name, module in modules:  # parents come first, so a restored parent's children resolve again
+            if name and model.get_submodule(name) is not module:
+                _replace(model, name, module)
+        model.__dict__.pop("_minilora_layers", None)
+        if not adapter_names(model):
+            _remove_save_pretrained(model)
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         if previous is not None:

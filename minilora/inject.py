@@ -326,8 +326,11 @@ def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
         return
     state = model.__dict__.setdefault("_minilora_input_grads", {"always": False, "handle": None})
     state["always"] = state["always"] or always
-    if state["handle"] is not None:
+    if state["handle"] is not None and state.get("module") is embeddings:
         return
+    if state["handle"] is not None:  # a later inject replaced the embeddings (LoRA or modules_to_save on them)
+        state["handle"].remove()
+    state["module"] = embeddings
     model_ref = weakref.ref(model)
 
     def hook(module, inputs, output):

@@ -116,8 +116,9 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig, lora_targets: Seq
         if name in lora_targets:
             raise ValueError(f"{name!r} is both a LoRA target and in modules_to_save={config.modules_to_save!r}; "
                              "a module is either adapted with LoRA or trained in full, so name it in one of them")
-        if not isinstance(module, ModuleToSave) and any(c._parameters for c in module.modules() if c is not module):
-            raise ValueError(f"modules_to_save: {name!r} ({type(module).__name__}) holds parameters itself and in "
+        if not isinstance(module, ModuleToSave) and next(module.children(), None) is not None:
+            # The wrapper shares the module's own parameters and buffers, not its children's.
+            raise ValueError(f"modules_to_save: {name!r} ({type(module).__name__}) holds parameters and has "
                              "submodules; name its submodules instead")
     return list(chosen.items())
 

@@ -141,3 +141,19 @@ def test_bad_modules_to_save_raise_and_leave_the_model_as_it_was(fields, words):
     with pytest.raises(ValueError, match=words):
         minilora.inject(model, **LORA, **fields)
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_a_failed_load_puts_the_original_modules_back(tmp_path):
+    from safetensors.torch import save_file
+
+    minilora.save_adapter(trained(minilora.inject(tiny_llama(), modules_to_save=["lm_head"], **LORA)), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state["base_model.model.lm_head.weight"]
+    save_file(state, weights)
+    model = tiny_llama()
+    head, q_proj = model.lm_head, model.model.layers[0].self_attn.q_proj
+    with pytest.raises(minilora.AdapterLoadError, match="missing from file: base_model.model.lm_head.weight"):
+        minilora.load_adapter(model, tmp_path)
+    assert model.lm_head is head and model.model.layers[0].self_attn.q_proj is q_proj
+    assert "save_pretrained" not in model.__dict__ and not minilora.adapter_names(model)
