@@ -21,8 +21,8 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 
 
-# PEFT's LoraConfig names for two of LoRAConfig's fields, accepted wherever settings are given by name.
-PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+# PEFT's LoraConfig names for three of LoRAConfig's fields, accepted wherever settings are given by name.
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
 
 @dataclass
@@ -49,7 +49,8 @@ class LoRAConfig:
             named module on its own.
         task_type: PEFT's task type, written to adapter_config.json (None or one of TASK_TYPES).
 
-    PEFT's names ``lora_alpha`` and ``lora_dropout`` are accepted for ``alpha`` and ``dropout``:
+    PEFT's names ``lora_alpha``, ``lora_dropout`` and ``init_lora_weights`` (True or "gaussian")
+    are accepted for ``alpha``, ``dropout`` and ``init``:
     ``LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM")``.
     """
 
@@ -168,9 +169,15 @@ LoRAConfig.__init__ = _init_with_peft_names
 
 
 def peft_names(fields: dict) -> dict:
-    """``fields`` with PEFT's ``lora_alpha``/``lora_dropout`` renamed to ``alpha``/``dropout``;
-    raises TypeError naming any setting LoRAConfig does not have."""
+    """``fields`` with PEFT's ``lora_alpha``/``lora_dropout``/``init_lora_weights`` renamed to
+    ``alpha``/``dropout``/``init``; raises TypeError naming any setting LoRAConfig does not have."""
     fields = dict(fields)
+    if "init_lora_weights" in fields:
+        value = fields["init_lora_weights"]
+        if value is not True and value != "gaussian":
+            raise ValueError(f"init_lora_weights={value!r}: minilora initialises as PEFT's True (Kaiming-uniform A, "
+                             "zero B) or 'gaussian'; other schemes are not implemented")
+        fields["init_lora_weights"] = "kaiming" if value is True else "gaussian"
     for peft_name, name in PEFT_ALIASES.items():
         if peft_name in fields:
             if name in fields:

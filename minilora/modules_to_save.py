@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, inside_adapters, matches
-from .embedding import rows_by_adapter
+from .embedding import LoRAEmbedding, rows_by_adapter
+from .layer import LoRALinear
 
 
 class ModuleToSave(nn.Module):
@@ -108,18 +109,19 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig, lora_targets: Seq
     tied = tied_modules(model, chosen)
     if config.ensure_weight_tying:
         chosen.update((name, module) for name, module in tied.items() if name not in chosen)
-    elif tied:
-        warnings.warn(f"{', '.join(tied)} share weights in the base model; modules_to_save gives each named module "
-                      "its own copy, so in the adapted model they are no longer tied "
-                      "(ensure_weight_tying=True keeps one shared copy)", stacklevel=3)
     for name, module in chosen.items():
-        if name in lora_targets:
-            raise ValueError(f"{name!r} is both a LoRA target and in modules_to_save={config.modules_to_save!r}; "
-                             "a module is either adapted with LoRA or trained in full, so name it in one of them")
+        if name in lora_targets or isinstance(module, (LoRALinear, LoRAEmbedding)):
+            raise ValueError(f"{name!r} is both a LoRA target and in modules_to_save={config.modules_to_save!r}"
+                             + (" (through its tied weights)" if name in tied else "") + "; a module is either "
+                             "adapted with LoRA or trained in full, so name it in one of them")
         if not isinstance(module, ModuleToSave) and next(module.children(), None) is not None:
             # The wrapper shares the module's own parameters and buffers, not its children's.
             raise ValueError(f"modules_to_save: {name!r} ({type(module).__name__}) holds parameters and has "
                              "submodules; name its submodules instead")
+    if tied and not config.ensure_weight_tying:
+        warnings.warn(f"{', '.join(tied)} share weights in the base model; modules_to_save gives each named module "
+                      "its own copy, so in the adapted model they are no longer tied "
+                      "(ensure_weight_tying=True keeps one shared copy)", stacklevel=3)
     return list(chosen.items())
 
 

@@ -112,6 +112,7 @@ def test_replace_validates_too():
 def test_peft_names_and_task_type_are_accepted_by_the_constructor_and_by_inject(tmp_path):
     config = LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM")
     assert (config.alpha, config.dropout, config.task_type) == (16, 0.05, "CAUSAL_LM")
+    assert LoRAConfig(init_lora_weights="gaussian").init == "gaussian" and LoRAConfig(init_lora_weights=True).init == "kaiming"
     model = minilora.inject(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS")
     minilora.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
@@ -122,6 +123,7 @@ def test_peft_names_and_task_type_are_accepted_by_the_constructor_and_by_inject(
     (dict(alpha=8, lora_alpha=16), ValueError, "alpha or lora_alpha"),
     (dict(lora_rank=8), TypeError, "unknown LoRA setting.*lora_rank.*lora_alpha"),
     (dict(task_type="CAUSAL"), ValueError, "task_type='CAUSAL'.*CAUSAL_LM"),
+    (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'.*not implemented"),
     (dict(modules_to_save=[""]), ValueError, "modules_to_save"),
 ])
 def test_peft_style_mistakes_name_the_setting(fields, error, words):

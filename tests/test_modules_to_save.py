@@ -157,3 +157,10 @@ def test_a_failed_load_puts_the_original_modules_back(tmp_path):
         minilora.load_adapter(model, tmp_path)
     assert model.lm_head is head and model.model.layers[0].self_attn.q_proj is q_proj
     assert "save_pretrained" not in model.__dict__ and not minilora.adapter_names(model)
+
+
+def test_a_tied_partner_that_already_carries_lora_is_refused_with_ensure_weight_tying():
+    model = minilora.inject(tiny_llama(tie_word_embeddings=True), r=4, target_modules=["embed_tokens"])
+    with pytest.raises(ValueError, match="model.embed_tokens.*LoRA target.*through its tied weights"):
+        minilora.inject(model, adapter_name="b", modules_to_save=["lm_head"], ensure_weight_tying=True, **LORA)
+    assert type(model.lm_head) is torch.nn.Linear
