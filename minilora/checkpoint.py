@@ -143,12 +143,13 @@ def _host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-_SAVE_PRETRAINED_OPTIONS = ("safe_serialization", "selected_adapters", "is_main_process", "save_embedding_layers")
+# PeftModel.save_pretrained's parameters that mean something here, in its order.
+_SAVE_PRETRAINED_OPTIONS = ("safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process")
 
 
 def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: bool = True,
-                    selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
-                    save_embedding_layers="auto", **unsupported) -> None:
+                    selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
+                    is_main_process: bool = True, **unsupported) -> None:
     """What ``model.save_pretrained(dir)`` does once ``minilora.inject`` has run: write the
     adapters in PEFT's format, as PEFT's ``PeftModel.save_pretrained`` does: the adapter named
     "default" into ``save_directory`` itself, any other adapter into ``save_directory/<name>``,

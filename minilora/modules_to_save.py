@@ -49,6 +49,17 @@ class ModuleToSave(nn.Module):
         self.row_adapters: Optional[Sequence[Optional[str]]] = None
         self.train(module.training)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, adapters
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None:
+                raise
+            # The module's own attributes (num_embeddings, in_features, …), which callers such as
+            # transformers read from get_input_embeddings() / get_output_embeddings().
+            return getattr(original, name)
+
     def train(self, mode: bool = True) -> "ModuleToSave":
         self.original.train(mode)  # not a child, so nn.Module.train would not reach it
         return super().train(mode)

@@ -30,6 +30,7 @@ CASES = {
     "untied_head_and_embeddings": (dict(), ["lm_head", "embed_tokens"], False),
     "tied_pair_kept_tied": (dict(tie_word_embeddings=True), ["lm_head", "embed_tokens"], True),
     "tied_head_alone_untied": (dict(tie_word_embeddings=True), ["lm_head"], False),
+    "tied_head_named_kept_tied": (dict(tie_word_embeddings=True), ["lm_head"], True),
 }
 
 
@@ -76,6 +77,7 @@ def test_copies_switch_with_the_adapter_and_the_original_stays_frozen():
     head = model.lm_head
     assert isinstance(head, ModuleToSave) and torch.equal(head.weight, base.lm_head.weight)
     assert sorted(model.state_dict()).count("lm_head.weight") == 1  # base keys unchanged
+    assert head.in_features == 64 and head.out_features == 128  # the module's attributes read through
     minilora.set_adapter(model, "a")
     a = model(IDS).logits
     minilora.set_adapter(model, "b")
