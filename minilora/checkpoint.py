@@ -31,7 +31,7 @@ CONFIG_NAME = "adapter_config.json"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# PEFT LoraConfig fields that carry no meaning for plain LoRA on Linear layers (read and ignored).
+# PEFT LoraConfig fields that carry no meaning for the LoRA minilora computes (read and ignored).
 _IGNORED_FIELDS = {
     "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "layers_pattern", "loftq_config", "megatron_config", "megatron_core", "peft_version", "runtime_config",
@@ -265,7 +265,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
     for key, allowed in _UNSUPPORTED.items():
         if key in raw and raw[key] not in allowed:
             raise AdapterLoadError(f"{config_path}: {key}={raw[key]!r} is not supported by minilora "
-                                   "(plain LoRA on nn.Linear only)")
+                                   "(LoRA on nn.Linear and nn.Embedding, and modules_to_save)")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterLoadError(f"{config_path}: init_lora_weights={init!r} rewrote the base weights during "

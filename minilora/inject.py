@@ -86,7 +86,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     else:
         chosen = []
         for name, module in model.named_modules():
-            if not name or _inside_lora(name, model) or not config.selects(name):
+            if not name or inside_adapters(name) or not config.selects(name):
                 continue
             if not isinstance(module, (nn.Linear, nn.Embedding) + LORA_LAYERS):
                 raise ValueError(
@@ -107,10 +107,6 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
             + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
         )
     return chosen
-
-
-def _inside_lora(name: str, model: nn.Module) -> bool:
-    return inside_adapters(name)
 
 
 def linear_name_endings(model: nn.Module) -> list[str]:
