@@ -353,10 +353,24 @@ def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name:
         hidden = max(0, len(mismatched) - 10) + max(0, len(missing) - 10) + max(0, len(unexpected) - 10)
         if hidden:
             lines.append(f"  … and {hidden} more")
+        lines += _resized_vocabulary_hint(model, mismatched)
         raise AdapterLoadError("\n".join(lines))
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+
+
+def _resized_vocabulary_hint(model: nn.Module, mismatched: list[tuple[str, tuple, tuple]]) -> list[str]:
+    """A line for the usual cause of embedding-sized mismatches (modules_to_save embed_tokens /
+    lm_head, LoRA on embeddings): the adapter was trained after adding tokens to the vocabulary."""
+    get = getattr(model, "get_input_embeddings", None)
+    vocab = getattr(get(), "num_embeddings", None) if callable(get) else None
+    sizes = sorted({f[d] for _, f, m in mismatched if len(f) == len(m)
+                    for d in range(len(m)) if m[d] == vocab and f[d] != vocab})
+    if vocab is None or not sizes:
+        return []
+    return [f"  the file's vocabulary has {sizes[0]} tokens and this model's {vocab}: resize the base's token "
+            f"embeddings first (transformers: model.resize_token_embeddings({sizes[0]})), as before training"]
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoRAConfig:

@@ -166,3 +166,16 @@ def test_a_tied_partner_that_already_carries_lora_is_refused_with_ensure_weight_
     with pytest.raises(ValueError, match="model.embed_tokens.*LoRA target.*through its tied weights"):
         minilora.inject(model, adapter_name="b", modules_to_save=["lm_head"], ensure_weight_tying=True, **LORA)
     assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_new_tokens_train_in_the_copies_and_an_unresized_base_is_told_to_resize(tmp_path):
+    model = tiny_llama()
+    model.resize_token_embeddings(130)  # say two chat-template tokens were added before training
+    minilora.save_adapter(trained(minilora.inject(model, modules_to_save=["lm_head", "embed_tokens"], **LORA)),
+                          tmp_path)
+    with pytest.raises(minilora.AdapterLoadError, match=r"has 130 tokens and this model's 128.*resize_token_embed"):
+        minilora.load_adapter(tiny_llama(), tmp_path)
+    fresh = tiny_llama()
+    fresh.resize_token_embeddings(130)
+    ids = torch.tensor([[5, 129, 128, 7]])  # the new tokens' rows come from the trained copies
+    assert torch.equal(minilora.load_adapter(fresh, tmp_path)(ids).logits, model(ids).logits)
