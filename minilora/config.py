@@ -148,6 +148,8 @@ class LoRAConfig:
             return False
         if self.exclude_modules is not None and matches(self.exclude_modules, name):
             return False
+        if self.modules_to_save and any(re.match(rf"(^|.*\.){key}($|\..*)", name) for key in self.modules_to_save):
+            return False  # trained in full, so never also LoRA (PEFT's rule, the same regex)
         if self.layers_to_transform is not None:
             found = _LAYER_INDEX.search(name)
             if found is None or int(found.group(1)) not in self.layers_to_transform:

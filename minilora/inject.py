@@ -104,6 +104,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
             f"no module matched target_modules={config.target_modules!r}"
             + (f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"
                if config.exclude_modules is not None or config.layers_to_transform is not None else "")
+            + (f" outside modules_to_save={config.modules_to_save!r}" if config.modules_to_save else "")
             + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
         )
     return chosen

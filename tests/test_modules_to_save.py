@@ -135,7 +135,7 @@ def test_merge_and_unload_keeps_the_trained_copy_through_transformers_save(tmp_p
 
 @pytest.mark.parametrize("fields, words", [
     (dict(modules_to_save=["head"]), "no module matched modules_to_save=\\['head'\\].*lm_head"),
-    (dict(modules_to_save=["q_proj"]), "both a LoRA target and in modules_to_save"),
+    (dict(modules_to_save=["q_proj", "v_proj"]), "no module matched .* outside modules_to_save"),
 ])
 def test_bad_modules_to_save_raise_and_leave_the_model_as_it_was(fields, words):
     model = tiny_llama()
@@ -179,3 +179,22 @@ def test_new_tokens_train_in_the_copies_and_an_unresized_base_is_told_to_resize(
     fresh.resize_token_embeddings(130)
     ids = torch.tensor([[5, 129, 128, 7]])  # the new tokens' rows come from the trained copies
     assert torch.equal(minilora.load_adapter(fresh, tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_a_module_in_modules_to_save_is_trained_in_full_and_not_also_given_lora():
+    # PEFT's rule: modules_to_save wins over target_modules (so PEFT's files for it load here)
+    model = minilora.inject(tiny_llama(), r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=["embed_tokens"])
+    assert isinstance(model.model.embed_tokens, ModuleToSave)
+    assert [n for n, _ in minilora.lora_modules(model)] == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+
+
+def test_a_peft_adapter_naming_a_module_in_both_lists_loads_with_the_same_logits(tmp_path):
+    import peft
+
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained(theirs).save_pretrained(tmp_path)
+    ours = minilora.load_adapter(tiny_llama(), tmp_path)
+    assert (ours(IDS).logits - theirs.eval()(IDS).logits).abs().max() <= 1e-5
