@@ -14,15 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoRAAdapter
-
-
-def rows_by_adapter(row_adapters: Sequence[Optional[str]], batch: int, device) -> list[tuple[Optional[str], torch.Tensor]]:
-    """(adapter name or None, indices of its rows) for a mixed batch, names in first-seen order."""
-    if len(row_adapters) != batch:
-        raise ValueError(f"mixed batch: {len(row_adapters)} adapter names for {batch} rows")
-    return [(name, torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=device))
-            for name in dict.fromkeys(row_adapters)]
+from .layer import LoRAAdapter, rows_by_adapter
 
 
 class LoRAEmbedding(nn.Module):

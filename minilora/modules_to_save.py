@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, inside_adapters, matches
-from .embedding import LoRAEmbedding, rows_by_adapter
-from .layer import LoRALinear
+from .embedding import LoRAEmbedding
+from .layer import LoRALinear, rows_by_adapter
 
 
 class ModuleToSave(nn.Module):
