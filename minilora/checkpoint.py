@@ -113,13 +113,17 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
-                 base_model_name_or_path: Optional[str] = None) -> None:
+                 base_model_name_or_path: Optional[str] = None, *,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into directory ``path``.
 
-    Each file is written under a temporary name and renamed into place when complete, the
-    config last, so a crash never leaves a config that points at half-written weights.
+    ``state_dict``: the model's full state dict to take the adapter's tensors from instead of the
+    live parameters (what transformers' Trainer passes to save_pretrained, gathered under FSDP or
+    DeepSpeed). Each file is written under a temporary name and renamed into place when complete,
+    the config last, so a crash never leaves a config that points at half-written weights.
     """
-    state = _host_tensors(lora_state_dict(model, adapter_name))
+    state = lora_state_dict(model, adapter_name)
+    state = _host_tensors(state if state_dict is None else _taken_from(model, state, state_dict))
     config = peft_config(model, adapter_name, base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
     weights = os.path.join(path, WEIGHTS_NAME)
@@ -130,6 +134,27 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(config_path + ".tmp", config_path)
+
+
+def _taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
+                full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``adapter_state``'s keys, each with the tensor that ``full`` (a state dict of the model)
+    holds for the same parameter or buffer; FSDP's wrapper prefixes are ignored on both sides."""
+    def plain(name: str) -> str:
+        return name.replace("_fsdp_wrapped_module.", "")
+
+    full = {plain(k): v for k, v in full.items()}
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(plain(name))
+    taken = {}
+    for key, tensor in adapter_state.items():
+        found = [n for n in names.get(id(tensor), []) if n in full]
+        if not found:
+            raise ValueError(f"the state_dict passed has no entry for {key} (the model's name for it: "
+                             f"{names.get(id(tensor), ['?'])[0]}); pass the model's own state_dict(), or none")
+        taken[key] = full[found[0]]
+    return taken
 
 
 def _host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,17 +169,21 @@ def _host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # PeftModel.save_pretrained's parameters that mean something here, in its order.
-_SAVE_PRETRAINED_OPTIONS = ("safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process")
+_SAVE_PRETRAINED_OPTIONS = ("safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process",
+                            "state_dict")
 
 
 def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: bool = True,
                     selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
-                    is_main_process: bool = True, **unsupported) -> None:
+                    is_main_process: bool = True, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                    **unsupported) -> None:
     """What ``model.save_pretrained(dir)`` does once ``minilora.inject`` has run: write the
     adapters in PEFT's format, as PEFT's ``PeftModel.save_pretrained`` does: the adapter named
     "default" into ``save_directory`` itself, any other adapter into ``save_directory/<name>``,
     each as adapter_model.safetensors + adapter_config.json (save_adapter). Reload with
     ``minilora.load_adapter(base, dir)`` or ``PeftModel.from_pretrained(base, dir)``.
+    ``state_dict`` (the model's full state dict, as transformers' Trainer passes it) is where the
+    adapter tensors are taken from when given, as PEFT does.
 
     The base weights are not written (the adapter folder names its base in
     base_model_name_or_path); ``minilora.merge_and_unload(model).save_pretrained(dir)`` writes
@@ -164,7 +193,7 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
     names = adapter_names(model)
     if not names:  # every adapter was deleted: the model is the base again
         return type(model).save_pretrained(model, save_directory, safe_serialization=safe_serialization,
-                                           is_main_process=is_main_process, **unsupported)
+                                           is_main_process=is_main_process, state_dict=state_dict, **unsupported)
     if unsupported:
         raise TypeError(f"save_pretrained after minilora.inject writes the adapters only and takes "
                         f"{', '.join(_SAVE_PRETRAINED_OPTIONS)}; not {', '.join(sorted(unsupported))}. To save the "
@@ -183,7 +212,8 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
     if not is_main_process:
         return
     for name in selected:
-        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name)
+        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name,
+                     state_dict=state_dict)
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:

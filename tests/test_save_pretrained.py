@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import minilora
 from conftest import randomize_adapters, tiny_llama
@@ -85,3 +86,18 @@ def test_with_every_adapter_deleted_save_pretrained_saves_the_base_model(tmp_pat
     minilora.delete_adapter(model, "default")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").is_file()
+
+
+def test_a_state_dict_passed_in_is_where_the_adapter_tensors_come_from(tmp_path):
+    # transformers' Trainer saves with model.save_pretrained(dir, state_dict=..., is_main_process=...),
+    # the state dict gathered from FSDP/DeepSpeed shards; PEFT takes the adapter from it, so does minilora.
+    model = adapted(modules_to_save=["lm_head"])
+    full = {k: v + 1 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=full, is_main_process=True)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    q_a = "model.layers.0.self_attn.q_proj.adapters.default.lora_A"
+    assert torch.equal(saved[f"base_model.model.{q_a.replace('.adapters.default.lora_A', '.lora_A.weight')}"], full[q_a])
+    assert torch.equal(saved["base_model.model.lm_head.weight"], full["lm_head.adapters.default.weight"])
+    with pytest.raises(ValueError, match="no entry for base_model.model.model.layers.0.self_attn.q_proj.lora_A"):
+        model.save_pretrained(tmp_path / "x", state_dict={})
+
