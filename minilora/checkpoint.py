@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import BIAS_MODES, LoRAConfig
+from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
 from .embedding import LoRAEmbedding
 from .inject import (_remove_save_pretrained, _replace, adapter_modules, adapter_names, active_adapter,
                      bias_parameters, delete_adapter, find_targets, inject, lora_modules, set_adapter)
@@ -324,6 +324,10 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
         "ensure_weight_tying": _typed(raw, "ensure_weight_tying", bool, False, config_path),
         "task_type": _typed(raw, "task_type", (str, type(None)), None, config_path),
     }
+    if fields["task_type"] not in (None, *TASK_TYPES):  # a label for PEFT's model class, not for the weights
+        warnings.warn(f"{config_path}: task_type={fields['task_type']!r} is not one minilora knows "
+                      f"({', '.join(TASK_TYPES)}); the adapter loads without it", stacklevel=2)
+        fields["task_type"] = None
     if fields["target_modules"] is None:
         raise AdapterLoadError(f"{config_path} has no target_modules; it cannot say which layers it adapts")
     if fields["bias"] not in BIAS_MODES:

@@ -129,3 +129,11 @@ def test_peft_names_and_task_type_are_accepted_by_the_constructor_and_by_inject(
 def test_peft_style_mistakes_name_the_setting(fields, error, words):
     with pytest.raises(error, match=words):
         LoRAConfig(**fields)
+
+
+def test_an_unknown_task_type_in_a_file_loads_with_a_warning(tmp_path):
+    minilora.save_adapter(minilora.inject(tiny_llama(), r=4, target_modules=["q_proj"]), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"CAUSAL_LM"', '"NEW_TASK"'))
+    with pytest.warns(UserWarning, match="task_type='NEW_TASK'"):
+        assert minilora.read_adapter_config(str(tmp_path))[0].task_type is None
