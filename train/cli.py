@@ -9,7 +9,6 @@ from typing import Optional
 
 from minilora import AdapterLoadError
 
-from . import distributed
 from .config import UsageError, parse_args
 
 
@@ -23,10 +22,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             run_demo(args)
         else:
+            from .device import Device
             from .loop import train_and_report
 
-            summary = train_and_report(args)
-            if not summary.get("stopped") and distributed.is_main_process():  # torchrun: once, from rank 0
+            device = Device.start(args)
+            summary = train_and_report(args, device)
+            if not summary.get("stopped") and device.is_main:  # torchrun: once, from rank 0
                 print_summary(summary)
         return 0
     except (UsageError, AdapterLoadError) as e:

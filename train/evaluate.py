@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import minilora
+from train.data import IGNORE
 from train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
 
 DEFAULT_MC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "medical_mc.jsonl")
 MC_CATEGORIES = ("medical_terminology", "diagnostic_reasoning", "treatment_recommendations", "safety_responses")
-IGNORE_INDEX = -100
 
 # The guide's general-capability checks (test_general_capabilities).
 GENERAL_PROMPTS = (
@@ -67,17 +67,39 @@ def perplexity(model, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = 
     with torch.inference_mode(), eval_mode(model):
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size].to(device)
-            targets = labels[start:start + batch_size].to(device)[:, 1:]  # (B, L-1)
-            logits = model(input_ids=ids).logits[:, :-1].float()  # (B, L-1, V)
-            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum").double()
-            count += (targets != IGNORE_INDEX).sum()
+            targets = labels[start:start + batch_size].to(device)  # (B, L)
+            total += next_token_nll(model(input_ids=ids).logits, targets).double()
+            count += predicted_tokens(targets)
     # The one host sync of the evaluation (on XLA this also runs the accumulated graph).
     total, count = total.item(), int(count.item())
     if count == 0:
         raise ValueError("no token is predicted: every label after the first position of each window is -100")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    return nll_result(total, count)
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token), a 0-dim float32 tensor (what training
+    minimises and evaluation reports). logits (B, L, V): position t predicts ``labels[:, t + 1]``;
+    labels (B, L), -100 where nothing is predicted."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens of a (B, L) label batch carry loss (the first position predicts nothing):
+    a 0-dim int64 tensor on the labels' device."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def nll_result(nll: float, tokens: int) -> dict:
+    """``{"loss": nll / tokens (nats per token), "perplexity": exp(loss), "tokens": tokens}``;
+    loss nan when no token was predicted, perplexity inf past float range."""
+    loss = nll / tokens if tokens else math.nan
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = math.inf
+    return {"loss": loss, "perplexity": perplexity, "tokens": tokens}
 
 
 # -- multiple choice ----------------------------------------------------------------------------

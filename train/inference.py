@@ -22,7 +22,7 @@ import torch
 
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
-from .device import move_model
+from .device import move_model, resolve, torch_device
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
 # one, its tokenizer (which then wins over the base model's: it may have added a pad token).
@@ -122,13 +122,11 @@ def _protocols(fs) -> tuple:
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device) == "xla":
-        import torch_xla
-
-        return torch_xla.device()
-    return torch.device(device)
+    """``device`` as a torch.device; None: CUDA when available, else CPU (not XLA, where
+    generation recompiles as the sequence grows)."""
+    if isinstance(device, torch.device):
+        return device
+    return torch_device(resolve(device or "auto", auto_picks_xla=False))
 
 
 def _dtype(value: Dtype) -> Optional[torch.dtype]:
