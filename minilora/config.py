@@ -119,10 +119,6 @@ class LoRAConfig:
         key = pattern_key(self.alpha_pattern, name)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
-    def scaling_for(self, name: str) -> float:
-        r, alpha = self.rank_for(name), self.alpha_for(name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is a target (before the nn.Linear type check; with
         ``"all-linear"`` every name is, and the caller keeps the Linears but the output head)."""
