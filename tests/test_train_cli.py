@@ -30,14 +30,14 @@ def cli(*argv, env=None, timeout=300):
                           env=full, timeout=timeout)
 
 
-def test_help_lists_every_guide_flag_with_its_default():
+def test_help_lists_every_flag_with_its_default():
     text = build_parser().format_help()
     for flag in GUIDE_FLAGS:
         assert flag in text, flag
-    assert "(default: 0.0005)" in text  # --learning_rate, the guide's 5e-4
+    assert "(default: 0.0005)" in text  # --learning_rate 5e-4
 
 
-def test_the_guides_command_line_parses_unchanged():
+def test_the_published_command_line_parses_unchanged():
     args = parse_args(["--dataset_dir", "gs://your-bucket/medical-dataset", "--tokenizer_name_or_path",
                        "meta-llama/Llama-3.2-1B", "--model_name", "meta-llama/Llama-3.2-1B", "--output_dir",
                        "gs://your-bucket/lora-medical-adapter", "--use_lora", "--lora_r", "16", "--lora_alpha", "32",

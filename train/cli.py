@@ -1,4 +1,4 @@
-"""``minilora-train``: parse the guide's flags, run, and turn user errors into one line + exit 2."""
+"""``minilora-train``: parse the flags (docs/training.md), run, and turn user errors into one line + exit 2."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ class TrainData:
 # -- reading ------------------------------------------------------------------------------------
 
 def format_prompt(question: str, context: Optional[str] = None) -> str:
-    """The guide's medical template up to the response (what a model is prompted with)."""
+    """The medical question template up to the response (what a model is prompted with)."""
     if context:
         return MEDICAL_TEMPLATE.format(context=context.strip(), question=question.strip())
     return QUESTION_TEMPLATE.format(question=question.strip())

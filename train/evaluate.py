@@ -30,7 +30,7 @@ from train.inference import (add_model_arguments, eval_mode, generate_texts, mod
 DEFAULT_MC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "medical_mc.jsonl")
 MC_CATEGORIES = ("medical_terminology", "diagnostic_reasoning", "treatment_recommendations", "safety_responses")
 
-# The guide's general-capability checks (test_general_capabilities).
+# General-capability checks: everyday tasks that a model fine-tuned on medical text should still do.
 GENERAL_PROMPTS = (
     "Explain the concept of photosynthesis",
     "Write a short story about friendship",
@@ -229,7 +229,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def general_generations(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_new_tokens: int = 100,
                         **options) -> list[dict]:
-    """``[{"prompt", "response"}]`` for the guide's four general tasks (or ``prompts``), greedy
+    """``[{"prompt", "response"}]`` for the four general tasks of GENERAL_PROMPTS (or ``prompts``), greedy
     by default: not scored, for a person to compare before and after fine-tuning."""
     prompts = list(GENERAL_PROMPTS if prompts is None else prompts)
     responses = generate_texts(model, tokenizer, prompts, max_new_tokens, **options)
@@ -256,7 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mc_normalize", choices=("sum", "mean"), default="sum",
                         help="score choices by summed (default) or per-token mean log-likelihood")
     parser.add_argument("--general_prompts", action="store_true",
-                        help="also generate answers to the guide's four general-capability prompts")
+                        help="also generate answers to four general-capability prompts (an explanation, a story, "
+                             "an equation, a translation)")
     parser.add_argument("--max_new_tokens", type=int, default=100, help="for --general_prompts")
     parser.add_argument("--output_json", help="write all results here")
     args = parser.parse_args(argv)

@@ -213,8 +213,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, *, side: str,
 # -- several adapters on one base ---------------------------------------------------------------
 
 class AdapterManager:
-    """One base model, many adapters: the guide's MedicalLoRAManager, without reloading or
-    re-wrapping the base on every switch.
+    """One base model, many adapters, without reloading or re-wrapping the base on every switch.
 
         manager = AdapterManager("meta-llama/Llama-3.2-1B")
         manager.load_adapter("cardiology", "./cardiology_lora")

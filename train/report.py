@@ -280,7 +280,8 @@ def _verdict(rows: list[dict]) -> str:
     if len(rows) == 2 and all("general_change_percent" in r for r in rows):
         lora, full = rows
         parts.append("LoRA forgot less than full fine-tuning here." if lora["general_change_percent"] < full["general_change_percent"]
-                     else "LoRA did NOT forget less than full fine-tuning here: the guide's claim does not hold for these settings.")
+                     else "LoRA did NOT forget less than full fine-tuning here: the claim that LoRA preserves general "
+                     "knowledge better does not hold for these settings.")
         gained = {r["method"]: r.get("medical_change_percent") for r in rows}
         if None not in gained.values() and abs(gained["LoRA"] - gained["full fine-tuning"]) > 5:
             more = min(gained, key=gained.get)  # the larger fall in medical perplexity
