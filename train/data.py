@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from .config import UsageError
-
-IGNORE = -100
+from .loss import IGNORE
 MEDICAL_TEMPLATE = "### Medical Context:\n{context}\n\n### Question:\n{question}\n\n### Response:\n"
 QUESTION_TEMPLATE = "### Question:\n{question}\n\n### Response:\n"
 RESPONSE_FIELDS = ("response", "answer")

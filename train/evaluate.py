@@ -14,18 +14,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 import minilora
-from train.data import IGNORE
+from train.cli import require_app_packages
 from train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
+from train.loss import nll_result, next_token_nll, predicted_tokens
 
 DEFAULT_MC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "medical_mc.jsonl")
 MC_CATEGORIES = ("medical_terminology", "diagnostic_reasoning", "treatment_recommendations", "safety_responses")
@@ -75,31 +74,6 @@ def perplexity(model, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = 
     if count == 0:
         raise ValueError("no token is predicted: every label after the first position of each window is -100")
     return nll_result(total, count)
-
-
-def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over predicted tokens of -log p(next token), a 0-dim float32 tensor (what training
-    minimises and evaluation reports). logits (B, L, V): position t predicts ``labels[:, t + 1]``;
-    labels (B, L), -100 where nothing is predicted."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-
-
-def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """How many tokens of a (B, L) label batch carry loss (the first position predicts nothing):
-    a 0-dim int64 tensor on the labels' device."""
-    return (labels[:, 1:] != IGNORE).sum()
-
-
-def nll_result(nll: float, tokens: int) -> dict:
-    """``{"loss": nll / tokens (nats per token), "perplexity": exp(loss), "tokens": tokens}``;
-    loss nan when no token was predicted, perplexity inf past float range."""
-    loss = nll / tokens if tokens else math.nan
-    try:
-        perplexity = math.exp(loss)
-    except OverflowError:
-        perplexity = math.inf
-    return {"loss": loss, "perplexity": perplexity, "tokens": tokens}
 
 
 # -- multiple choice ----------------------------------------------------------------------------
@@ -261,6 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=100, help="for --general_prompts")
     parser.add_argument("--output_json", help="write all results here")
     args = parser.parse_args(argv)
+    require_app_packages(parser.prog)
     if args.compare_base and (args.adapter is None or args.merge):
         parser.error("--compare_base needs --adapter and no --merge (a merged model has no base to fall back to)")
 

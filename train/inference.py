@@ -22,6 +22,7 @@ import torch
 
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from .cli import require_app_packages
 from .device import move_model, resolve, torch_device
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
@@ -326,6 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--top_p", type=float, help="nucleus sampling mass (with --do_sample)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = parser.parse_args(argv)
+    require_app_packages(parser.prog)
 
     prompts = list(args.prompt)
     if args.prompt_file:

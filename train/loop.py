@@ -28,7 +28,7 @@ import minilora
 from . import data
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
-from .evaluate import nll_result, next_token_nll, predicted_tokens
+from .loss import nll_result, next_token_nll, predicted_tokens
 from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
 from .report import Reporter, write_report
 
@@ -337,8 +337,8 @@ def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device) -
 
 @torch.no_grad()
 def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_id: int) -> dict:
-    """Mean token NLL and perplexity over all windows (``evaluate.nll_result``). One host read
-    at the end."""
+    """Mean token NLL and perplexity over all windows (``loss.nll_result``). One host read at
+    the end."""
     was_training = model.training
     model.eval()
     total = device.tensor(0.0)
