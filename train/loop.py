@@ -82,16 +82,8 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     _check_output_dir(args, run_dir)
     device = device or Device.start(args)
 
-    # model init
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(args)
-    if args.max_seq_length > getattr(model.config, "max_position_embeddings", args.max_seq_length):
-        raise UsageError(f"--max_seq_length {args.max_seq_length} exceeds the model's maximum of "
-                         f"{model.config.max_position_embeddings} positions")
-    train_data = data.prepare_data(args, tokenizer)
-    if args.streaming_data and args.max_steps <= 0:
-        raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
-    model = _adapt_and_place(args, model, device)
+    # model init (and the data, tokenised with the model's tokenizer)
+    model, tokenizer, train_data = _model_and_data(args, device, model, tokenizer)
     trainable, total_params = minilora.count_parameters(model)
     if trainable == 0:
         raise UsageError("nothing to train: no parameter requires grad")
@@ -107,8 +99,9 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
 
     # evaluation sets and reporting
     eval_sets = {"validation": train_data.validation}
-    general_windows = general_windows if general_windows is not None else general_eval_windows(args, tokenizer)
-    eval_sets.update({"general": general_windows} if general_windows is not None else {})
+    general = general_windows if general_windows is not None else general_eval_windows(args, tokenizer)
+    if general is not None:
+        eval_sets["general"] = general
     if not args.resume_from_checkpoint and device.is_main:
         run_dir.clear_previous_run()  # --overwrite_output_dir: an old run's checkpoints must never be resumed from
     reporter = Reporter(args, run_dir, device, plan.total_updates, start_update=pos.update, history=pos.history)
@@ -200,9 +193,17 @@ def load_model_and_tokenizer(args: TrainArgs):
     return model, tokenizer
 
 
-def _adapt_and_place(args: TrainArgs, model, device: Device):
-    """The LoRA adapter injected (--use_lora), gradient checkpointing set up, and the model on
-    the device in training mode."""
+def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
+    """(model, tokenizer, TrainData): the base (``model`` or --model_name) with the LoRA adapter
+    injected (--use_lora) and gradient checkpointing set up, on the device in training mode."""
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(args)
+    if args.max_seq_length > getattr(model.config, "max_position_embeddings", args.max_seq_length):
+        raise UsageError(f"--max_seq_length {args.max_seq_length} exceeds the model's maximum of "
+                         f"{model.config.max_position_embeddings} positions")
+    train_data = data.prepare_data(args, tokenizer)
+    if args.streaming_data and args.max_steps <= 0:
+        raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.use_lora:
         try:
             minilora.inject(model, minilora.LoRAConfig(
@@ -212,7 +213,7 @@ def _adapt_and_place(args: TrainArgs, model, device: Device):
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
-    return device.place(model)
+    return device.place(model), tokenizer, train_data
 
 
 # -- optimizer ----------------------------------------------------------------------------------
@@ -407,26 +408,30 @@ def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.T
     return stop.requested and pos.update < plan.total_updates
 
 
-def _micro_batches(train_data: data.TrainData, args: TrainArgs, plan: Plan, pos: Position, update_ends, pad_id: int):
-    """This epoch's remaining micro-batches as (ids, labels, denominator), where the
-    denominator is the loss-carrying token count of the batch's whole optimizer update; for
-    each batch, (last in its update?, that token count) goes to ``update_ends``."""
-    if train_data.train is not None:
-        order = torch.randperm(len(train_data.train), generator=torch.Generator().manual_seed(args.seed + pos.epoch))
-        source = data.batches(train_data.train, plan.batch, pad_id, order, start=pos.micro)
-    else:
-        source = data.stream_batches(train_data.stream(pos.epoch), plan.batch, pad_id, args.max_seq_length,
-                                     skip=pos.micro)
-    group: list = []
-    for batch in itertools.chain(source, [None]):
-        if batch is not None:
-            group.append(batch)
-        if group and (len(group) == plan.accumulate or batch is None):  # the epoch's last update may be shorter
-            tokens = sum(int(predicted_tokens(labels)) for _, labels in group)
-            for i, (ids, labels) in enumerate(group):
-                update_ends.append((i == len(group) - 1, tokens))
-                yield ids, labels, torch.tensor([float(max(1, tokens))])  # (1,): data, never a constant (see Device.tensor)
-            group = []
+class _StopFlag:
+    """SIGTERM (preemption): the loop finishes its update, saves a checkpoint and returns.
+
+    The signal only marks this process; ``agree`` turns that into ``requested`` at an update
+    boundary. Under torchrun every rank gets the signal (torchrun forwards it; a scheduler may
+    send it to one worker), but each notices it at its own update. They must stop after the same
+    one: a rank that stopped early leaves the others in a gradient all-reduce that never completes."""
+
+    def __init__(self):
+        self.requested = False  # agreed: every process stops after this update
+        self._signalled = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            pass
+
+    def agree(self, device: Device) -> None:
+        """Every process, at the same update boundary. torchrun: a host-side all-reduce (MAX) of
+        the flag. Elsewhere no collective and no host read: the flag is a Python bool."""
+        self.requested = device.any_process(self._signalled)
+
+    def _handle(self, signum, frame):
+        self._signalled = True
+        print("SIGTERM received: finishing this update and saving a checkpoint", file=sys.stderr, flush=True)
 
 
 class _NonFiniteGuard:
@@ -481,6 +486,28 @@ class _NonFiniteGuard:
         return tokens
 
 
+def _micro_batches(train_data: data.TrainData, args: TrainArgs, plan: Plan, pos: Position, update_ends, pad_id: int):
+    """This epoch's remaining micro-batches as (ids, labels, denominator), where the
+    denominator is the loss-carrying token count of the batch's whole optimizer update; for
+    each batch, (last in its update?, that token count) goes to ``update_ends``."""
+    if train_data.train is not None:
+        order = torch.randperm(len(train_data.train), generator=torch.Generator().manual_seed(args.seed + pos.epoch))
+        source = data.batches(train_data.train, plan.batch, pad_id, order, start=pos.micro)
+    else:
+        source = data.stream_batches(train_data.stream(pos.epoch), plan.batch, pad_id, args.max_seq_length,
+                                     skip=pos.micro)
+    group: list = []
+    for batch in itertools.chain(source, [None]):
+        if batch is not None:
+            group.append(batch)
+        if group and (len(group) == plan.accumulate or batch is None):  # the epoch's last update may be shorter
+            tokens = sum(int(predicted_tokens(labels)) for _, labels in group)
+            for i, (ids, labels) in enumerate(group):
+                update_ends.append((i == len(group) - 1, tokens))
+                yield ids, labels, torch.tensor([float(max(1, tokens))])  # (1,): data, never a constant (see Device.tensor)
+            group = []
+
+
 def _check_finite(loss: float, pos: Position, args: TrainArgs) -> None:
     """Stop the run on a non-finite loss or gradient (both show in the logged loss, see
     _NonFiniteGuard), unless --skip_nonfinite_steps (then nan only says every update since
@@ -492,32 +519,6 @@ def _check_finite(loss: float, pos: Position, args: TrainArgs) -> None:
         "keep --max_grad_norm at 1.0 or lower, or raise --warmup_steps; no checkpoint was written from the bad "
         f"state: resume from the last good one with --resume_from_checkpoint latest (checkpoints in "
         f"{args.output_dir}), or pass --skip_nonfinite_steps to skip such updates")
-
-
-class _StopFlag:
-    """SIGTERM (preemption): the loop finishes its update, saves a checkpoint and returns.
-
-    The signal only marks this process; ``agree`` turns that into ``requested`` at an update
-    boundary. Under torchrun every rank gets the signal (torchrun forwards it; a scheduler may
-    send it to one worker), but each notices it at its own update. They must stop after the same
-    one: a rank that stopped early leaves the others in a gradient all-reduce that never completes."""
-
-    def __init__(self):
-        self.requested = False  # agreed: every process stops after this update
-        self._signalled = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            pass
-
-    def agree(self, device: Device) -> None:
-        """Every process, at the same update boundary. torchrun: a host-side all-reduce (MAX) of
-        the flag. Elsewhere no collective and no host read: the flag is a Python bool."""
-        self.requested = device.any_process(self._signalled)
-
-    def _handle(self, signum, frame):
-        self._signalled = True
-        print("SIGTERM received: finishing this update and saving a checkpoint", file=sys.stderr, flush=True)
 
 
 def _save_checkpoint(run_dir: RunDir, model, optimizer, device: Device, pos: Position, args: TrainArgs) -> None:
