@@ -97,6 +97,20 @@ class Device:
 
     # -- the model -------------------------------------------------------------------------
 
+    def enable_gradient_checkpointing(self, model) -> None:
+        """Recompute each decoder layer in the backward pass. On XLA, torch_xla's checkpoint
+        wraps the recomputation in an optimization barrier; plain torch checkpointing would be
+        undone by XLA's common-subexpression elimination."""
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.is_xla:
+            from torch_xla.utils.checkpoint import checkpoint
+
+            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(
+                checkpoint, use_reentrant=True))
+
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on this device, in training mode. torchrun --fsdp: sharded by FSDP2 first,
         each layer moved as it is sharded, so a base larger than one GPU never sits whole on
@@ -105,12 +119,58 @@ class Device:
         model = self.layout.shard(model)
         return move_model(model, self.torch_device).train()
 
+    # -- the optimizer and a resumed run's state -------------------------------------------
+
+    def optimizer(self, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW. On XLA and CUDA it is ``capturable``: step counts and bias corrections stay
+        on the device, so a step reads nothing back to the host; the learning rate is a
+        device tensor updated in place."""
+        if self.kind == "cpu":
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        for group in groups:
+            group["lr"] = torch.tensor(lr).to(self.torch_device)
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay, capturable=True, foreach=False)
+
+    def seed_per_rank(self, seed: int) -> None:
+        """torchrun: each rank draws its own dropout masks (distributed.Layout.seed_per_rank)."""
+        self.layout.seed_per_rank(seed)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """``optimizer.load_state_dict``, with the learning rate kept in this device's tensor.
+        The checkpoint's is a host tensor; left in place, every step would upload it and build
+        a graph unlike an unresumed run's, which the persistent compilation cache then misses."""
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, lr in zip(optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):
+                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
+                group["lr"] = lr
+
+    def restore_rng(self, per_rank: list) -> bool:
+        """Take this process's entry of what ``rng_states`` saved; False (and nothing changes)
+        when it was saved by a different number of processes."""
+        state = self.layout.own_entry(per_rank)
+        if state is None:
+            return False
+        torch.set_rng_state(state["torch"])
+        if self.kind == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        if self.is_xla and "xla" in state:
+            import torch_xla.core.xla_model as xm
+
+            xm.set_rng_state(int(state["xla"]) % 2**64)
+        return True
+
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         """SPMD: FSDPv2; torchrun: DDP (--fsdp: sharded by ``place``); else the model itself.
         After the optimizer and any restored state, before the first forward."""
         return self.layout.wrap(model, optimizer)
 
     # -- data ------------------------------------------------------------------------------
+
+    def global_batch(self, per_device: int) -> int:
+        """Rows in one micro-batch across all devices: per-device rows x data-parallel ways."""
+        return self.layout.global_batch(per_device)
 
     def loader(self, batches: Iterable) -> Iterator:
         """Batches moved to the device. On XLA a background thread prefetches them and each
@@ -156,13 +216,20 @@ class Device:
 
             torch_xla.sync()
 
-    # -- one update --------------------------------------------------------------------------
+    # -- one update ------------------------------------------------------------------------
 
     def no_backward_sync(self, model: torch.nn.Module, enabled: bool):
         """Context for one micro-batch's forward and backward: while ``enabled`` (every
         micro-batch of an update but its last) DDP and FSDP2 keep gradients local; the last one
         reduces them across processes. Elsewhere nothing."""
         return self.layout.no_backward_sync(model, enabled)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(torch.tensor(lr, dtype=group["lr"].dtype))  # host -> device data, no recompile
+            else:
+                group["lr"] = lr
 
     def grad_norm(self, params: list, max_norm: float) -> torch.Tensor:
         """The gradients' total norm (0-dim, on the device), clipped to ``max_norm`` first when
@@ -178,77 +245,22 @@ class Device:
         elsewhere itself: one process, or SPMD, where every value is already global."""
         return self.layout.all_reduce_sum(tensor)
 
-    def global_batch(self, per_device: int) -> int:
-        """Rows in one micro-batch across all devices: per-device rows x data-parallel ways."""
-        return self.layout.global_batch(per_device)
-
     def any_process(self, flag: bool) -> bool:
         """Whether ``flag`` is set in any process (torchrun: a tiny host-side all-reduce that
         every process must reach at the same point; elsewhere ``flag`` itself, no host read)."""
         return self.layout.any_process(flag)
 
-    # -- optimisation ----------------------------------------------------------------------
+    # -- saving ----------------------------------------------------------------------------
 
-    def optimizer(self, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """AdamW. On XLA and CUDA it is ``capturable``: step counts and bias corrections stay
-        on the device, so a step reads nothing back to the host; the learning rate is a
-        device tensor updated in place."""
-        if self.kind == "cpu":
-            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-        for group in groups:
-            group["lr"] = torch.tensor(lr).to(self.torch_device)
-        return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay, capturable=True, foreach=False)
+    def for_saving(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model unwrapped, its trainable tensors whole and on the host (a collective when
+        sharded: every process calls it, then the main process alone writes)."""
+        return self.layout.for_saving(model)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """``optimizer.load_state_dict``, with the learning rate kept in this device's tensor.
-        The checkpoint's is a host tensor; left in place, every step would upload it and build
-        a graph unlike an unresumed run's, which the persistent compilation cache then misses."""
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
-        for group, lr in zip(optimizer.param_groups, lrs):
-            if isinstance(lr, torch.Tensor):
-                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
-                group["lr"] = lr
-
-    def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
-        for group in optimizer.param_groups:
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].copy_(torch.tensor(lr, dtype=group["lr"].dtype))  # host -> device data, no recompile
-            else:
-                group["lr"] = lr
-
-    # -- memory and checkpointing ----------------------------------------------------------
-
-    def enable_gradient_checkpointing(self, model) -> None:
-        """Recompute each decoder layer in the backward pass. On XLA, torch_xla's checkpoint
-        wraps the recomputation in an optimization barrier; plain torch checkpointing would be
-        undone by XLA's common-subexpression elimination."""
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.is_xla:
-            from torch_xla.utils.checkpoint import checkpoint
-
-            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(
-                checkpoint, use_reentrant=True))
-
-    def peak_memory_bytes(self) -> int | None:
-        if self.kind == "cuda":
-            return torch.cuda.max_memory_allocated()
-        if self.is_xla:
-            import torch_xla.core.xla_model as xm
-
-            try:
-                info = xm.get_memory_info(self.torch_device)
-                return int(info.get("peak_bytes_used", 0)) or None
-            except Exception:
-                return None
-        return None
-
-    def seed_per_rank(self, seed: int) -> None:
-        """torchrun: each rank draws its own dropout masks (distributed.Layout.seed_per_rank)."""
-        self.layout.seed_per_rank(seed)
+    def to_host(self, tree):
+        """Tensors in nested containers (an optimizer state) as whole CPU copies; a collective
+        when sharded."""
+        return self.layout.to_host(tree)
 
     def rng_states(self) -> Optional[list]:
         """Every process's random-number state (torch, CUDA, XLA), in rank order, on the main
@@ -263,32 +275,20 @@ class Device:
             state["xla"] = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
         return self.layout.gather_on_main(state)
 
-    def restore_rng(self, per_rank: list) -> bool:
-        """Take this process's entry of what ``rng_states`` saved; False (and nothing changes)
-        when it was saved by a different number of processes."""
-        state = self.layout.own_entry(per_rank)
-        if state is None:
-            return False
-        torch.set_rng_state(state["torch"])
-        if self.kind == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"])
-        if self.is_xla and "xla" in state:
+    # -- measurements ----------------------------------------------------------------------
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated()
+        if self.is_xla:
             import torch_xla.core.xla_model as xm
 
-            xm.set_rng_state(int(state["xla"]) % 2**64)
-        return True
-
-    def for_saving(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model unwrapped, its trainable tensors whole and on the host (a collective when
-        sharded: every process calls it, then the main process alone writes)."""
-        return self.layout.for_saving(model)
-
-    def to_host(self, tree):
-        """Tensors in nested containers (an optimizer state) as whole CPU copies; a collective
-        when sharded."""
-        return self.layout.to_host(tree)
-
-    # -- XLA's compile counters ------------------------------------------------------------
+            try:
+                info = xm.get_memory_info(self.torch_device)
+                return int(info.get("peak_bytes_used", 0)) or None
+            except Exception:
+                return None
+        return None
 
     def mark_warm(self) -> None:
         """The loop has run each of its graphs once: compiles and host fallbacks from here on are
