@@ -22,8 +22,8 @@ from torch import nn
 
 from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
 from .embedding import LoRAEmbedding
-from .inject import (_remove_save_pretrained, _replace, adapter_modules, adapter_names, active_adapter,
-                     bias_parameters, delete_adapter, find_targets, inject, lora_modules, set_adapter)
+from .inject import (_remove_save_pretrained, adapter_modules, adapter_names, adapter_state, active_adapter,
+                     bias_parameters, delete_adapter, find_targets, inject, lora_modules, replace_module, set_adapter)
 from .layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -249,8 +249,8 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
         delete_adapter(model, adapter_name)
         for name, module in modules:  # parents come first, so a restored parent's children resolve again
             if name and model.get_submodule(name) is not module:
-                _replace(model, name, module)
-        model.__dict__.pop("_minilora_layers", None)
+                replace_module(model, name, module)
+        adapter_state(model).layers = None
         if not adapter_names(model):
             _remove_save_pretrained(model)
         for param, flag in trainable.items():
@@ -408,7 +408,7 @@ def _resized_vocabulary_hint(model: nn.Module, mismatched: list[tuple[str, tuple
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoRAConfig:
-    configs = model.__dict__.get("_minilora_configs", {})
+    configs = adapter_state(model).configs
     if adapter_name in configs:
         return configs[adapter_name]
     raise ValueError(f"no LoRAConfig recorded for adapter {adapter_name!r}; adapters added with "

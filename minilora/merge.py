@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .embedding import LoRAEmbedding
-from .inject import _remove_save_pretrained, _replace, adapter_modules, lora_modules
+from .inject import _remove_save_pretrained, adapter_modules, adapter_state, lora_modules, replace_module
 from .modules_to_save import ModuleToSave
 
 
@@ -43,13 +43,14 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     merge(model, safe=safe)
     for name, layer in list(adapter_modules(model)):
         if isinstance(layer, ModuleToSave):
-            _replace(model, name, layer.unload())
+            replace_module(model, name, layer.unload())
         else:
-            _replace(model, name, layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear())
+            replace_module(model, name, layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear())
     _untie_in_config(model)
     _remove_save_pretrained(model)
-    model.__dict__.pop("_minilora_configs", None)
-    model.__dict__.pop("_minilora_layers", None)
+    state = adapter_state(model)
+    state.configs.clear()
+    state.layers = None
     return model
 
 
