@@ -21,10 +21,10 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
     On GPUs (any device but the CPU and XLA) the mask is ``bool``: it is saved for backward in
     every adapted Linear, and one byte an element instead of two (bf16) or four halves or
-    quarters that memory, for a little time (H200, Llama-1B shape: +6% step time with dropout,
-    -5 GB peak; docs/benchmarks.md). On the CPU it is in x's
-    dtype, where a same-dtype multiply is several times faster than one by a bool tensor (see
-    docs/benchmarks.md); XLA gets x's dtype too and keeps or fuses it as its compiler decides.
+    quarters that memory, for a little step time. On the CPU it is in x's dtype, where a
+    same-dtype multiply is much faster than one by a bool tensor. XLA gets x's dtype too and
+    keeps or fuses it as its compiler decides. docs/benchmarks.md has the measurements of both
+    and the commands that repeat them.
 
     ``bernoulli_`` wherever torch has a vectorised kernel for it: other devices, and CPUs where
     ATen hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit
@@ -140,6 +140,15 @@ class _LoRAFunction(torch.autograd.Function):
         if need_b:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
+
+
+def rows_by_adapter(row_adapters: Sequence[Optional[str]], batch: int, device) -> list[tuple[Optional[str], torch.Tensor]]:
+    """(adapter name or None, indices of its rows) for a mixed batch, names in first-seen order;
+    every layer kind (LoRALinear, LoRAEmbedding, ModuleToSave) splits its batch with this."""
+    if len(row_adapters) != batch:
+        raise ValueError(f"mixed batch: {len(row_adapters)} adapter names for {batch} rows")
+    return [(name, torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=device))
+            for name in dict.fromkeys(row_adapters)]
 
 
 class LoRAAdapter(nn.Module):
@@ -277,13 +286,10 @@ class LoRALinear(nn.Module):
 
     def _mixed_delta(self, x: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
         """Each batch row (dim 0) through its own adapter, or none for ``None``."""
-        if len(self.row_adapters) != x.shape[0]:
-            raise ValueError(f"mixed batch: {len(self.row_adapters)} adapter names for {x.shape[0]} rows")
         delta = x.new_zeros(out_shape)
-        for name in dict.fromkeys(self.row_adapters):
+        for name, rows in rows_by_adapter(self.row_adapters, x.shape[0], x.device):
             if name is None or name not in self.adapters:
                 continue  # the base model for these rows (or a layer this adapter does not target)
-            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
             delta.index_copy_(0, rows, self.adapters[name](x.index_select(0, rows)).to(delta.dtype))
         return delta
 

@@ -283,7 +283,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
     """
     # Imported here: inject imports this module (QuantLinear is one of its targets).
     from .config import LoRAConfig
-    from .inject import _replace, find_targets
+    from .inject import adapter_state, find_targets, replace_module
     from .layer import LoRALinear
 
     _check_scheme(scheme, blocksize)
@@ -295,6 +295,8 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
         if isinstance(weight, QuantizedWeight):
             raise ValueError(f"{name} is already quantized ({weight.scheme}); quantize a model once "
                              "(minilora.dequantize(model) gives the plain Linears back)")
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            raise ValueError(f"{name} is a {type(module).__name__}; quantize stores Linear weights only")
         if isinstance(module, LoRALinear) and module.merged:
             raise ValueError(f"{name} has a merged adapter; call minilora.unmerge(model) before quantizing")
         if not weight.is_floating_point():
@@ -308,8 +310,8 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
             del module.weight  # the Parameter; a module of buffers takes its name
             module.weight = quantized
         else:
-            _replace(model, name, QuantLinear.from_linear(module, scheme, blocksize, double_quant))
-    model.__dict__.pop("_minilora_layers", None)
+            replace_module(model, name, QuantLinear.from_linear(module, scheme, blocksize, double_quant))
+    adapter_state(model).layers = None  # LoRA layers may have been swapped
     return model
 
 
@@ -317,17 +319,17 @@ def dequantize(model: nn.Module) -> nn.Module:
     """Put plain weights back, in the compute dtype: QuantLinear -> nn.Linear, and a LoRALinear's
     quantized base -> a frozen Parameter (its adapters stay). The weights are what forward used,
     not the original ones: quantization's rounding stays. Returns ``model``."""
-    from .inject import _replace
+    from .inject import adapter_state, replace_module
     from .layer import LoRALinear
 
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            _replace(model, name, module.to_linear())
+            replace_module(model, name, module.to_linear())
         elif isinstance(module, LoRALinear) and isinstance(module.weight, QuantizedWeight):
             weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
             del module.weight
             module.weight = weight
-    model.__dict__.pop("_minilora_layers", None)
+    adapter_state(model).layers = None  # LoRA layers may have been swapped
     return model
 
 

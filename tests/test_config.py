@@ -1,9 +1,11 @@
-"""LoRAConfig: defaults, scaling, PEFT's name matching, and the errors for settings that cannot work."""
+"""LoRAConfig: defaults, PEFT's name matching, and the errors for settings that cannot work."""
 
-import math
+import json
 
 import pytest
 
+import minilora
+from conftest import tiny_llama
 from minilora import LLAMA_TARGETS, LoRAConfig
 from minilora.config import matches, pattern_key
 
@@ -25,10 +27,10 @@ def test_defaults_are_not_shared_between_instances():
     assert "lm_head" not in b.target_modules and b.rank_pattern == {}
 
 
-def test_scaling_is_alpha_over_r_or_over_sqrt_r_with_rslora():
-    assert LoRAConfig(r=8, alpha=16).scaling_for("x.q_proj") == 2.0
-    assert LoRAConfig(r=16, alpha=16, use_rslora=True).scaling_for("x.q_proj") == 16 / math.sqrt(16)
-    assert LoRAConfig(r=8).scaling_for("x.q_proj") == 2.0  # alpha defaults to 2r
+def test_alpha_defaults_to_twice_the_rank_given():
+    # the scaling alpha / r (or / sqrt(r)) itself is the layer's: tests/test_layer.py
+    assert LoRAConfig(r=8).alpha_for("x.q_proj") == 16
+    assert LoRAConfig(r=8, alpha=12).alpha_for("x.q_proj") == 12
 
 
 def test_rank_and_alpha_patterns_match_the_end_of_module_names():
@@ -39,7 +41,7 @@ def test_rank_and_alpha_patterns_match_the_end_of_module_names():
     assert config.rank_for("model.layers.11.mlp.down_proj") == 8  # "layers.1" is not a suffix of "layers.11"
     assert config.rank_for("model.layers.0.self_attn.xq_proj") == 8  # whole name parts only
     assert config.alpha_for("model.layers.0.self_attn.v_proj") == 3
-    assert config.scaling_for("model.layers.0.self_attn.q_proj") == 16 / 4  # alpha stays, r from the pattern
+    assert config.alpha_for("model.layers.0.self_attn.q_proj") == 16  # alpha stays when only r has a pattern
 
 
 def test_pattern_key_agrees_with_peft():
@@ -104,3 +106,33 @@ def test_bad_settings_raise_value_error_naming_the_setting(fields, words):
 def test_replace_validates_too():
     with pytest.raises(ValueError, match="r=0"):
         LoRAConfig().replace(r=0)
+
+
+def test_peft_names_and_task_type_are_accepted_by_the_constructor_and_by_inject(tmp_path):
+    config = LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM")
+    assert (config.alpha, config.dropout, config.task_type) == (16, 0.05, "CAUSAL_LM")
+    assert LoRAConfig(init_lora_weights="gaussian").init == "gaussian" and LoRAConfig(init_lora_weights=True).init == "kaiming"
+    model = minilora.inject(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS")
+    minilora.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert minilora.read_adapter_config(str(tmp_path))[0].task_type == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("fields, error, words", [
+    (dict(alpha=8, lora_alpha=16), ValueError, "alpha or lora_alpha"),
+    (dict(lora_rank=8), TypeError, "unknown LoRA setting.*lora_rank.*lora_alpha"),
+    (dict(task_type="CAUSAL"), ValueError, "task_type='CAUSAL'.*CAUSAL_LM"),
+    (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'.*not implemented"),
+    (dict(modules_to_save=[""]), ValueError, "modules_to_save"),
+])
+def test_peft_style_mistakes_name_the_setting(fields, error, words):
+    with pytest.raises(error, match=words):
+        LoRAConfig(**fields)
+
+
+def test_an_unknown_task_type_in_a_file_loads_with_a_warning(tmp_path):
+    minilora.save_adapter(minilora.inject(tiny_llama(), r=4, target_modules=["q_proj"]), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"CAUSAL_LM"', '"NEW_TASK"'))
+    with pytest.warns(UserWarning, match="task_type='NEW_TASK'"):
+        assert minilora.read_adapter_config(str(tmp_path))[0].task_type is None
