@@ -223,7 +223,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         if not isinstance(base, (nn.Linear, quant.QuantLinear)):
-            raise TypeError(f"LoRALinear wraps nn.Linear or minilora.quant.QuantLinear, got {type(base).__name__}")
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__} (or a QuantLinear, "
+                            "which minilora.quantize puts in place of an nn.Linear)")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias

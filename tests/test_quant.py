@@ -302,17 +302,18 @@ QUANTIZED_SPMD_RUN = """
 import json, os, torch, torch_xla
 from conftest import train_argv
 from minilora.quant import quantized_layers
-from train import distributed
 from train.config import parse_args
+from train.device import Device
 from train.loop import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained({model!r})  # ours, so its shards can be read after the run
-summary = run(parse_args(train_argv({model!r}, {data!r}, {out!r}, *{flags!r})), model=model,
-              tokenizer=AutoTokenizer.from_pretrained({model!r}))
+args = parse_args(train_argv({model!r}, {data!r}, {out!r}, *{flags!r}))
+device = Device.start(args)
+summary = run(args, model=model, tokenizer=AutoTokenizer.from_pretrained({model!r}), device=device)
 codes = quantized_layers(model)[0][1].codes
 shards = [list(s.shape) for s, _ in torch_xla._XLAC._get_local_shards([codes])[0]]
-print(json.dumps({{"xla": summary["xla"], "ways": distributed.layout().ways, "codes": list(codes.shape),
+print(json.dumps({{"xla": summary["xla"], "ways": device.layout.ways, "codes": list(codes.shape),
                    "shards": shards}}))
 """
 
