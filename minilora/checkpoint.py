@@ -2,7 +2,8 @@
 
 On disk, as PEFT writes it:
     adapter_model.safetensors  keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
-                               and ``...lora_B.weight`` (out, r); no adapter name in keys
+                               and ``...lora_B.weight`` (out, r); no adapter name in keys;
+                               DoRA adds ``...lora_magnitude_vector`` (out,)
     adapter_config.json        ``peft_type: "LORA"``, r, lora_alpha, target_modules, …
 """
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BIAS_MODES, LoRAConfig
+from .dora import DoRAAdapter
 from .inject import (_replace, adapter_names, active_adapter, bias_parameters, delete_adapter, find_targets,
                      inject, lora_modules, set_adapter)
 from .layer import LoRALinear
@@ -36,7 +38,7 @@ _IGNORED_FIELDS = {
 }
 # Fields whose non-default values change the computation in ways minilora does not implement.
 _UNSUPPORTED = {
-    "use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None), "lora_bias": (False, None),
     "modules_to_save": (None, []), "layer_replication": (None, []), "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None, []), "arrow_config": (None,),
     "kasa_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
@@ -60,6 +62,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             adapter = module.adapters[adapter_name]
             state[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A
             state[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+            if isinstance(adapter, DoRAAdapter):  # PEFT's key: no ".weight" suffix
+                state[f"{PREFIX}{name}.lora_magnitude_vector"] = adapter.lora_magnitude_vector
     # PEFT keeps an adapted Linear's bias on its wrapped ``base_layer``, so that is the key it
     # writes and expects; biases of other modules keep their own names.
     adapted = {name for name, _ in lora_modules(model)}
@@ -97,7 +101,7 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "modules_to_save": None,
         "layer_replication": None,
         "lora_bias": False,
@@ -205,7 +209,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
                                "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     known = _IGNORED_FIELDS | set(_UNSUPPORTED) | {
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "bias",
-        "use_rslora", "rank_pattern", "alpha_pattern"}
+        "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"}
     unknown = sorted(set(raw) - known)
     if unknown:
         warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): "
@@ -219,6 +223,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
         "layers_to_transform": _typed(raw, "layers_to_transform", (list, int, type(None)), None, config_path),
         "bias": _typed(raw, "bias", str, "none", config_path),
         "use_rslora": _typed(raw, "use_rslora", bool, False, config_path),
+        "use_dora": _typed(raw, "use_dora", (bool, type(None)), False, config_path) or False,
         "rank_pattern": _typed(raw, "rank_pattern", (dict, type(None)), {}, config_path) or {},
         "alpha_pattern": _typed(raw, "alpha_pattern", (dict, type(None)), {}, config_path) or {},
         "init": "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .dora import DoRAAdapter
 from .layer import LoRALinear
 
 
@@ -31,7 +32,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     for name, module in targets:
         layer = module if isinstance(module, LoRALinear) else _replace(model, name, LoRALinear(module))
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.init)
+                          config.use_rslora, config.init, use_dora=config.use_dora)
     model.__dict__.pop("_minilora_layers", None)  # new LoRALinear modules may exist now
     # Remember how the adapter was made, for saving it in PEFT's format later.
     configs = model.__dict__.setdefault("_minilora_configs", {})
@@ -193,6 +194,11 @@ class mixed_batch:
         self.modules = [m for _, m in lora_modules(model)]
         if any(m.merged for m in self.modules):
             raise ValueError("mixed batches need unmerged adapters; call minilora.unmerge(model) first")
+        dora = sorted({n for m in self.modules for n, a in m.adapters.items() if n in row_adapters
+                       and isinstance(a, DoRAAdapter)})
+        if dora:  # as in PEFT: DoRA rescales the whole base output, so rows cannot pick it alone
+            raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter, and mixed batches support plain LoRA "
+                             "adapters only; run its rows in a batch of their own with set_adapter")
         self.rows = list(row_adapters)
 
     def __enter__(self):
@@ -213,9 +219,8 @@ def lora_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> Ite
     for name, module in lora_modules(model):
         for key, adapter in module.adapters.items():
             if adapter_name is None or key == adapter_name:
-                prefix = f"{name}.adapters.{key}"
-                yield f"{prefix}.lora_A", adapter.lora_A
-                yield f"{prefix}.lora_B", adapter.lora_B
+                for part, param in adapter.named_parameters():  # lora_A, lora_B (DoRA: lora_magnitude_vector)
+                    yield f"{name}.adapters.{key}.{part}", param
 
 
 def bias_parameters(model: nn.Module, bias: str) -> Iterator[tuple[str, nn.Parameter]]:

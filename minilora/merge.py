@@ -14,8 +14,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     if safe:
         for layer in layers:  # check all first, so a failure leaves the whole model unmerged
             if not layer.merged and layer.active_adapter is not None:
-                delta = layer.adapters[layer.active_adapter].delta_weight()
-                if not (layer.weight.float() + delta.to(layer.weight.device)).isfinite().all():
+                if not layer.adapters[layer.active_adapter].merged_weight(layer.weight).isfinite().all():
                     raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights; "
                                      "nothing was merged (the adapter has likely diverged)")
     for layer in layers:
