@@ -66,6 +66,13 @@ CASES = {
     "svd_clamp_three": (["cardiology", "oncology", "neurology"], [0.5, 0.3, 0.2],
                         dict(combination_type="svd", svd_clamp=0.9)),
     "one_adapter_svd_is_linear": (["neurology"], [0.8], dict(combination_type="svd", svd_rank=2)),
+    "ties_frequency": (["cardiology", "oncology"], [0.7, -0.3],
+                       dict(combination_type="ties", density=0.5, majority_sign_method="frequency")),
+    "ties_svd": (["cardiology", "oncology", "neurology"], [0.5, 0.3, 0.2],
+                 dict(combination_type="ties_svd", density=0.4, svd_rank=4)),
+    "magnitude_prune": (["cardiology", "oncology"], [0.7, 0.3], dict(combination_type="magnitude_prune", density=0.3)),
+    "magnitude_prune_svd": (["oncology", "neurology"], [0.6, 0.4],
+                            dict(combination_type="magnitude_prune_svd", density=0.7)),
 }
 
 
@@ -125,6 +132,30 @@ def test_svd_at_full_rank_reproduces_the_weighted_sum_and_lower_ranks_are_the_be
     assert torch.isclose(error, S[2:].norm(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "ties", "magnitude_prune"])
+def test_sparsifying_merges_equal_pefts_merge_utils_on_the_same_tensors_and_seed(method):
+    """DARE draws its masks from torch's generator, and PEFT draws for the new adapter's
+    initialisation in between, so the whole-model results differ by the draws; on the same tensors
+    from the same generator state, the merge is PEFT's exactly."""
+    from peft.utils import merge_utils
+
+    from minilora.combine import _weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(16, 24, generator=g) for _ in range(3)]
+    weights = torch.tensor([0.5, -0.3, 0.8])
+    reference = getattr(merge_utils, method)
+    for density in (0.3, 0.9):
+        torch.manual_seed(5)
+        expected = reference(tensors, weights, density) if "ties" not in method else \
+            reference(tensors, weights, density, "frequency")
+        torch.manual_seed(5)
+        actual = _weighted_sum(tensors, weights, method, density, "frequency")
+        assert torch.equal(actual, expected)
+    kept = (_weighted_sum(tensors[:1], torch.ones(1), method, 0.3, "total") != 0).float().mean()
+    assert abs(kept - 0.3) < 0.1  # the density is the fraction kept
+
+
 def test_rslora_adapters_combine_to_their_weighted_sum():
     """The combined weights already hold each adapter's alpha/√r; the new adapter is written with
     use_rslora off so that it is scaled by 1, not √r (where PEFT 0.21 keeps use_rslora)."""
@@ -167,7 +198,11 @@ def test_adapters_on_different_layers_keep_every_layer(tmp_path):
     (["cardiology", "oncology"], [1.0, float("nan")], {}, "not a finite number"),
     ([], [], {}, "adapters is empty"),
     (["cardiology", "neurology"], [1.0, 1.0], dict(combination_type="linear"), "one rank, got r=\\[4, 8\\]"),
-    (["cardiology", "oncology"], [1.0, 1.0], dict(combination_type="ties"), "PEFT has it"),
+    (["cardiology", "oncology"], [1.0, 1.0], dict(combination_type="mean"), "'mean'; use one of svd, linear, cat"),
+    (["cardiology", "oncology"], [1.0, 1.0], dict(combination_type="ties"), "density in \\(0, 1\\]"),
+    (["cardiology", "oncology"], [1.0, 1.0], dict(combination_type="dare_linear", density=0), "not 0"),
+    (["cardiology", "oncology"], [1.0, 1.0], dict(combination_type="ties", density=0.5, majority_sign_method="vote"),
+     "majority_sign_method='vote'"),
     (["cardiology", "oncology"], [1.0, 1.0], dict(svd_rank=65), "exceeds the rank 64"),
     (["cardiology", "oncology"], [1.0, 1.0], dict(svd_rank=0), "svd_rank=0"),
     (["cardiology", "oncology"], [1.0, 1.0], dict(svd_clamp=2), "svd_clamp=2"),
