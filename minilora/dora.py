@@ -72,9 +72,12 @@ class DoRAAdapter(LoRAAdapter):
                              "to add to it: run it through its LoRALinear (mixed batches cannot use DoRA adapters)")
         ratio = (self.lora_magnitude_vector / self.weight_norm(weight)).to(x.dtype)  # (out,): m/n
         if self.training and isinstance(self.dropout, nn.Dropout):
-            dropped = self.dropout(x)
+            dropped = self.dropout(x)  # nn.Dropout, as PEFT: the same seed draws the same mask
+            base_of_dropped = F.linear(dropped, weight)  # W0 d
             lora = _LoRAFunction.apply(dropped, None, None, self.lora_A, self.lora_B, self.scale, None)  # s·BAd
-            return F.linear(x, weight, bias) + (ratio - 1) * F.linear(dropped, weight) + ratio * lora
+            # = W0 x + b + (m/n − 1) ⊙ W0 d + (m/n) ⊙ s·BAd, arranged so that backward keeps one
+            # (..., out) tensor for m's gradient (W0 d + s·BAd) instead of two
+            return F.linear(x, weight, bias) - base_of_dropped + ratio * (base_of_dropped + lora)
         out = _LoRAFunction.apply(x, weight, None, self.lora_A, self.lora_B, self.scale, None) * ratio
         return out if bias is None else out + bias
 
