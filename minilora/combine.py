@@ -201,7 +201,7 @@ def _weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor, method: st
         # keep each entry with probability density, rescaled; density >= 1 keeps all, as PEFT
         tensors = [t if density >= 1 else t * torch.bernoulli(torch.full_like(t, density)) / density for t in tensors]
     stacked = torch.stack(tensors)  # (n, ...)
-    weighted = stacked * weights.view(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked * weights.to(stacked.device).view(-1, *[1] * (stacked.dim() - 1))
     if method not in ("ties", "dare_ties"):
         return weighted.sum(0)
     # TIES: elect a sign per entry from the unweighted tensors, average the weighted ones that agree
