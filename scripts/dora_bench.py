@@ -176,7 +176,10 @@ def run(shape: Shape, dropouts=(0.0, 0.1), rounds: int = 5, device: str = "cpu",
             out = subprocess.run([sys.executable, __file__, "--peak-of", kind, str(dropout), "--shape",
                                   ",".join(f"{k}={v}" for k, v in asdict(shape).items()),
                                   "--dtype", str(dtype).removeprefix("torch."), "--threads", str(torch.get_num_threads())],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"the peak-memory process for {kind}, dropout {dropout} failed "
+                                   f"({out.returncode}):\n{out.stderr[-3000:]}")
             result["peak_memory_bytes"] = int(out.stdout.split()[-1])
     return {f"{kind}, dropout {dropout:g}": r for (kind, dropout), r in results.items()}
 
