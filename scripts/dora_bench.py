@@ -10,9 +10,9 @@ the order rotating by one each round; the table gives medians and ratios within 
 is ``model(ids, labels=ids).loss.backward()``, ``AdamW.step()``, ``zero_grad(set_to_none=True)``.
 
 Memory, two ways:
-  * saved for backward: the bytes of every tensor autograd keeps from the forward pass for the
-    backward pass (parameters excluded, each storage counted once). Exact and machine-independent:
-    it is what the implementation chooses to keep.
+  * saved for backward: the bytes of the tensors autograd saved in the forward pass that are still
+    held when backward starts (parameters excluded, each storage counted once). Exact and
+    machine-independent: it is what the implementation chooses to keep.
   * peak: on CPU, a fresh process per contender; after building the model and optimizer the
     kernel's peak-RSS mark is reset to the current RSS, and the peak minus that RSS after 2 steps
     is reported (activations, gradients, optimizer state, allocator slack). On CUDA,
@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -88,23 +89,28 @@ def step(model, optimizer, ids) -> None:
 
 
 def saved_for_backward_bytes(model, ids) -> int:
-    """Bytes autograd keeps between forward and backward, parameters excluded, storages counted once."""
+    """Bytes of the tensors autograd saved in forward that are still held when backward starts,
+    parameters excluded, each storage once.
+
+    Tensors saved for a graph dropped before backward (say for a product that is then detached)
+    are freed with it and do not count: only weak references are kept here."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, tuple[int, torch.Tensor]] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            # holding t keeps its memory from being reused (and its address counted twice) by a
-            # later tensor, should autograd release it before the forward pass ends
-            seen[storage.data_ptr()] = (storage.nbytes(), t)
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
+    held = {}
+    for ref in saved:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in params:
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(nbytes for nbytes, _ in seen.values())
+    return sum(held.values())
 
 
 def _sync(device: str) -> None:
