@@ -53,8 +53,8 @@ class DoRAAdapter(LoRAAdapter):
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """``||W + s·B·A||`` over the input dimension: (out_features,) float32, never differentiated.
 
-        In float32 whatever the base dtype (PEFT takes it in the input's dtype; float32 is what a
-        bf16 model's norm should be accumulated in anyway, and identical for float32 models).
+        In float32 whatever the base dtype (PEFT takes it in the input's dtype: the same up to
+        rounding for float32 models, and more accurate for bf16 ones).
         """
         combined = torch.addmm(weight.float(), self.lora_B.float() * self.scale, self.lora_A.float())  # (out, in)
         return torch.linalg.vector_norm(combined, dim=1)
@@ -63,9 +63,10 @@ class DoRAAdapter(LoRAAdapter):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) in x's dtype: the whole DoRA layer (module doc).
 
-        The no-dropout path is one LoRA node (``W0 x + s·BAx``, no (out, in) product formed) times
-        the per-feature ``m/n``; the dropout path runs the base GEMM a second time on the dropped
-        input, as PEFT does.
+        The no-dropout path is one LoRA node (``W0 x + s·BAx``, which keeps only x and the r-wide
+        intermediate for backward) times the per-feature ``m/n``; the dropout path runs the base
+        GEMM a second time on the dropped input, as PEFT does. The norm forms B·A once per call,
+        without gradient, and frees it.
         """
         if weight is None:
             raise ValueError("a DoRA adapter rescales the base layer's whole output, so it has no term of its own "
