@@ -74,6 +74,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     combination_type = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                                         density, majority_sign_method)
     configs = [_config_of(model, name) for name in adapters]
+    with_copies = [a for a, c in zip(adapters, configs) if c.modules_to_save]
+    if with_copies:  # PEFT would give the new adapter fresh copies of the base modules, silently untrained
+        raise ValueError(f"adapter {with_copies[0]!r} has modules_to_save (modules trained in full), which have no "
+                         "weighted combination; combine adapters without modules_to_save")
     ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]  # PEFT: the largest rank each adapter may have
     if combination_type in _ON_A_AND_B:
         if len(set(ranks)) != 1:
@@ -176,9 +180,10 @@ def _combine(name, layer, present, combination_type, new_rank, svd_clamp, full_m
         pad = new_rank - lora_A.shape[0]  # PEFT gives every layer the summed maximum rank; zeros fill the rest
         return (torch.cat([lora_A, lora_A.new_zeros(pad, lora_A.shape[1])]),
                 torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], pad)], dim=1))
-    if new_rank > min(layer.out_features, layer.in_features):
-        raise ValueError(f"svd_rank={new_rank} exceeds the rank {min(layer.out_features, layer.in_features)} an "
-                         f"({layer.out_features}, {layer.in_features}) layer ({name}) can have; give a smaller svd_rank")
+    out_features, in_features = present[0][0].lora_B.shape[0], present[0][0].lora_A.shape[1]  # embeddings too
+    if new_rank > min(out_features, in_features):
+        raise ValueError(f"svd_rank={new_rank} exceeds the rank {min(out_features, in_features)} an "
+                         f"({out_features}, {in_features}) layer ({name}) can have; give a smaller svd_rank")
     method = "linear" if combination_type == "svd" else combination_type.removesuffix("_svd")
     delta = _weighted_sum([a.delta_weight() for a, _ in present], torch.tensor([w for _, w in present]), method,
                           density, majority_sign_method)  # (out, in)

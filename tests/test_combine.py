@@ -229,3 +229,12 @@ def test_dora_and_merged_adapters_are_refused():
     with pytest.raises(ValueError, match="unmerge"):
         minilora.add_weighted_adapter(model, ["plain"], [1.0], "again")
     assert minilora.adapter_names(model) == ["plain", "dora"]
+
+
+def test_adapters_with_modules_to_save_are_refused():
+    model = minilora.inject(tiny_llama(), r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                            adapter_name="a")
+    minilora.inject(model, r=4, target_modules=["q_proj"], adapter_name="b")
+    with pytest.raises(ValueError, match="'a' has modules_to_save"):
+        minilora.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab", combination_type="cat")
+    assert set(minilora.adapter_names(model)) == {"a", "b"}

@@ -212,3 +212,10 @@ def test_dora_trains_on_xla_as_in_eager_without_recompiling():
     for cpu, xla in zip(result["cpu"], result["xla"]):
         assert abs(cpu - xla) <= 1e-5 * abs(cpu)
     assert result["grad_diff"] <= 1e-4 * result["grad_scale"]
+
+
+def test_dora_on_an_embedding_is_refused_before_anything_changes():
+    model = tiny_llama(**BASE)
+    with pytest.raises(ValueError, match="DoRA for Linear layers only.*embed_tokens"):
+        minilora.inject(model, r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    assert not list(minilora.lora_modules(model))
