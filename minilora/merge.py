@@ -42,9 +42,12 @@ def _check_finite(layers) -> None:
     time for the check)."""
     for layer in layers:
         if not layer.merged and layer.active_adapter is not None:
-            delta = layer.adapters[layer.active_adapter].delta_weight()
-            delta = delta.t() if isinstance(layer, LoRAEmbedding) else delta  # (vocab, dim) like its weight
-            if not (quant.dense(layer.weight, torch.float32) + delta.to(layer.weight.device)).isfinite().all():
+            adapter, weight = layer.adapters[layer.active_adapter], quant.dense(layer.weight, torch.float32)
+            if isinstance(layer, LoRAEmbedding):  # its delta is (dim, vocab), its weight (vocab, dim)
+                merged = weight + adapter.delta_weight().t().to(weight.device)
+            else:
+                merged = adapter.merged_weight(weight)  # with DoRA's rescaling for DoRA adapters
+            if not merged.isfinite().all():
                 raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights; "
                                  "nothing was merged (the adapter has likely diverged)")
 

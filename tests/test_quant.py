@@ -342,3 +342,10 @@ def test_qlora_trains_under_spmd_with_checkpointing_compiled_once_and_the_codes_
 def train_losses(out) -> list[float]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+
+
+def test_dora_over_a_quantized_base_is_refused_before_anything_changes():
+    model = minilora.quantize(tiny_llama(), "nf4")
+    with pytest.raises(ValueError, match="DoRA over a quantized base"):
+        minilora.inject(model, r=4, use_dora=True)
+    assert not any(isinstance(m, minilora.LoRALinear) for m in model.modules())
