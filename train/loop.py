@@ -133,6 +133,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
 
     # finish
     final_eval = evaluate_all("final")
+    xla = device.xla_counts()  # before saving: gathering the adapter for the file compiles a graph of its own
     _save_final(run_dir, model, tokenizer, device, args)
     summary = {
         "updates": pos.update, "trainable_params": trainable, "total_params": total_params,
@@ -140,7 +141,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
         "adapter_bytes": _size(run_dir.path("adapter_model.safetensors")) if args.use_lora else None,
         "model_bytes": None if args.use_lora else _size(run_dir.path("model.safetensors")),
-        "peak_memory_bytes": device.peak_memory_bytes(), "xla": device.xla_counts(),
+        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla,
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
