@@ -3,6 +3,8 @@ after fine-tuning. Tiny Llama with a chat template; the real instruct base is pr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,39 @@ def test_a_base_without_chat_template_and_bad_prompt_files_are_refused(chat_mode
     bad.write_text('{"prompt": "fine"}\n{"text": "wrong key"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected"):
         drift.load_prompts(str(bad))
+
+
+def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(chat_model, tiny_text_file, tmp_path):
+    from conftest import train_argv
+    from train.config import parse_args
+    from train.loop import train_and_report
+
+    model, tokenizer = chat_model
+    base_dir = tmp_path / "instruct-base"
+    fresh = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    fresh.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    out = tmp_path / "run"
+    summary = train_and_report(parse_args(train_argv(base_dir, tiny_text_file, out, "--max_steps", "3",
+                                                     "--chat_drift_prompts", "4", "--general_eval_dataset", "none")))
+    chat = summary["chat_drift"]
+    assert chat["prompts"] == 4 and chat["drift"] != 0.0  # three updates at 5e-3 move the answers' likelihood
+    probe = json.loads((out / "chat_probe.json").read_text())
+    assert probe["base_nll"] == chat["base_nll"] and len(probe["answer_ids"]) == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"][0]["chat_drift"] == chat["drift"]
+    assert "chat drift on everyday prompts" in (out / "report.md").read_text()
+
+
+def test_a_base_without_chat_template_reports_why_there_is_no_drift(tiny_model_dir, tiny_text_file, tmp_path):
+    from conftest import train_argv
+    from train.config import parse_args
+    from train.loop import train_and_report
+
+    out = tmp_path / "plain"
+    summary = train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1",
+                                                     "--general_eval_dataset", "none")))
+    assert "chat template" in summary["chat_drift"]["not_measured"]
+    assert "chat_drift" not in json.loads((out / "report.json").read_text())["methods"][0]
+    assert "Chat drift: not measured" in (out / "report.md").read_text()

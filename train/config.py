@@ -56,6 +56,9 @@ class TrainArgs:
     max_eval_samples: Optional[int] = flag(None, "cap on validation windows per evaluation (default: all)")
     general_eval_dataset: Optional[str] = flag(None, "general-English text for the forgetting check (default: "
                                                      "the embedded demo's held-out general text); 'none' to skip")
+    chat_drift_prompts: Optional[int] = flag(None, "instruct bases (with a chat template): how many of the shipped "
+                                                   "everyday prompts the base answers before training, to measure how far "
+                                                   "training moved the assistant (chat drift; default: all 60, 0: off)")
     compare_full_finetune: bool = flag(False, "with --use_lora: also run full fine-tuning with the same data, steps "
                                               "and seed, and put both side by side in report.md")
     full_finetune_learning_rate: float = flag(5e-5, "learning rate of the --compare_full_finetune run (full "
@@ -139,6 +142,8 @@ class TrainArgs:
             (self.max_steps > 0 or self.num_train_epochs > 0, "give --num_train_epochs > 0 or --max_steps > 0"),
             (self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got {self.shuffle_buffer_size}"),
             (self.num_workers >= 0, f"--num_workers must not be negative, got {self.num_workers}"),
+            (self.chat_drift_prompts is None or self.chat_drift_prompts >= 0,
+             f"--chat_drift_prompts must not be negative (0 turns chat drift off), got {self.chat_drift_prompts}"),
         ]
         if self.use_lora or self.is_demo:
             checks += [

@@ -21,6 +21,7 @@ behaviour as an assistant" does not exist.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -129,6 +130,33 @@ def answer_nll(model, probe: ChatProbe, batch_size: int = 20) -> float:
             total += next_token_nll(logits, targets).item()  # a host sync, once per batch of prompts
             count += int(predicted_tokens(targets))
     return total / count
+
+
+# -- in a training run --------------------------------------------------------------------------
+
+PROBE_FILE = "chat_probe.json"  # in the run directory: a resumed run compares against the same answers
+
+
+def probe_for_run(args, model, tokenizer, run_dir, device) -> tuple[Optional[ChatProbe], Optional[str]]:
+    """(probe, None) for a run that measures chat drift, else (None, why not). Called before
+    the first update; a resumed run reads the probe its first start wrote, since the base may be
+    gone by then (full fine-tuning)."""
+    if args.chat_drift_prompts == 0:
+        return None, "off (--chat_drift_prompts 0)"
+    if not has_chat_template(tokenizer):
+        return None, "not measured: the base has no chat template (not an instruct model)"
+    if device.is_xla or device.layout.kind != "single":
+        # Greedy generation compiles a graph per length on XLA, and a sharded model generates only
+        # with every process taking part: measure drift on one eager device instead.
+        return None, "not measured: chat drift runs on a single eager device (CPU or one GPU)"
+    if args.resume_from_checkpoint and run_dir.exists(PROBE_FILE):
+        with open(run_dir.path(PROBE_FILE)) as f:
+            return ChatProbe(**json.load(f)), None
+    prompts = load_prompts()[:args.chat_drift_prompts] if args.chat_drift_prompts else None
+    probe = probe_base(model, tokenizer, prompts)
+    if device.is_main:
+        run_dir.write_json(PROBE_FILE, dataclasses.asdict(probe))
+    return probe, None
 
 
 def chat_drift(model, probe: ChatProbe) -> dict:

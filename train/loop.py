@@ -25,7 +25,7 @@ import torch
 
 import minilora
 
-from . import data
+from . import data, drift
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .loss import nll_result, next_token_nll, predicted_tokens
@@ -95,6 +95,9 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     pos = Position()
     if args.resume_from_checkpoint:
         pos = _restore(run_dir.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
+    # chat drift (instruct bases): the base's own answers to everyday prompts, taken before training
+    probe, no_drift = drift.probe_for_run(args, model, tokenizer, run_dir, device)
+    bare_model = model  # generation and drift scoring run on the model, not its DDP wrapper
     model = device.wrap(model, optimizer)
 
     # evaluation sets and reporting
@@ -133,7 +136,11 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
 
     # finish
     final_eval = evaluate_all("final")
-    xla = device.xla_counts()  # before saving: gathering the adapter for the file compiles a graph of its own
+    xla = device.xla_counts()  # before drift scoring and saving, which compile graphs of their own
+    chat = drift.chat_drift(bare_model, probe) if probe is not None else {"not_measured": no_drift}
+    if device.is_main and probe is not None:
+        print(f"chat drift on {chat['prompts']} everyday prompts: {chat['drift']:+.3f} nats per answer token "
+              f"(base {chat['base_nll']:.3f} -> {chat['nll']:.3f})", flush=True)
     _save_final(run_dir, model, tokenizer, device, args)
     summary = {
         "updates": pos.update, "trainable_params": trainable, "total_params": total_params,
@@ -145,7 +152,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
-        "learning_rate": args.learning_rate,
+        "learning_rate": args.learning_rate, "chat_drift": chat,
     }
     reporter.finish(summary)
     if device.is_main:

@@ -209,6 +209,11 @@ def _method_row(summary: dict) -> dict:
            "peak_memory_bytes": summary.get("peak_memory_bytes"),
            "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "updates": summary["updates"],
            "learning_rate": summary.get("learning_rate")}
+    chat = summary.get("chat_drift") or {}
+    if "drift" in chat:
+        row["chat_drift"] = chat["drift"]
+    elif chat.get("not_measured"):
+        row["chat_drift_note"] = chat["not_measured"]
     for name, label in (("validation", "medical"), ("general", "general")):
         if name in final:
             b, f = base[name]["perplexity"], final[name]["perplexity"]
@@ -236,6 +241,8 @@ def write_report(run_dir: RunDir, summary: dict, full: Optional[dict] = None) ->
             return f"{value / 1e6:,.2f} MB"
         if kind == "lr":
             return f"{value:.2g}"
+        if kind == "nats":
+            return f"{value:+.3f}"
         if kind == "s":
             return f"{value:.3f} s"
         return f"{value:,d}"
@@ -243,7 +250,8 @@ def write_report(run_dir: RunDir, summary: dict, full: Optional[dict] = None) ->
     lines = ["# Forgetting report", "",
              "Perplexity of the base model and of the adapted model on the run's validation text (medical) "
              "and on general English held out from all training. Lower is better; a rise on general text is "
-             "forgetting.", "",
+             "forgetting. Chat drift (instruct bases): how much less likely the adapted model finds the base's "
+             "own answers to everyday requests, in nats per answer token; 0 is unchanged, larger is further away.", "",
              "| | " + " | ".join(r["method"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     table = [("medical perplexity, base", "medical_perplexity_base", "ppl"),
              ("medical perplexity, adapted", "medical_perplexity", "ppl"),
@@ -251,6 +259,7 @@ def write_report(run_dir: RunDir, summary: dict, full: Optional[dict] = None) ->
              ("general perplexity, base", "general_perplexity_base", "ppl"),
              ("general perplexity, adapted", "general_perplexity", "ppl"),
              ("general change (forgetting)", "general_change_percent", "pct"),
+             ("chat drift on everyday prompts (nats/token)", "chat_drift", "nats"),
              ("trainable parameters", "trainable_params", "int"),
              ("checkpoint size", "checkpoint_bytes", "bytes"),
              ("optimizer state", "optimizer_state_bytes", "bytes"),
@@ -277,6 +286,13 @@ def _verdict(rows: list[dict]) -> str:
             word = "rose" if change > 0 else "fell"
             parts.append(f"With {r['method']}, general-English perplexity {word} by {abs(change):.1f}% "
                          f"while medical perplexity changed by {r.get('medical_change_percent', float('nan')):+.1f}%.")
+    if len(rows) == 2 and all("chat_drift" in r for r in rows):
+        lora, full = rows
+        parts.append("As an assistant (chat drift), LoRA moved " + ("less" if lora["chat_drift"] < full["chat_drift"]
+                     else "NOT less") + f" than full fine-tuning ({lora['chat_drift']:+.3f} vs {full['chat_drift']:+.3f} "
+                     "nats per answer token).")
+    elif rows[0].get("chat_drift_note"):
+        parts.append(f"Chat drift: {rows[0]['chat_drift_note']}.")
     if len(rows) == 2 and all("general_change_percent" in r for r in rows):
         lora, full = rows
         parts.append("LoRA forgot less than full fine-tuning here." if lora["general_change_percent"] < full["general_change_percent"]
