@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import Iterable, Iterator
 
 import torch
@@ -31,6 +32,18 @@ def move_model(model: torch.nn.Module, device) -> torch.nn.Module:
     return model
 
 
+def tpu_present() -> bool:
+    """A TPU for XLA to run on: ``PJRT_DEVICE=TPU``, or a TPU chip on the PCI bus (torch_xla's own
+    test, which reads /sys and starts nothing)."""
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+        return True
+    try:
+        from torch_xla._internal import tpu
+    except ImportError:  # a torch_xla without that (private) module: the environment must say so
+        return False
+    return tpu.num_available_chips() > 0
+
+
 class Device:
     """One accelerator (or the CPU), chosen by ``--device``."""
 
@@ -52,11 +65,12 @@ class Device:
 
     @staticmethod
     def resolve(requested: str = "auto") -> str:
-        """The kind ``--device`` names, without starting it. auto: XLA whenever torch_xla is
-        installed (TPU if present, else its CPU device), else CUDA, else CPU."""
+        """The kind ``--device`` names, without starting it. auto: a TPU through XLA when one is
+        present, else CUDA, else the eager CPU. XLA's CPU device only when asked for (``xla``): it
+        runs the loop several times slower than eager (docs/benchmarks.md), a development target."""
         has_xla = importlib.util.find_spec("torch_xla") is not None
         if requested == "auto":
-            requested = "xla" if has_xla else "cuda" if torch.cuda.is_available() else "cpu"
+            requested = "xla" if has_xla and tpu_present() else "cuda" if torch.cuda.is_available() else "cpu"
         if requested == "xla" and not has_xla:
             raise UsageError("--device xla needs torch_xla: pip install 'minilora[xla]' (Linux x86_64)")
         if requested == "cuda" and not torch.cuda.is_available():

@@ -27,6 +27,7 @@ import minilora
 
 from . import data as data_mod
 from . import distributed
+from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
@@ -86,7 +87,7 @@ def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data_mod.Window
     if args.general_eval_dataset:
         windows = data_mod.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
     else:
-        from .demo import default_general_validation
+        from .demo_assets import default_general_validation
 
         windows = data_mod.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
     return data_mod.cap_windows(windows, cap)
@@ -150,7 +151,8 @@ def load_model_and_tokenizer(args: TrainArgs):
                          "embedded demo runs")
     for flag, name in (("--model_name", args.model_name), ("--tokenizer_name_or_path", source)):
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
-            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained)")
+            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained, "
+                             "or a .gguf file)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=args.huggingface_token)
         model = AutoModelForCausalLM.from_pretrained(
@@ -171,6 +173,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     """Train per ``args``; returns the summary that is also written to train_summary.json.
     Bad settings or input raise UsageError (or AdapterLoadError) before anything is written, and
     an output directory this call created is removed again."""
+    args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
     out = RunDir(args.output_dir, args.tmp_dir)
     try:
         return _run(args, out, model, tokenizer, general_windows)
@@ -204,10 +207,11 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
     pad_id = tokenizer.pad_token_id
 
     if args.use_lora:
+        layers = top_layers(model, args.lora_top_layers)
         try:
             minilora.inject(model, minilora.LoRAConfig(
                 r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules,
-                bias=args.lora_bias, use_rslora=args.use_rslora))
+                bias=args.lora_bias, use_rslora=args.use_rslora, layers_to_transform=layers))
         except ValueError as e:  # e.g. no module matched: the message lists the Linear names there are
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
