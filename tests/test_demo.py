@@ -39,14 +39,13 @@ def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tm
 
 def test_device_auto_is_a_tpu_then_cuda_then_the_eager_cpu(monkeypatch):
     from train import device
-    from train.device import Device
 
     monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla installed
     for tpu, cuda, expected in ((True, True, "xla"), (False, True, "cuda"), (False, False, "cpu")):
         monkeypatch.setattr(device, "tpu_present", lambda: tpu)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        assert Device.resolve("auto") == expected
-    assert Device.resolve("xla") == "xla"  # XLA's CPU device: only when asked for
+        assert device.resolve("auto") == expected
+    assert device.resolve("xla") == "xla"  # XLA's CPU device: only when asked for
 
 
 def test_demo_end_to_end_on_the_real_base_then_peft_and_minilora_generate_use_its_adapter(
