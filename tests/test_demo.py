@@ -65,10 +65,11 @@ def test_demo_end_to_end_on_the_real_base_then_peft_and_minilora_generate_use_it
     out = tmp_path / "minilora-demo"
     assert train_main(["--output_dir", str(out), "--report_to", "none", "--device", "cpu", "--max_steps", "3",
                        "--per_device_train_batch_size", "2", "--max_seq_length", "64", "--max_eval_samples", "2",
-                       "--lora_top_layers", "2", "--learning_rate", "1e-2"]) == 0
+                       "--lora_top_layers", "2", "--learning_rate", "1e-2", "--chat_drift_prompts", "2"]) == 0
     printed = capsys.readouterr().out
     for text in ("SmolLM2-135M-Instruct, 134,515,008 parameters", "medical (held-out MedQuAD)",
-                 "general (held-out fortunes)", "Q: What causes Celiac Disease?", "base:", "adapted:",
+                 "general (held-out fortunes)", "chat drift on 2 everyday prompts", "Q: What causes Celiac Disease?",
+                 "base:", "adapted:",
                  f"minilora-generate --adapter {out}", "CC BY 4.0"):
         assert text in printed, text
     assert ("bfloat16 base" if cpu_has_native_bf16() else "float32 base") in printed
