@@ -26,6 +26,7 @@ import torch
 import minilora
 
 from . import data, drift
+from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .loss import nll_result, next_token_nll, predicted_tokens
@@ -67,6 +68,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     that is also written to train_summary.json. Bad settings or input raise UsageError (or
     AdapterLoadError) before anything is written, and an output directory this call created is
     removed again."""
+    args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
     run_dir = RunDir(args.output_dir, args.tmp_dir)
     try:
         return _run(args, run_dir, device, model, tokenizer, general_windows)
@@ -184,7 +186,8 @@ def load_model_and_tokenizer(args: TrainArgs):
                          "embedded demo runs")
     for flag, name in (("--model_name", args.model_name), ("--tokenizer_name_or_path", source)):
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
-            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained)")
+            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained, "
+                             "or a .gguf file)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=args.huggingface_token)
         model = AutoModelForCausalLM.from_pretrained(
@@ -213,10 +216,11 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
     if args.streaming_data and args.max_steps <= 0:
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.use_lora:
+        layers = top_layers(model, args.lora_top_layers)
         try:
             minilora.inject(model, minilora.LoRAConfig(
                 r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules,
-                bias=args.lora_bias, use_rslora=args.use_rslora))
+                bias=args.lora_bias, use_rslora=args.use_rslora, layers_to_transform=layers))
         except ValueError as e:  # e.g. no module matched: the message lists the Linear names there are
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
@@ -332,7 +336,7 @@ def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
     if args.general_eval_dataset:
         windows = data.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
     else:
-        from .demo import default_general_validation
+        from .demo_assets import default_general_validation
 
         windows = data.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
     return data.cap_windows(windows, cap)
