@@ -8,8 +8,43 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, matches
 from .layer import LoRALinear
+
+
+class UnsupportedLayerError(ValueError):
+    """A targeted module that LoRALinear cannot stand in for faithfully: a quantized Linear
+    (bitsandbytes' Linear4bit/Linear8bitLt: integer weights, their own forward) or any other
+    nn.Linear subclass with its own forward. Raised by ``inject`` before the model changes."""
+
+
+# nn.Linear subclasses that override forward yet compute x Wᵀ + b on a weight LoRALinear can use
+# (e.g. minilora's own quantized base): admitted by admit_linear_type.
+_ADMITTED_LINEAR_TYPES: set = set()
+
+
+def admit_linear_type(cls: type) -> type:
+    """Let ``inject`` adapt modules of class ``cls`` although its forward is not nn.Linear's
+    (for a Linear subclass whose adapted form LoRALinear implements). Returns ``cls``."""
+    _ADMITTED_LINEAR_TYPES.add(cls)
+    return cls
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why LoRALinear cannot replace ``module`` without changing what it computes (None: it can).
+
+    LoRALinear keeps the module's ``weight`` and ``bias`` and runs nn.Linear's ``x Wᵀ + b``
+    itself, so anything a subclass's own forward did is dropped, and an integer (quantized)
+    weight would be multiplied as if it were the real one."""
+    if isinstance(module, LoRALinear) or type(module) in _ADMITTED_LINEAR_TYPES:
+        return None
+    if type(module).forward is not nn.Linear.forward:
+        return f"a {type(module).__qualname__}, an nn.Linear subclass with its own forward, which LoRA would drop"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        kind = f"{weight.dtype} {type(weight).__name__}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        return f"a {type(module).__qualname__} whose weight is a {kind}, not a floating-point tensor (quantized?)"
+    return None
 
 
 def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_name: str = "default",
@@ -19,8 +54,11 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     ``config`` and keyword ``fields`` (``r=16``, ``target_modules=[...]``, …) combine: fields
     override the config. Everything but the new adapter is frozen (biases train per
     ``config.bias``), and the new adapter becomes the active one. Returns ``model``.
+    Every check runs before the model changes, and a failure while building the adapter (say
+    its tensors cannot be allocated) removes what was built: on any error the model is as it was.
     """
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
+    check_adapter_name(adapter_name)
     targets = find_targets(model, config)
     known = adapter_names(model)
     if adapter_name in known:
@@ -28,10 +66,23 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
                          f"adapter_name or call minilora.delete_adapter(model, {adapter_name!r}) first")
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("the model has a merged adapter; call minilora.unmerge(model) before adding another")
-    for name, module in targets:
-        layer = module if isinstance(module, LoRALinear) else _replace(model, name, LoRALinear(module))
-        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.init)
+    replaced = []  # (name, original Linear): what a failure puts back
+    try:
+        for name, module in targets:
+            if isinstance(module, LoRALinear):
+                layer = module
+            else:
+                layer = _replace(model, name, LoRALinear(module))
+                replaced.append((name, module))
+            layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
+                              config.use_rslora, config.init)
+    except BaseException as e:
+        remove_injected(model, adapter_name, replaced)
+        if isinstance(e, (RuntimeError, OverflowError, MemoryError)):  # torch.empty of an absurd rank
+            raise ValueError(f"adapter {adapter_name!r} could not be built ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             f"r={config.r} (rank_pattern={config.rank_pattern}) is too large for this "
+                             "machine; the model was left as it was") from None
+        raise
     model.__dict__.pop("_minilora_layers", None)  # new LoRALinear modules may exist now
     # Remember how the adapter was made, for saving it in PEFT's format later.
     configs = model.__dict__.setdefault("_minilora_configs", {})
@@ -40,6 +91,27 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     mark_only_lora_trainable(model, bias=config.bias, adapter_name=adapter_name)
     _hook_input_require_grads(model, always=False)
     return model
+
+
+def check_adapter_name(name) -> None:
+    """Adapter names become module names (``adapters.<name>``): text without dots."""
+    if not isinstance(name, str) or not name or "." in name or name.strip() != name:
+        raise ValueError(f"adapter_name={name!r}: an adapter name is non-empty text without dots or surrounding "
+                         "spaces, e.g. 'default' or 'cardiology'")
+
+
+def remove_injected(model: nn.Module, adapter_name: str, replaced: list[tuple[str, nn.Module]]) -> None:
+    """Undo the module surgery of an inject: drop ``adapter_name`` from every layer and put the
+    replaced Linears (``(name, module)`` pairs) back."""
+    for _, module in lora_modules(model):
+        if adapter_name in module.adapters:
+            del module.adapters[adapter_name]
+        if module.active_adapter == adapter_name:
+            module.active_adapter = None
+    for name, linear in replaced:
+        _replace(model, name, linear)
+    model.__dict__.get("_minilora_configs", {}).pop(adapter_name, None)
+    model.__dict__.pop("_minilora_layers", None)
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
@@ -60,14 +132,34 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                     f"Linear module names here end in: {', '.join(linear_name_endings(model))}"
                 )
             chosen.append((name, module))
+    unsupported = [(n, reason) for n, m in chosen if (reason := unsupported_reason(m)) is not None]
+    if unsupported:
+        name, reason = unsupported[0]
+        more = f" (and {len(unsupported) - 1} more such module(s))" if len(unsupported) > 1 else ""
+        raise UnsupportedLayerError(
+            f"cannot adapt {name!r}: it is {reason}{more}. minilora adapts plain nn.Linear layers, and refuses "
+            "others rather than adapt them wrongly; load the base unquantized, or leave such modules out with "
+            "exclude_modules / a narrower target_modules")
     if not chosen:
         raise ValueError(
             f"no module matched target_modules={config.target_modules!r}"
             + (f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"
                if config.exclude_modules is not None or config.layers_to_transform is not None else "")
             + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
+            + _regex_hint(config.target_modules, model)
         )
     return chosen
+
+
+def _regex_hint(target_modules, model: nn.Module) -> str:
+    """For a string target that matches a name ending but no whole name: say how strings match."""
+    if not isinstance(target_modules, str) or target_modules == "all-linear":
+        return ""
+    if not any(matches(target_modules, ending) for ending in linear_name_endings(model)):
+        return ""
+    example = next(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)))
+    return (f". A string is a regex that must match the whole module name (such as {example!r}); for name endings "
+            f"give a list, e.g. [{target_modules!r}]")
 
 
 def _inside_lora(name: str, model: nn.Module) -> bool:

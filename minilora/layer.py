@@ -291,13 +291,13 @@ class LoRALinear(nn.Module):
         if self.merged_adapter is not None or self.active_adapter is None:
             return
         adapter = self.adapters[self.active_adapter]
-        merged = self.weight.float() + adapter.delta_weight().to(self.weight.device)
-        if safe and not torch.isfinite(merged).all():
+        merged = (self.weight.float() + adapter.delta_weight().to(self.weight.device)).to(self.weight.dtype)
+        if safe and not torch.isfinite(merged).all():  # in the weight's dtype: fp16 overflows above 65504
             raise ValueError(
                 f"merging adapter {self.active_adapter!r} gives non-finite weights; the adapter is "
                 "likely diverged (check its training loss), so the layer was left unmerged"
             )
-        self.weight.copy_(merged.to(self.weight.dtype))
+        self.weight.copy_(merged)
         self.merged_adapter = self.active_adapter
 
     @torch.no_grad()

@@ -5,29 +5,71 @@ from __future__ import annotations
 from torch import nn
 
 from .inject import _replace, lora_modules
+from .layer import LoRALinear
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapter into every LoRALinear's weight (idempotent). With ``safe=True``
-    a layer whose merged weight would be non-finite raises before anything is changed."""
+    a layer whose merged weight would be non-finite in the weight's own dtype (an fp16 base
+    overflows above 65504) raises before anything is changed.
+
+    A weight the layer shares with another module (an LM head tied to the input embeddings)
+    is untied first: the layer merges into its own copy, ``config.tie_word_embeddings``
+    becomes False while merged (so ``save_pretrained`` writes both matrices and a reload keeps
+    them apart), and ``unmerge`` puts the shared weight and the tie back. Otherwise merging
+    the head would also rewrite the input embeddings, and merged logits would differ from
+    unmerged ones.
+    """
     layers = [m for _, m in lora_modules(model)]
+    if any(m.disabled for m in layers):
+        raise ValueError("adapters are disabled here (inside `with minilora.disable_adapters(model):`); a merged "
+                         "adapter cannot be disabled, so the block would run adapted. Merge after the block")
+    if any(m.row_adapters is not None for m in layers):
+        raise ValueError("a mixed batch is active (inside `with minilora.mixed_batch(...)`); merging would give every "
+                         "row the active adapter. Merge after the block")
+    pending = [m for m in layers if not m.merged and m.active_adapter is not None]
     if safe:
-        for layer in layers:  # check all first, so a failure leaves the whole model unmerged
-            if not layer.merged and layer.active_adapter is not None:
-                delta = layer.adapters[layer.active_adapter].delta_weight()
-                if not (layer.weight.float() + delta.to(layer.weight.device)).isfinite().all():
-                    raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights; "
-                                     "nothing was merged (the adapter has likely diverged)")
+        for layer in pending:  # check all first, so a failure leaves the whole model unmerged
+            merged = (layer.weight.float() + layer.adapters[layer.active_adapter].delta_weight()
+                      .to(layer.weight.device)).to(layer.weight.dtype)
+            if not merged.isfinite().all():
+                raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights in "
+                                 f"{layer.weight.dtype}; nothing was merged (the adapter has likely diverged, "
+                                 "or the base's dtype cannot hold the merged values: merge in float32)")
+    _untie(model, pending)
     for layer in layers:
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract merged adapters again (idempotent)."""
+    """Subtract merged adapters again (idempotent); a weight untied by ``merge`` is tied again."""
+    retie = False
     for _, layer in lora_modules(model):
         layer.unmerge()
+        shared = layer.__dict__.pop("_minilora_tied_weight", None)
+        if shared is not None:  # the original shared Parameter, never modified: exact
+            layer.weight = shared
+            retie = True
+    if retie and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        model.config.tie_word_embeddings = True
     return model
+
+
+def _untie(model: nn.Module, layers: list[LoRALinear]) -> None:
+    """Give each of ``layers`` whose weight another module also holds its own copy of it."""
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    untied = False
+    for layer in layers:
+        if owners.get(id(layer.weight), 0) > 1:
+            shared = layer.weight
+            layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            layer.__dict__["_minilora_tied_weight"] = shared  # not a registered parameter: unmerge's to restore
+            untied = True
+    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
 
 
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
@@ -35,6 +77,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     ``model.save_pretrained`` writes an ordinary checkpoint. Other adapters are dropped."""
     merge(model, safe=safe)
     for name, layer in list(lora_modules(model)):
+        layer.__dict__.pop("_minilora_tied_weight", None)  # the merged copy stays: the tie is gone for good
         _replace(model, name, layer.to_linear())
     model.__dict__.pop("_minilora_configs", None)
     model.__dict__.pop("_minilora_layers", None)
