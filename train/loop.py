@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 import minilora
 
@@ -29,7 +31,8 @@ from . import data as data_mod
 from . import distributed
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
-from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
+from .outputs import (FINISHED, RunDir, check_resume_settings, load_safetensors, load_tensors_safely, resume_settings,
+                      save_tensors_safely)
 from .report import Reporter, write_report
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
@@ -162,6 +165,11 @@ def load_model_and_tokenizer(args: TrainArgs):
             first = first.replace(args.huggingface_token, "<redacted>")
         raise UsageError(f"--model_name {args.model_name}: could not load it ({first}); give a local directory "
                          "saved with save_pretrained, or a hub id with network access") from None
+    except (ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # truncated, or an unsafe pickle
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model_name {args.model_name}: its weights could not be read ({type(e).__name__}: {first}); "
+                         "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, "
+                         "or convert it to safetensors where you trust its source") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -173,10 +181,15 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     an output directory this call created is removed again."""
     out = RunDir(args.output_dir, args.tmp_dir)
     try:
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 holds the directory for every rank
+            out.lock()
         return _run(args, out, model, tokenizer, general_windows)
     except (UsageError, minilora.AdapterLoadError):
+        out.unlock()
         out.discard_if_unused()
         raise
+    finally:
+        out.unlock()
 
 
 def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Optional[data_mod.Windows]) -> dict:
@@ -450,7 +463,8 @@ def _save_checkpoint(out: RunDir, model, optimizer, device: Device, pos: Positio
     save_tensors_safely(rng[0] if len(rng) == 1 else {"ranks": rng}, os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
-                   "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history}, f, indent=2)
+                   "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history,
+                   "settings": resume_settings(args)}, f, indent=2)
     out.commit_checkpoint(tmp, pos.update, args.save_total_limit)
 
 
@@ -462,9 +476,13 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
         with open(state_file) as f:
             state = json.load(f)
         position = Position(update=int(state["update"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
-                            nonfinite_skipped=state.get("nonfinite_skipped", 0), history=state.get("history", []))
+                            nonfinite_skipped=int(state.get("nonfinite_skipped", 0)), history=state.get("history", []))
+        if min(position.update, position.epoch, position.micro, position.nonfinite_skipped) < 0 \
+                or not isinstance(position.history, list) or not all(isinstance(h, dict) for h in position.history):
+            raise ValueError("negative counters, or a history that is not a list of records")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged ({e!r})") from None
+    check_resume_settings(state.get("settings"), args, path)
     # Safetensors and torch.load(weights_only=True) only: reading a checkpoint runs no code.
     optimizer_state = load_tensors_safely(os.path.join(path, "optimizer.pt"))
     rng_state = load_tensors_safely(os.path.join(path, "rng.pt"))
