@@ -220,7 +220,7 @@ def _check_json_lines(path: str, kinds: Optional["_RecordKinds"] = None) -> None
 
 
 class _RecordKinds:
-    """Every record of a file has the fields of the first one that has usable fields ('text', or
+    """Every record of a dataset has the fields of the first one that has usable fields ('text', or
     'question' with 'response'/'answer'), and those fields hold text (or null: an empty record)."""
 
     def __init__(self):
