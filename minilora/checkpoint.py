@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BIAS_MODES, LoRAConfig
-from .inject import (adapter_names, active_adapter, bias_parameters, check_adapter_name, find_targets, inject,
-                     lora_modules, remove_injected, set_adapter)
+from .inject import (adapter_names, adapter_state, active_adapter, bias_parameters, check_adapter_name, find_targets,
+                     inject, lora_modules, remove_injected, set_adapter)
 from .layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -341,7 +341,7 @@ def _misfit(path: str, base_name: Optional[str], missing: list, unexpected: list
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoRAConfig:
-    configs = model.__dict__.get("_minilora_configs", {})
+    configs = adapter_state(model).configs
     if adapter_name in configs:
         return configs[adapter_name]
     raise ValueError(f"no LoRAConfig recorded for adapter {adapter_name!r}; adapters added with "

@@ -19,10 +19,10 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
     On GPUs (any device but the CPU and XLA) the mask is ``bool``: it is saved for backward in
     every adapted Linear, and one byte an element instead of two (bf16) or four halves or
-    quarters that memory, for a little time (H200, Llama-1B shape: +6% step time with dropout,
-    -5 GB peak; docs/benchmarks.md). On the CPU it is in x's
-    dtype, where a same-dtype multiply is several times faster than one by a bool tensor (see
-    docs/benchmarks.md); XLA gets x's dtype too and keeps or fuses it as its compiler decides.
+    quarters that memory, for a little step time. On the CPU it is in x's dtype, where a
+    same-dtype multiply is much faster than one by a bool tensor. XLA gets x's dtype too and
+    keeps or fuses it as its compiler decides. docs/benchmarks.md has the measurements of both
+    and the commands that repeat them.
 
     ``bernoulli_`` wherever torch has a vectorised kernel for it: other devices, and CPUs where
     ATen hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import _replace, lora_modules
-from .layer import LoRALinear
+from .inject import adapter_state, lora_modules, replace_module
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
@@ -44,30 +43,27 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract merged adapters again (idempotent); a weight untied by ``merge`` is tied again."""
-    retie = False
-    for _, layer in lora_modules(model):
+    untied = adapter_state(model).untied
+    retie = bool(untied)
+    for name, layer in lora_modules(model):
         layer.unmerge()
-        shared = layer.__dict__.pop("_minilora_tied_weight", None)
-        if shared is not None:  # the original shared Parameter, never modified: exact
-            layer.weight = shared
-            retie = True
+        if name in untied:  # the original shared Parameter, never modified: exact
+            layer.weight = untied.pop(name)
     if retie and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = True
     return model
 
 
-def _untie(model: nn.Module, layers: list[LoRALinear]) -> None:
-    """Give each of ``layers`` whose weight another module also holds its own copy of it."""
+def _untie(model: nn.Module, layers: list) -> None:
+    """Give each of ``layers`` (LoRALinear) whose weight another module also holds its own copy."""
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    untied = False
-    for layer in layers:
-        if owners.get(id(layer.weight), 0) > 1:
-            shared = layer.weight
-            layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-            layer.__dict__["_minilora_tied_weight"] = shared  # not a registered parameter: unmerge's to restore
-            untied = True
+    untied = adapter_state(model).untied
+    for name, layer in lora_modules(model):
+        if any(layer is m for m in layers) and owners.get(id(layer.weight), 0) > 1:
+            untied[name] = layer.weight  # kept for unmerge, outside the module (not a second parameter)
+            layer.weight = nn.Parameter(untied[name].detach().clone(), requires_grad=untied[name].requires_grad)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False
 
@@ -77,8 +73,9 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     ``model.save_pretrained`` writes an ordinary checkpoint. Other adapters are dropped."""
     merge(model, safe=safe)
     for name, layer in list(lora_modules(model)):
-        layer.__dict__.pop("_minilora_tied_weight", None)  # the merged copy stays: the tie is gone for good
-        _replace(model, name, layer.to_linear())
-    model.__dict__.pop("_minilora_configs", None)
-    model.__dict__.pop("_minilora_layers", None)
+        replace_module(model, name, layer.to_linear())  # a layer merge untied keeps its merged copy
+    state = adapter_state(model)
+    state.configs.clear()
+    state.untied.clear()
+    state.layers = None
     return model
