@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import adapter_state, lora_modules, replace_module
+from .embedding import LoRAEmbedding
+from .inject import _remove_save_pretrained, adapter_modules, adapter_state, lora_modules, replace_module
+from .modules_to_save import ModuleToSave
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold the active adapter into every LoRALinear's weight (idempotent). With ``safe=True``
+    """Fold the active adapter into every LoRA layer's weight (idempotent). With ``safe=True``
     a layer whose merged weight would be non-finite in the weight's own dtype (an fp16 base
-    overflows above 65504) raises before anything is changed.
+    overflows above 65504) raises before anything is changed. modules_to_save copies need no
+    merging: the active adapter's copy keeps running.
 
-    A weight the layer shares with another module (an LM head tied to the input embeddings)
-    is untied first: the layer merges into its own copy, ``config.tie_word_embeddings``
+    A Linear weight the layer shares with another module (an LM head tied to the input
+    embeddings) is untied first: the layer merges into its own copy, ``config.tie_word_embeddings``
     becomes False while merged (so ``save_pretrained`` writes both matrices and a reload keeps
-    them apart), and ``unmerge`` puts the shared weight and the tie back. Otherwise merging
-    the head would also rewrite the input embeddings, and merged logits would differ from
-    unmerged ones.
+    them apart), and ``unmerge`` puts the shared weight and the tie back. Otherwise merging the
+    head would also rewrite the input embeddings, and merged logits would differ from unmerged
+    ones. (A tied embedding carrying LoRA is refused instead, see _refuse_tied_embedding_merge.)
     """
     layers = [m for _, m in lora_modules(model)]
     if any(m.disabled for m in layers):
@@ -26,16 +29,18 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     if any(m.row_adapters is not None for m in layers):
         raise ValueError("a mixed batch is active (inside `with minilora.mixed_batch(...)`); merging would give every "
                          "row the active adapter. Merge after the block")
+    _refuse_tied_embedding_merge(model, layers)
     pending = [m for m in layers if not m.merged and m.active_adapter is not None]
     if safe:
         for layer in pending:  # check all first, so a failure leaves the whole model unmerged
-            merged = (layer.weight.float() + layer.adapters[layer.active_adapter].delta_weight()
-                      .to(layer.weight.device)).to(layer.weight.dtype)
+            delta = layer.adapters[layer.active_adapter].delta_weight()
+            delta = delta.t() if isinstance(layer, LoRAEmbedding) else delta  # (vocab, dim) like its weight
+            merged = (layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype)
             if not merged.isfinite().all():
                 raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights in "
                                  f"{layer.weight.dtype}; nothing was merged (the adapter has likely diverged, "
                                  "or the base's dtype cannot hold the merged values: merge in float32)")
-    _untie(model, pending)
+    _untie(model, [m for m in pending if not isinstance(m, LoRAEmbedding)])
     for layer in layers:
         layer.merge()
     return model
@@ -69,13 +74,45 @@ def _untie(model: nn.Module, layers: list) -> None:
 
 
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Merge the active adapter and put plain nn.Linear modules back (same weight objects), so
-    ``model.save_pretrained`` writes an ordinary checkpoint. Other adapters are dropped."""
+    """Merge the active adapter and put plain nn.Linear / nn.Embedding modules back (same weight
+    objects), and in place of each modules_to_save module the active adapter's trained copy, so
+    ``model.save_pretrained`` (the model's own again) writes an ordinary checkpoint. Other
+    adapters are dropped."""
     merge(model, safe=safe)
-    for name, layer in list(lora_modules(model)):
-        replace_module(model, name, layer.to_linear())  # a layer merge untied keeps its merged copy
+    for name, layer in list(adapter_modules(model)):
+        if isinstance(layer, ModuleToSave):
+            replace_module(model, name, layer.unload())
+        else:
+            replace_module(model, name, layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear())
+    _untie_in_config(model)
+    _remove_save_pretrained(model)
     state = adapter_state(model)
     state.configs.clear()
-    state.untied.clear()
+    state.untied.clear()  # a layer merge untied keeps its merged copy: the tie is gone for good
     state.layers = None
     return model
+
+
+def _refuse_tied_embedding_merge(model: nn.Module, layers) -> None:
+    """Merging into an embedding whose weight the output head shares would change the head too,
+    which the unmerged model never did."""
+    for layer in layers:
+        if isinstance(layer, LoRAEmbedding) and not layer.merged and layer.active_adapter is not None:
+            sharers = [n for n, p in model.named_parameters(remove_duplicate=False) if p is layer.weight]
+            if len(sharers) > 1:
+                raise ValueError(f"cannot merge the embedding adapter: its weight is tied ({', '.join(sharers)}), so "
+                                 "merging would change the output head as well; keep the adapter unmerged, or "
+                                 "untie the weights before injecting")
+
+
+def _untie_in_config(model: nn.Module) -> None:
+    """After unloading, a modules_to_save copy of lm_head or embed_tokens may no longer share its
+    weight with the other; then a config that says the two are tied would make transformers drop
+    one of them on save (and tie them again on load), so it is set to say they are not."""
+    config = getattr(model, "config", None)
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (getattr(config, "tie_word_embeddings", False) and callable(get_in) and callable(get_out)):
+        return
+    embeddings, head = get_in(), get_out()
+    if embeddings is not None and head is not None and head.weight is not embeddings.weight:
+        config.tie_word_embeddings = False
