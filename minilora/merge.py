@@ -33,10 +33,12 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     pending = [m for m in layers if not m.merged and m.active_adapter is not None]
     if safe:
         for layer in pending:  # check all first, so a failure leaves the whole model unmerged
-            delta = layer.adapters[layer.active_adapter].delta_weight()
-            delta = delta.t() if isinstance(layer, LoRAEmbedding) else delta  # (vocab, dim) like its weight
-            merged = (layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype)
-            if not merged.isfinite().all():
+            adapter = layer.adapters[layer.active_adapter]
+            if isinstance(layer, LoRAEmbedding):  # its delta is (dim, vocab), its weight (vocab, dim)
+                merged = layer.weight.float() + adapter.delta_weight().t().to(layer.weight.device)
+            else:
+                merged = adapter.merged_weight(layer.weight)  # with DoRA's rescaling for DoRA adapters
+            if not merged.to(layer.weight.dtype).isfinite().all():  # in the weight's dtype: fp16 overflows at 65504
                 raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights in "
                                  f"{layer.weight.dtype}; nothing was merged (the adapter has likely diverged, "
                                  "or the base's dtype cannot hold the merged values: merge in float32)")
