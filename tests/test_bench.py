@@ -1,11 +1,11 @@
-"""The benchmark (train/bench.py) and the structural properties its figures rest on. These tests
+"""The benchmark (the bench package) and the structural properties its figures rest on. These tests
 time nothing: speed and memory are the benchmark's to report, never a test's to assert.
 
 - the unmerged forward and backward never form an out x in tensor, in a whole Llama, with dropout;
 - LoRA dropout 0 runs no dropout op, and dropout p > 0 draws one mask per adapted Linear;
 - switching adapters runs no tensor op and allocates no parameter;
 - the XLA training step reads nothing back to the host except on logging steps (and evaluations);
-- ``python -m train.bench --quick`` runs end to end and writes its JSON and markdown.
+- ``minilora-bench --quick`` runs end to end and writes its JSON and markdown.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import torch
 import minilora
 from conftest import assert_close_to_rounding, make_tokenizer, medical_sentences, tiny_llama, write_jsonl
 from test_layer import OpRecorder
-from train import bench
+from bench import cli
+from bench.inference import bench_switching
+from bench.models import Settings
+from bench.xla import bench_xla
 
 # 3 x 7 = 21 token rows: no activation is shaped like any weight of the tiny Llama (64, 32, 128 wide).
 IDS = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -136,7 +139,7 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
 
 
 def test_switching_adapters_runs_no_tensor_op_and_allocates_no_parameter():
-    result = bench.bench_switching(bench.Settings(switch_adapters=2, switch_rounds=4))  # the 1B-shaped set
+    result = bench_switching(Settings(switch_adapters=2, switch_rounds=4))  # the 1B-shaped set
     assert result["tensor_ops_during_switch"] == 0
     assert result["parameters_unchanged"]
     assert result["params_per_adapter"] == 11_272_192  # PEFT's count for Llama-3.2-1B, r=16, seven projections
@@ -167,7 +170,7 @@ def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokeniz
 
     require_xla()
     tokenizer_dir, records = text_and_tokenizer
-    result = bench.bench_xla(bench.Settings(xla_updates=9), str(tmp_path), 1, tokenizer_dir, records,
+    result = bench_xla(Settings(xla_updates=9), str(tmp_path), 1, tokenizer_dir, records,
                              compare_eager=False, compare_full=False)
     assert result["compiles_after_warmup"] == 0, result
     assert result["fallbacks_in_step"] == {}, result  # the logged losses and the evaluation only
@@ -178,7 +181,7 @@ def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokeniz
 def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_tokenizer, tmp_path, capsys):
     _, records = text_and_tokenizer
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    code = bench.main(["--quick", "--only", "training,inference,packing", "--rounds", "1", "--threads", "1",
+    code = cli.main(["--quick", "--only", "training,inference,packing", "--rounds", "1", "--threads", "1",
                        "--shape", "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32",
                        "--medquad", records, "--json", str(out), "--markdown", str(md)])
     assert code == 0
@@ -198,7 +201,7 @@ def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_token
 
 
 def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
-    assert bench.main(["--only", "trainig"]) == 2
+    assert cli.main(["--only", "trainig"]) == 2
     assert "unknown section(s) trainig" in capsys.readouterr().err
-    assert bench.main(["--shape", "layers=two"]) == 2
+    assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
