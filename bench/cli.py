@@ -20,7 +20,7 @@ from .report import machine, markdown, targets
 from .timing import ROOT
 
 MEDQUAD = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
-SECTIONS = ("training", "inference", "switching", "xla", "packing")
+SECTIONS = ("training", "inference", "switching", "loop", "xla", "packing")
 
 
 class UsageError(ValueError):
@@ -78,6 +78,7 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
                  log) -> dict:
     """Each chosen section's results, keyed by section."""
     from .inference import bench_inference, bench_switching
+    from .loop import bench_loop
     from .packing import bench_packing, prepare_text
     from .training import bench_training
     from .xla import bench_xla
@@ -97,12 +98,15 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
         if "switching" in chosen:
             log("adapter switching")
             results["switching"] = bench_switching(settings)
-        if "xla" in chosen or "packing" in chosen:
+        if {"xla", "packing", "loop"} & set(chosen):
             log("tokenizer")
             tokenizer_dir, data_file, loop_file, source = prepare_text(settings, args.medquad, workdir)
             if "packing" in chosen:
                 log("packing")
                 results["packing"] = {**bench_packing(tokenizer_dir, data_file, workdir), "source": source}
+            if "loop" in chosen:
+                log("the app's loop vs a bare loop")
+                results["loop"] = bench_loop(settings, workdir, args.threads, tokenizer_dir, loop_file)
             if "xla" in chosen:
                 log("XLA loop")
                 results["xla"] = bench_xla(settings, workdir, args.threads, tokenizer_dir, loop_file, args.xla_device)

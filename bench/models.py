@@ -42,7 +42,7 @@ SHAPES = {
 @dataclass
 class Settings:
     shape: Shape = field(default_factory=Shape)
-    dropouts: tuple = (0.0, 0.1)
+    dropouts: tuple = (0.0, 0.05)  # the app's default dropout
     rounds: int = 7              # alternated samples per contender (training)
     warmup: int = 2              # untimed steps per contender first (the first allocates AdamW state)
     inference_rounds: int = 9
@@ -51,13 +51,14 @@ class Settings:
     switch_rounds: int = 40
     xla_updates: int = 14        # updates of the XLA / eager loop runs (2 of them warm-up)
     loop_updates: int = 8        # updates of the app-loop vs bare-loop runs (2 of them warm-up)
+    loop_rounds: int = 2         # runs of each loop contender, in rotating order
     packing_records: Optional[int] = None  # medquad records to pack (None: all)
     seed: int = 0
 
 
 QUICK = dict(shape=Shape(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2, vocab=4096, batch=2, seq=128),
              rounds=3, warmup=1, inference_rounds=5, switch_adapters=2, switch_rounds=10, xla_updates=10,
-             loop_updates=5, packing_records=2000)
+             loop_updates=4, loop_rounds=1, packing_records=2000)
 
 
 def parse_shape(text: str, base: Shape) -> Shape:

@@ -50,6 +50,12 @@ def targets(results: dict) -> list[dict]:
         note=switching and (f"the pointer swap alone {switching['pointer_swap']['median'] * 1e3:.3f} ms, one "
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
+    loop = (results.get("loop") or {}).get("rows")
+    app, plain = loop and loop["app (chunked loss)"], loop and loop["app (--no-chunked_loss)"]
+    add("the app's update / a bare loop's (eager CPU)", app and app["time_vs_bare"], 1.05)
+    add("the app's peak RSS / a bare loop's", app and app["rss_vs_bare"], 1.10)
+    add("the app's peak RSS, chunked loss / full logits", app and app["peak_rss_bytes"] / plain["peak_rss_bytes"], 0.85)
+    add("the app's update, chunked loss / full logits", app and app["update_seconds"] / plain["update_seconds"], 1.02)
     xla = results.get("xla") or {}
     add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
     add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
@@ -139,6 +145,19 @@ def markdown(results: dict) -> str:
                   f"| the per-layer pointer swap alone | {sw['pointer_swap']['median'] * 1e3:.3f} |", "",
                   f"Tensor ops run while switching: {sw['tensor_ops_during_switch']}; parameter objects and storages "
                   f"unchanged: {sw['parameters_unchanged']}.", ""]
+    if "loop" in results:
+        lp, s = results["loop"], results["settings"]["shape"]
+        lines += ["### The training app's loop vs a bare loop (eager CPU)", "",
+                  f"A Llama of the training shape with vocabulary {lp['vocab']:,d}, batch {s['batch']} x {s['seq']}, "
+                  f"LoRA r={lp['r']} dropout {lp['dropout']:g}, AdamW; {lp['updates']} updates (2 warm-up) per run, "
+                  f"each contender in a fresh process, {lp['rounds']} rounds in rotating order, medians. The bare "
+                  "loop is model(labels=).loss.backward(), AdamW.step(), zero_grad(); peak RSS is the whole "
+                  "process's (VmHWM).", "",
+                  "| loop | s/update | vs bare | peak RSS (MiB) | vs bare |", "|---|---|---|---|---|"]
+        for name, row in lp["rows"].items():
+            lines.append(f"| {name} | {row['update_seconds']:.3f} | {row['time_vs_bare']:.3f} | "
+                         f"{_mib(row['peak_rss_bytes'])} | {row['rss_vs_bare']:.3f} |")
+        lines.append("")
     if "xla" in results:
         x = results["xla"]
         if "skipped" in x:

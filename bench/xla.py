@@ -21,13 +21,15 @@ LOOP_SHAPE = Shape(layers=2, hidden=128, intermediate=344, heads=4, kv_heads=2, 
 
 
 def save_loop_model(shape: Shape, tokenizer_dir: str, model_dir: str, seed: int) -> str:
-    """A random Llama of ``shape`` with the tokenizer's vocabulary and special tokens, saved with
-    the tokenizer as a model folder the training app loads."""
+    """A random Llama of ``shape`` with the tokenizer's special tokens, saved with the tokenizer as
+    a model folder the training app loads. Its vocabulary is ``shape.vocab`` rows when that is
+    larger than the tokenizer's (the LM head then costs what the real model's does; the extra rows
+    are never a label), else the tokenizer's."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = llama_config(dataclasses.replace(shape, vocab=len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
+    config = llama_config(dataclasses.replace(shape, vocab=max(shape.vocab, len(tokenizer))), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

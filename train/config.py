@@ -83,6 +83,10 @@ class TrainArgs:
     seed: int = _f(42, "seed for initialisation, data order and dropout")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     bf16: bool = _f(False, "keep the base model in bfloat16 (adapters stay float32)")
+    chunked_loss: bool = _f(True, "compute the LM head and the loss over chunks of tokens, never holding the full "
+                                  "logits (less memory; docs/benchmarks.md); --no-chunked_loss: the model's full logits")
+    compile: bool = _f(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the first "
+                              "updates compile; XLA always compiles)")
     device: str = _f("auto", "auto (XLA when torch_xla is installed, else CUDA, else CPU), xla, cuda or cpu",
                      choices=("auto", "xla", "cuda", "cpu"))
     spmd: bool = _f(False, "XLA: run SPMD even on one device (it is on whenever more than one XLA device is present): "

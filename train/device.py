@@ -139,8 +139,8 @@ class Device:
         """AdamW. On XLA and CUDA it is ``capturable``: step counts and bias corrections stay
         on the device, so a step reads nothing back to the host; the learning rate is a
         device tensor updated in place."""
-        if self.kind == "cpu":
-            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        if self.kind == "cpu":  # fused: one kernel over all parameters, not ~10 ops for each adapter matrix
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
         for group in groups:
             group["lr"] = torch.tensor(lr).to(self.torch_device)
         return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay, capturable=True, foreach=False)

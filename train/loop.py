@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import minilora
 
 from . import data as data_mod
 from . import distributed
+from . import loss as loss_mod
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
@@ -55,21 +55,21 @@ def token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != data_mod.IGNORE).sum())
 
 
-def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device) -> torch.Tensor:
-    """Sum over predicted tokens of -log p(next token): a 0-dim float32 tensor."""
-    logits = model(input_ids=ids, attention_mask=device.attention_mask(model, ids), use_cache=False).logits  # (B, L, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=data_mod.IGNORE, reduction="sum")
+def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token): a 0-dim float32 tensor (train/loss.py;
+    ``chunked``: the LM head and the loss over chunks of tokens, never the full logits)."""
+    return loss_mod.summed_nll(model, ids, labels, device.attention_mask(model, ids), chunked=chunked)
 
 
 @torch.no_grad()
-def evaluate(model, windows: data_mod.Windows, batch_size: int, device: Device, pad_id: int) -> dict:
+def evaluate(model, windows: data_mod.Windows, batch_size: int, device: Device, pad_id: int,
+             chunked: bool = True) -> dict:
     """Mean token NLL and perplexity over all windows. One host read at the end."""
     was_training = model.training
     model.eval()
     total = device.tensor(0.0)
     for ids, labels in device.loader(data_mod.batches(windows, distributed.global_batch(batch_size), pad_id)):
-        total = total + summed_nll(model, ids, labels, device)
+        total = total + summed_nll(model, ids, labels, device, chunked)
     device.sync()
     tokens = windows.real_tokens - int((windows.labels[:, 0] != data_mod.IGNORE).sum())
     loss = distributed.all_reduce_sum(total).item() / max(1, tokens)  # host sync point (once per evaluation)
@@ -217,6 +217,8 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
     model = distributed.shard(model)
     move_model(model, device.torch_device)
     model.train()
+    if args.compile and not device.is_xla:  # XLA compiles its graphs anyway
+        loss_mod.compile_model(model, args.chunked_loss)
     trainable, total_params = minilora.count_parameters(model)
     if trainable == 0:
         raise UsageError("nothing to train: no parameter requires grad")
@@ -247,7 +249,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
                    train_windows=len(data.train) if data.train is not None else None)
 
     def run_eval(tag: str) -> dict:
-        results = {name: evaluate(model, w, args.per_device_eval_batch_size, device, pad_id) for name, w in eval_sets.items()}
+        results = {name: evaluate(model, w, args.per_device_eval_batch_size, device, pad_id, args.chunked_loss) for name, w in eval_sets.items()}
         reporter.eval(pos.update, results, tag)
         return results
 
@@ -264,12 +266,13 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
     compiles_after_warmup = None
     fallbacks_after_warmup = None
 
+    loop_started, compiled = time.time(), {}  # --compile: the first updates compile
     while pos.update < total_updates and not stop.requested:
         pending = collections.deque()  # host-side facts about each batch, in loader order
         for ids, labels, denom in device.loader(_micro_batches(data, args, pos, pending, pad_id)):
             last_in_group, group_tokens = pending.popleft()
             with distributed.gradient_sync(model, now=last_in_group):  # DDP: reduce once per update
-                nll = summed_nll(model, ids, labels, device)
+                nll = summed_nll(model, ids, labels, device, args.chunked_loss)
                 (nll / denom).backward()
             group_nll = group_nll + nll.detach()
             pos.micro += 1
@@ -287,6 +290,8 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
             if pos.update == min(total_updates, WARMUP_UPDATES) and device.is_xla:
                 compiles_after_warmup = device.compile_count()
                 fallbacks_after_warmup = device.host_fallbacks()
+            if pos.update == min(total_updates, WARMUP_UPDATES) and args.compile and not device.is_xla:
+                compiled = {"compiles_during_warmup": loss_mod.compile_count(), "warmup_seconds": time.time() - loop_started}
             if pos.update % args.logging_steps == 0 or pos.update == total_updates:
                 tokens_since_log -= nonfinite.read(pos)  # skipped updates' tokens leave the mean
                 loss = distributed.all_reduce_sum(loss_sum).item()  # host sync point (logging steps only)
@@ -321,6 +326,8 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
                "host_fallbacks_after_warmup": {k: v - (fallbacks_after_warmup or {}).get(k, 0)
                                                for k, v in device.host_fallbacks().items()
                                                if v - (fallbacks_after_warmup or {}).get(k, 0)}}
+    if compiled:
+        compiled["compiles_after_warmup"] = loss_mod.compile_count() - compiled["compiles_during_warmup"]
     _save_final(out, model, tokenizer, args)
     summary = {
         "updates": pos.update, "trainable_params": trainable, "total_params": total_params,
@@ -328,7 +335,7 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
         "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
         "adapter_bytes": _size(out.path("adapter_model.safetensors")) if args.use_lora else None,
         "model_bytes": None if args.use_lora else _size(out.path("model.safetensors")),
-        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla,
+        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla, "compile": compiled,
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": len(data.train) if data.train is not None else None,
