@@ -80,17 +80,19 @@ def dropout_mask(x: torch.Tensor, p: float, site: int = 0) -> torch.Tensor:
     return torch.ops.minilora.dropout_mask(x.detach(), p, site)
 
 
-def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """t ⊙ keep in t's dtype, in place on ``t`` when allowed (no second (N, in) tensor).
+def _multiplier(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mask as ``_apply_mask`` applies it to ``t`` fastest: a bool mask stays bool on GPUs (a
+    select, one fused kernel); on the CPU a select, and a multiply by a bool tensor, take ATen's
+    slower mixed-dtype paths, so the mask becomes t's dtype (a transient copy; convert once and
+    reuse it where it is applied twice)."""
+    return keep.to(t.dtype) if keep.dtype == torch.bool and t.device.type == "cpu" else keep
 
-    A bool mask is a select on GPUs (one fused kernel). On the CPU a select, and a multiply by a
-    bool tensor, take ATen's slower mixed-dtype paths: the mask is converted to t's dtype (a
-    transient copy) and multiplied, the vectorised same-dtype path.
-    """
+
+def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """t ⊙ keep in t's dtype (keep bool or t's dtype; see _multiplier), in place on ``t`` when
+    allowed (no second (N, in) tensor)."""
     if keep.dtype == torch.bool:
-        if t.device.type != "cpu":
-            return torch.where(keep, t, 0)
-        keep = keep.to(t.dtype)
+        return torch.where(keep, t, 0)
     return t.mul_(keep) if inplace else t * keep
 
 
@@ -111,7 +113,7 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, keep):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        dropped = x2 if keep is None else _apply_mask(x2, keep.reshape(x2.shape))
+        dropped = x2 if keep is None else _apply_mask(x2, _multiplier(keep.reshape(x2.shape), x2))
         # (N, r); A is cast to x's dtype (an r-wide cast) and the scaling is applied in float32
         narrow = F.linear(dropped, lora_A.to(x.dtype)) * scale
         if weight is None:
@@ -136,7 +138,7 @@ class _LoRAFunction(torch.autograd.Function):
         if need_B:
             grad_B = (g.t() @ narrow).to(lora_B.dtype)  # (out, r)
         x2 = x.reshape(-1, x.shape[-1])
-        keep2 = None if keep is None else keep.reshape(x2.shape)
+        keep2 = None if keep is None else _multiplier(keep.reshape(x2.shape), x2)  # used twice below
         if need_A:
             dropped = x2 if keep2 is None else _apply_mask(x2, keep2)
             grad_A = (g_narrow.t() @ dropped.to(dt)).to(lora_A.dtype)  # (r, in)
