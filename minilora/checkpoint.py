@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BIAS_MODES, LoRAConfig
-from .inject import (_replace, adapter_names, active_adapter, bias_parameters, delete_adapter, find_targets,
-                     inject, lora_modules, set_adapter)
+from .inject import (adapter_names, adapter_state, active_adapter, bias_parameters, delete_adapter, find_targets,
+                     inject, lora_modules, replace_module, set_adapter)
 from .layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -153,8 +153,8 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     except AdapterLoadError:
         delete_adapter(model, adapter_name)
         for name, linear in replaced:
-            _replace(model, name, linear)
-            model.__dict__.pop("_minilora_layers", None)
+            replace_module(model, name, linear)
+        adapter_state(model).layers = None
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         if previous is not None:
@@ -284,7 +284,7 @@ def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name:
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoRAConfig:
-    configs = model.__dict__.get("_minilora_configs", {})
+    configs = adapter_state(model).configs
     if adapter_name in configs:
         return configs[adapter_name]
     raise ValueError(f"no LoRAConfig recorded for adapter {adapter_name!r}; adapters added with "

@@ -27,7 +27,7 @@ class LoRAConfig:
 
     Attributes:
         r: rank of every adapter unless ``rank_pattern`` says otherwise.
-        alpha: scaling numerator; ``None`` means ``2 * r`` (the guide's recommendation).
+        alpha: scaling numerator; ``None`` means ``2 * r``.
         dropout: dropout probability on the adapter's input, in [0, 1).
         target_modules: module-name endings (list), a regex that must match the whole module
             name (str), or ``"all-linear"`` (every nn.Linear but the output head).
@@ -119,10 +119,6 @@ class LoRAConfig:
         key = pattern_key(self.alpha_pattern, name)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
-    def scaling_for(self, name: str) -> float:
-        r, alpha = self.rank_for(name), self.alpha_for(name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is a target (before the nn.Linear type check; with
         ``"all-linear"`` every name is, and the caller keeps the Linears but the output head)."""
@@ -160,4 +156,4 @@ def _check_rank(what: str, value) -> None:
 
 def _check_alpha(what: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{what}={value!r}: alpha must be a positive number (the guide uses 2 x r)")
+        raise ValueError(f"{what}={value!r}: alpha must be a positive number (2 x r is usual)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -29,13 +30,12 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("the model has a merged adapter; call minilora.unmerge(model) before adding another")
     for name, module in targets:
-        layer = module if isinstance(module, LoRALinear) else _replace(model, name, LoRALinear(module))
+        layer = module if isinstance(module, LoRALinear) else replace_module(model, name, LoRALinear(module))
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
                           config.use_rslora, config.init)
-    model.__dict__.pop("_minilora_layers", None)  # new LoRALinear modules may exist now
-    # Remember how the adapter was made, for saving it in PEFT's format later.
-    configs = model.__dict__.setdefault("_minilora_configs", {})
-    configs[adapter_name] = config
+    state = adapter_state(model)
+    state.layers = None  # new LoRALinear modules may exist now
+    state.configs[adapter_name] = config  # how the adapter was made, for saving it in PEFT's format
     set_adapter(model, adapter_name)
     mark_only_lora_trainable(model, bias=config.bias, adapter_name=adapter_name)
     _hook_input_require_grads(model, always=False)
@@ -87,11 +87,35 @@ def _output_head(model: nn.Module) -> Optional[nn.Module]:
     return head if head is not None else getattr(model, "lm_head", None)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule called ``name`` is (the swap inject, a failed load's
+    rollback and merge_and_unload make); returns ``new``. Call ``adapter_state(model).layers =
+    None`` after swapping LoRALinear modules in or out."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
     return new
+
+
+# -- what minilora remembers on a model -----------------------------------------------------------
+
+@dataclass
+class AdapterState:
+    """What minilora keeps on a model it adapted, beside the modules themselves; one object per
+    model (``adapter_state``), never a parameter or buffer, so the state dict is untouched."""
+
+    configs: dict = field(default_factory=dict)  # adapter name -> the LoRAConfig it was made with (for saving)
+    layers: Optional[list] = None  # the LoRALinear modules, cached for set_adapter; None: walk the model again
+    input_grads_always: bool = False  # enable_input_require_grads was called (else only while checkpointing)
+    input_grads_hook: Any = None  # the forward-hook handle on the input embeddings
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's AdapterState, created on first use."""
+    state = model.__dict__.get("_minilora")
+    if state is None:
+        state = model.__dict__["_minilora"] = AdapterState()  # __dict__: not a submodule, not in the state dict
+    return state
 
 
 # -- adapters by name ---------------------------------------------------------------------------
@@ -127,12 +151,12 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def adapted_layers(model: nn.Module) -> list:
-    """The model's LoRALinear modules, cached on the model by inject/delete_adapter (a module
-    walk of a 1B Llama costs milliseconds; an adapter switch should not)."""
-    cached = model.__dict__.get("_minilora_layers")
-    if cached is None:
-        cached = model.__dict__["_minilora_layers"] = [m for _, m in lora_modules(model)]
-    return cached
+    """The model's LoRALinear modules, cached in its AdapterState (a module walk of a 1B Llama
+    costs milliseconds; an adapter switch should not)."""
+    state = adapter_state(model)
+    if state.layers is None:
+        state.layers = [m for _, m in lora_modules(model)]
+    return state.layers
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:
@@ -156,8 +180,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del module.adapters[name]
         if module.active_adapter == name:
             module.active_adapter = None
-    model.__dict__.get("_minilora_configs", {}).pop(name, None)
-    model.__dict__.pop("_minilora_layers", None)
+    state = adapter_state(model)
+    state.configs.pop(name, None)
+    state.layers = None
 
 
 class disable_adapters:
@@ -272,19 +297,19 @@ def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
     embeddings = get() if callable(get) else None
     if embeddings is None:
         return
-    state = model.__dict__.setdefault("_minilora_input_grads", {"always": False, "handle": None})
-    state["always"] = state["always"] or always
-    if state["handle"] is not None:
+    state = adapter_state(model)
+    state.input_grads_always = state.input_grads_always or always
+    if state.input_grads_hook is not None:
         return
     model_ref = weakref.ref(model)
 
     def hook(module, inputs, output):
         owner = model_ref()
-        wanted = state["always"] or _is_checkpointing(owner)
+        wanted = state.input_grads_always or _is_checkpointing(owner)
         if wanted and torch.is_grad_enabled() and not output.requires_grad:
             output.requires_grad_(True)
 
-    state["handle"] = embeddings.register_forward_hook(hook)
+    state.input_grads_hook = embeddings.register_forward_hook(hook)
 
 
 def _is_checkpointing(model) -> bool:

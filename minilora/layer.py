@@ -26,12 +26,12 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     else False (0), each element independently.
 
     The mask is saved for backward in every adapted Linear; as bool it takes a quarter of a
-    float32 mask's memory (on the CPU at SmolLM2's shape, 8 x 128 tokens: 150 MB a step instead
-    of 610 MB).
+    float32 mask's memory and half a bf16 one's. docs/benchmarks.md has the measurements and the
+    commands that repeat them.
 
     ``bernoulli_`` wherever torch has a vectorised kernel for it: GPUs, XLA, and CPUs where ATen
     hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit
-    Mersenne-Twister draw into a double per element (about 20 ns an element); here each 64-bit
+    Mersenne-Twister draw into a double per element; here each 64-bit
     draw gives four elements a 16-bit uniform each, compared with p rounded to a multiple of
     2⁻¹⁶: each element is dropped with probability p' where |p' - p| ≤ 2⁻¹⁷ (7.6e-6; for
     p = 0.05, p' = 3277 / 65536 = 0.0500031).

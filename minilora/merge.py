@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import _replace, lora_modules
+from .inject import adapter_state, lora_modules, replace_module
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
@@ -35,7 +35,8 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     ``model.save_pretrained`` writes an ordinary checkpoint. Other adapters are dropped."""
     merge(model, safe=safe)
     for name, layer in list(lora_modules(model)):
-        _replace(model, name, layer.to_linear())
-    model.__dict__.pop("_minilora_configs", None)
-    model.__dict__.pop("_minilora_layers", None)
+        replace_module(model, name, layer.to_linear())
+    state = adapter_state(model)
+    state.configs.clear()
+    state.layers = None
     return model

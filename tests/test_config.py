@@ -1,6 +1,4 @@
-"""LoRAConfig: defaults, scaling, PEFT's name matching, and the errors for settings that cannot work."""
-
-import math
+"""LoRAConfig: defaults, PEFT's name matching, and the errors for settings that cannot work."""
 
 import pytest
 
@@ -25,10 +23,10 @@ def test_defaults_are_not_shared_between_instances():
     assert "lm_head" not in b.target_modules and b.rank_pattern == {}
 
 
-def test_scaling_is_alpha_over_r_or_over_sqrt_r_with_rslora():
-    assert LoRAConfig(r=8, alpha=16).scaling_for("x.q_proj") == 2.0
-    assert LoRAConfig(r=16, alpha=16, use_rslora=True).scaling_for("x.q_proj") == 16 / math.sqrt(16)
-    assert LoRAConfig(r=8).scaling_for("x.q_proj") == 2.0  # alpha defaults to 2r
+def test_alpha_defaults_to_twice_the_rank_given():
+    # the scaling alpha / r (or / sqrt(r)) itself is the layer's: tests/test_layer.py
+    assert LoRAConfig(r=8).alpha_for("x.q_proj") == 16
+    assert LoRAConfig(r=8, alpha=12).alpha_for("x.q_proj") == 12
 
 
 def test_rank_and_alpha_patterns_match_the_end_of_module_names():
@@ -39,7 +37,7 @@ def test_rank_and_alpha_patterns_match_the_end_of_module_names():
     assert config.rank_for("model.layers.11.mlp.down_proj") == 8  # "layers.1" is not a suffix of "layers.11"
     assert config.rank_for("model.layers.0.self_attn.xq_proj") == 8  # whole name parts only
     assert config.alpha_for("model.layers.0.self_attn.v_proj") == 3
-    assert config.scaling_for("model.layers.0.self_attn.q_proj") == 16 / 4  # alpha stays, r from the pattern
+    assert config.alpha_for("model.layers.0.self_attn.q_proj") == 16  # alpha stays when only r has a pattern
 
 
 def test_pattern_key_agrees_with_peft():

@@ -185,7 +185,7 @@ def test_the_shipped_medical_set_loads_and_covers_the_four_categories():
 
 # -- general capabilities and the command line ----------------------------------------------------
 
-def test_general_generations_answer_the_guides_four_prompts():
+def test_general_generations_answer_the_four_general_prompts():
     tokenizer = tiny_tokenizer()
     model = tiny_llama(vocab_size=VOCAB)
     out = general_generations(model, tokenizer, max_new_tokens=4)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close_to_rounding, tiny_llama
 from train import loss as loss_mod
-from train.data import IGNORE
+from train.loss import IGNORE
 
 
 def unfused(hidden, weight, labels):

@@ -47,15 +47,16 @@ SPMD_RUN = """
 import json, torch, torch_xla
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import train_argv
-from train import distributed
 from train.config import parse_args
+from train.device import Device
 from train.loop import run, train_and_report
 
 model = AutoModelForCausalLM.from_pretrained({model!r})  # ours, so the trained model can be read after the run
 tokenizer = AutoTokenizer.from_pretrained({model!r})
-summary = run(parse_args(train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", *{extra!r})),
-              model=model, tokenizer=tokenizer)
-layout = distributed.layout()
+args = parse_args(train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", *{extra!r}))
+device = Device.start(args)
+summary = run(args, model=model, tokenizer=tokenizer, device=device)
+layout = device.layout
 result = {{"xla": summary["xla"], "kind": layout.kind, "ways": layout.ways}}
 {after}
 print(json.dumps(result))
@@ -393,22 +394,22 @@ import json, torch
 from types import SimpleNamespace
 from train import distributed
 
-distributed.setup(SimpleNamespace(spmd=False, xla_cache_dir=None), "cpu")
+layout = distributed.setup(SimpleNamespace(spmd=False, xla_cache_dir=None), "cpu")
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
 model[0].weight.requires_grad_(False)  # frozen, like a base weight
 reference = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
 reference.load_state_dict(model.state_dict())
-ddp = distributed.wrap(model)
-x = torch.randn(2, distributed.global_batch(3), 6, generator=torch.Generator().manual_seed(1))  # 2 micro-batches
+ddp = layout.wrap(model)
+x = torch.randn(2, layout.global_batch(3), 6, generator=torch.Generator().manual_seed(1))  # 2 micro-batches
 denom = x.shape[0] * x.shape[1]  # the whole update's count, as the loop divides by
-for i, (rows,) in enumerate(distributed.process_rows([(x[0],), (x[1],)])):
-    with distributed.gradient_sync(ddp, now=i == 1):
+for i, (rows,) in enumerate(layout.process_rows([(x[0],), (x[1],)])):
+    with layout.no_backward_sync(ddp, enabled=i == 0):
         (ddp(rows).square().sum() / denom).backward()
 (reference(x.flatten(0, 1)).square().sum() / denom).backward()
 diff = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())
            if p.requires_grad)
-if distributed.is_main_process():
+if layout.is_main:
     print(json.dumps({"diff": diff, "frozen_has_no_grad": model[0].weight.grad is None}))
 """
 
@@ -426,22 +427,23 @@ def test_ddp_reduces_adapter_gradients_to_the_single_process_gradient(tmp_path):
 
 # -- the layout's arithmetic and its refusals (in this process) -----------------------------
 
-def test_each_process_takes_its_block_of_rows_and_per_batch_values_whole(monkeypatch):
-    monkeypatch.setattr(distributed, "_layout", distributed.Layout("ddp", ways=2, processes=2, index=1))
+def test_each_process_takes_its_block_of_rows_and_per_batch_values_whole():
+    layout = distributed.Layout("ddp", ways=2, processes=2, index=1)
     ids = torch.arange(8).view(4, 2)
     denom = torch.tensor([7.0])
-    (rows, same), = list(distributed.process_rows([(ids, denom)]))
+    (rows, same), = list(layout.process_rows([(ids, denom)]))
     assert rows.tolist() == [[4, 5], [6, 7]] and same is denom
-    assert distributed.global_batch(4) == 8
-    assert not distributed.is_main_process()
+    assert layout.global_batch(4) == 8
+    assert not layout.is_main
 
 
-def test_a_resumed_rank_takes_its_own_rng_state_and_none_saved_by_another_process_count(monkeypatch):
-    assert distributed.own_entry(["single"]) == "single"  # one process: the one state, as before
-    assert distributed.any_process(True) and not distributed.any_process(False)  # no process group needed
-    monkeypatch.setattr(distributed, "_layout", distributed.Layout("ddp", ways=2, processes=2, index=1))
-    assert distributed.own_entry(["rank 0", "rank 1"]) == "rank 1"
-    assert distributed.own_entry(["single"]) is None and distributed.own_entry(["a", "b", "c"]) is None
+def test_a_resumed_rank_takes_its_own_rng_state_and_none_saved_by_another_process_count():
+    single = distributed.Layout()
+    assert single.own_entry(["single"]) == "single"  # one process: the one state, as before
+    assert single.any_process(True) and not single.any_process(False)  # no process group needed
+    layout = distributed.Layout("ddp", ways=2, processes=2, index=1)
+    assert layout.own_entry(["rank 0", "rank 1"]) == "rank 1"
+    assert layout.own_entry(["single"]) is None and layout.own_entry(["a", "b", "c"]) is None
 
 
 def test_spmd_and_the_xla_cache_are_refused_off_xla():

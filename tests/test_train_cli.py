@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, train_argv
 from train.config import UsageError, build_parser, parse_args
 
-GUIDE_FLAGS = ["--dataset_dir", "--dataset_format", "--tokenizer_name_or_path", "--model_name", "--output_dir",
+PUBLISHED_FLAGS = ["--dataset_dir", "--dataset_format", "--tokenizer_name_or_path", "--model_name", "--output_dir",
                "--use_lora", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules", "--lora_bias",
                "--learning_rate", "--num_train_epochs", "--max_steps", "--per_device_train_batch_size",
                "--gradient_accumulation_steps", "--max_seq_length", "--warmup_steps", "--num_warmup_steps",
@@ -30,14 +30,58 @@ def cli(*argv, env=None, timeout=300):
                           env=full, timeout=timeout)
 
 
-def test_help_lists_every_guide_flag_with_its_default():
+def test_help_lists_every_flag_with_its_default():
     text = build_parser().format_help()
-    for flag in GUIDE_FLAGS:
+    for flag in PUBLISHED_FLAGS:
         assert flag in text, flag
-    assert "(default: 0.0005)" in text  # --learning_rate, the guide's 5e-4
+    assert "(default: 0.0005)" in text  # --learning_rate 5e-4
 
 
-def test_the_guides_command_line_parses_unchanged():
+def test_the_library_alone_installs_torch_and_safetensors_and_the_train_extra_the_rest():
+    import re
+    import tomllib
+
+    from train.cli import APP_PACKAGES
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+
+    def names(requirements):
+        return [re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements]
+
+    assert names(project["dependencies"]) == ["torch", "safetensors"]
+    assert sorted(names(project["optional-dependencies"]["train"])) == sorted(APP_PACKAGES)
+
+
+def test_without_the_train_extra_each_command_says_in_one_line_what_to_install(monkeypatch, tmp_path, capsys):
+    import importlib.metadata
+
+    from train import evaluate, inference
+    from train.cli import main
+
+    installed = importlib.metadata.version
+
+    def version(name):  # as after `pip install minilora`: wandb and datasets absent
+        if name in ("wandb", "datasets"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model_name", "m", "--dataset_dir", "d", "--use_lora"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("minilora-train: error: the training app needs packages that the library alone does not install "
+                   "(missing: datasets, wandb): pip install 'minilora[train]'\n")
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+    for command, argv in ((inference.main, ["--base_model", "m", "--prompt", "p"]),
+                          (evaluate.main, ["--base_model", "m"])):
+        with pytest.raises(SystemExit) as stop:
+            command(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_published_command_line_parses_unchanged():
     args = parse_args(["--dataset_dir", "gs://your-bucket/medical-dataset", "--tokenizer_name_or_path",
                        "meta-llama/Llama-3.2-1B", "--model_name", "meta-llama/Llama-3.2-1B", "--output_dir",
                        "gs://your-bucket/lora-medical-adapter", "--use_lora", "--lora_r", "16", "--lora_alpha", "32",

@@ -1,6 +1,6 @@
 """minilora's training application: ``minilora-train``, inference and evaluation helpers.
 
-The guide's inference API is importable from here and from ``train.inference``:
+The inference API (docs/inference.md) is importable from here and from ``train.inference``:
 
     from train import load_lora_model, generate_text, AdapterManager
 """

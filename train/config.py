@@ -1,6 +1,7 @@
 """Every setting of a training run, in one dataclass; the command line is generated from it.
 
-The flag names and meanings are the guide's (lora_medical_guide.md), so its scripts run as they are.
+The flag names and meanings follow a published guide to LoRA on medical text (docs/training.md names it),
+so command lines written for it run as they are.
 A YAML or JSON file given with ``--config`` may set any field; flags on the command line win.
 """
 
@@ -23,7 +24,9 @@ class UsageError(ValueError):
     """A setting or input the user must fix; the CLI prints it as one line and exits 2."""
 
 
-def _f(default, help, **extra):
+def flag(default, help, **extra):
+    """A TrainArgs field that is also a command-line flag: its default, its --help text, and
+    argparse extras (choices, nargs, aliases)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -32,90 +35,93 @@ def _f(default, help, **extra):
 @dataclass
 class TrainArgs:
     # -- model and data --------------------------------------------------------------------
-    model_name: Optional[str] = _f(None, "base model: a hub id or a local directory (from_pretrained). "
-                                         "Without it (and without --dataset_dir) the embedded demo runs")
-    tokenizer_name_or_path: Optional[str] = _f(None, "tokenizer: hub id or directory (default: --model_name)")
-    dataset_dir: Optional[str] = _f(None, "training data: a file, a directory of files, a directory with train/"
-                                          "validation files, or a saved datasets dataset; local path or fsspec "
-                                          "URL (gs://, memory://, …)")
-    dataset_format: Optional[str] = _f(None, "json, jsonl, parquet, text or csv (default: from the file extensions)",
-                                       choices=DATASET_FORMATS)
-    output_dir: Optional[str] = _f(None, "where the adapter, tokenizer, metrics, plot and checkpoints go; local "
-                                         "path or fsspec URL (default ./minilora-demo for the demo, else ./minilora-output)")
-    overwrite_output_dir: bool = _f(False, "allow writing into an output directory that holds a finished run")
-    max_seq_length: int = _f(2048, "tokens per packed training window")
-    validation_split_percentage: float = _f(5.0, "percent of the data held out for validation when it has no "
-                                                 "validation split")
-    train_on_responses_only: bool = _f(False, "with question/response records, train only on the response tokens")
-    streaming_data: bool = _f(False, "stream the dataset instead of loading it whole (shuffle buffer below)")
-    shuffle_buffer_size: int = _f(10000, "shuffle buffer (records) when streaming")
-    num_workers: int = _f(0, "processes for tokenisation (0: in this process)")
-    max_eval_samples: Optional[int] = _f(None, "cap on validation windows per evaluation (default: all)")
-    general_eval_dataset: Optional[str] = _f(None, "general-English text for the forgetting check (default: "
-                                                   "the embedded demo's held-out general text); 'none' to skip")
-    compare_full_finetune: bool = _f(False, "with --use_lora: also run full fine-tuning with the same data, steps "
-                                            "and seed, and put both side by side in report.md")
-    full_finetune_learning_rate: float = _f(5e-5, "learning rate of the --compare_full_finetune run (the guide's "
-                                                  "full fine-tuning range is 1e-5 to 5e-5)")
+    model_name: Optional[str] = flag(None, "base model: a hub id or a local directory (from_pretrained). "
+                                           "Without it (and without --dataset_dir) the embedded demo runs")
+    tokenizer_name_or_path: Optional[str] = flag(None, "tokenizer: hub id or directory (default: --model_name)")
+    dataset_dir: Optional[str] = flag(None, "training data: a file, a directory of files, a directory with train/"
+                                            "validation files, or a saved datasets dataset; local path or fsspec "
+                                            "URL (gs://, memory://, …)")
+    dataset_format: Optional[str] = flag(None, "json, jsonl, parquet, text or csv (default: from the file extensions)",
+                                         choices=DATASET_FORMATS)
+    output_dir: Optional[str] = flag(None, "where the adapter, tokenizer, metrics, plot and checkpoints go; local "
+                                           "path or fsspec URL (default ./minilora-demo for the demo, else ./minilora-output)")
+    overwrite_output_dir: bool = flag(False, "allow writing into an output directory that holds a finished run")
+    max_seq_length: int = flag(2048, "tokens per packed training window")
+    validation_split_percentage: float = flag(5.0, "percent of the data held out for validation when it has no "
+                                                   "validation split")
+    train_on_responses_only: bool = flag(False, "with question/response records, train only on the response tokens")
+    streaming_data: bool = flag(False, "stream the dataset instead of loading it whole (shuffle buffer below)")
+    shuffle_buffer_size: int = flag(10000, "shuffle buffer (records) when streaming")
+    num_workers: int = flag(0, "processes for tokenisation (0: in this process)")
+    max_eval_samples: Optional[int] = flag(None, "cap on validation windows per evaluation (default: all)")
+    general_eval_dataset: Optional[str] = flag(None, "general-English text for the forgetting check (default: "
+                                                     "the embedded demo's held-out general text); 'none' to skip")
+    chat_drift_prompts: Optional[int] = flag(None, "instruct bases (with a chat template): how many of the shipped "
+                                                   "everyday prompts the base answers before training, to measure how far "
+                                                   "training moved the assistant (chat drift; default: all 60, 0: off)")
+    compare_full_finetune: bool = flag(False, "with --use_lora: also run full fine-tuning with the same data, steps "
+                                              "and seed, and put both side by side in report.md")
+    full_finetune_learning_rate: float = flag(5e-5, "learning rate of the --compare_full_finetune run (full "
+                                                    "fine-tuning usually takes 1e-5 to 5e-5)")
     # -- LoRA ------------------------------------------------------------------------------
-    use_lora: bool = _f(False, "train a LoRA adapter (without it: full fine-tuning with the same loop)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: Optional[float] = _f(None, "LoRA alpha (default: 2 x lora_r, as the guide recommends)")
-    lora_dropout: float = _f(0.05, "dropout on the adapter input, in [0, 1)")
-    lora_target_modules: list = _f(list(LLAMA_TARGETS), "module-name endings to adapt (space-separated), or all-linear",
-                                   nargs="+")
-    lora_bias: str = _f("none", "biases that train with the adapter: none, all, lora_only",
-                        choices=("none", "all", "lora_only"))
-    use_rslora: bool = _f(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    use_lora: bool = flag(False, "train a LoRA adapter (without it: full fine-tuning with the same loop)")
+    lora_r: int = flag(16, "LoRA rank")
+    lora_alpha: Optional[float] = flag(None, "LoRA alpha (default: 2 x lora_r)")
+    lora_dropout: float = flag(0.05, "dropout on the adapter input, in [0, 1)")
+    lora_target_modules: list = flag(list(LLAMA_TARGETS), "module-name endings to adapt (space-separated), or all-linear",
+                                     nargs="+")
+    lora_bias: str = flag("none", "biases that train with the adapter: none, all, lora_only",
+                          choices=("none", "all", "lora_only"))
+    use_rslora: bool = flag(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     # -- optimisation ----------------------------------------------------------------------
-    learning_rate: float = _f(5e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norm weights)")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)")
-    skip_nonfinite_steps: bool = _f(False, "skip (and count) an update whose loss or gradient is not finite, "
-                                           "instead of stopping the run; costs a copy of the trainable "
-                                           "parameters and their optimizer state")
-    num_train_epochs: float = _f(3.0, "epochs over the training windows")
-    max_steps: int = _f(-1, "optimizer updates to run; overrides --num_train_epochs when > 0")
-    per_device_train_batch_size: int = _f(8, "windows per micro-batch on each device")
-    per_device_eval_batch_size: int = _f(8, "windows per evaluation batch on each device")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
-    warmup_steps: int = _f(0, "optimizer updates of linear warm-up, then linear decay to 0", aliases=("--num_warmup_steps",))
-    seed: int = _f(42, "seed for initialisation, data order and dropout")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    bf16: bool = _f(False, "keep the base model in bfloat16 (adapters stay float32)")
-    chunked_loss: bool = _f(True, "compute the LM head and the loss over chunks of tokens, never holding the full "
-                                  "logits (less memory; docs/benchmarks.md); --no-chunked_loss: the model's full logits")
-    compile: bool = _f(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the first "
-                              "updates compile; XLA always compiles)")
-    device: str = _f("auto", "auto (XLA when torch_xla is installed, else CUDA, else CPU), xla, cuda or cpu",
-                     choices=("auto", "xla", "cuda", "cpu"))
-    spmd: bool = _f(False, "XLA: run SPMD even on one device (it is on whenever more than one XLA device is present): "
-                           "one process per host, batches and weights sharded FSDPv2-style over every device; "
-                           "the global batch is per_device_train_batch_size x devices (docs/scaling.md)")
-    xla_cache_dir: Optional[str] = _f(None, "XLA's persistent compilation cache (a local directory): a restarted or "
-                                            "resumed run looks its compiled graphs up here instead of compiling "
-                                            "again (torch_xla 2.9 cannot load them yet: docs/scaling.md)")
-    fsdp: bool = _f(False, "torchrun: shard every weight, frozen base included, across the ranks with FSDP2 "
-                           "(fully_shard per decoder layer) instead of copying the model to each (DDP); for bases "
-                           "larger than one GPU. No --resume_from_checkpoint yet (docs/scaling.md)")
+    learning_rate: float = flag(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = flag(0.01, "AdamW weight decay (not applied to biases and norm weights)")
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (0: no clipping)")
+    skip_nonfinite_steps: bool = flag(False, "skip (and count) an update whose loss or gradient is not finite, "
+                                             "instead of stopping the run; costs a copy of the trainable "
+                                             "parameters and their optimizer state")
+    num_train_epochs: float = flag(3.0, "epochs over the training windows")
+    max_steps: int = flag(-1, "optimizer updates to run; overrides --num_train_epochs when > 0")
+    per_device_train_batch_size: int = flag(8, "windows per micro-batch on each device")
+    per_device_eval_batch_size: int = flag(8, "windows per evaluation batch on each device")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer update")
+    warmup_steps: int = flag(0, "optimizer updates of linear warm-up, then linear decay to 0", aliases=("--num_warmup_steps",))
+    seed: int = flag(42, "seed for initialisation, data order and dropout")
+    gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
+    bf16: bool = flag(False, "keep the base model in bfloat16 (adapters stay float32)")
+    chunked_loss: bool = flag(True, "compute the LM head and the loss over chunks of tokens, never holding the full "
+                                    "logits (less memory; docs/training.md); --no-chunked_loss: the model's full logits")
+    compile: bool = flag(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the "
+                                "first updates compile; XLA always compiles)")
+    device: str = flag("auto", "auto (XLA when torch_xla is installed, else CUDA, else CPU), xla, cuda or cpu",
+                       choices=("auto", "xla", "cuda", "cpu"))
+    spmd: bool = flag(False, "XLA: run SPMD even on one device (it is on whenever more than one XLA device is present): "
+                             "one process per host, batches and weights sharded FSDPv2-style over every device; "
+                             "the global batch is per_device_train_batch_size x devices (docs/scaling.md)")
+    xla_cache_dir: Optional[str] = flag(None, "XLA's persistent compilation cache (a local directory): a restarted or "
+                                              "resumed run looks its compiled graphs up here instead of compiling "
+                                              "again (torch_xla 2.9 cannot load them yet: docs/scaling.md)")
+    fsdp: bool = flag(False, "torchrun: shard every weight, frozen base included, across the ranks with FSDP2 "
+                             "(fully_shard per decoder layer) instead of copying the model to each (DDP); for bases "
+                             "larger than one GPU. No --resume_from_checkpoint yet (docs/scaling.md)")
     # -- logging, evaluation, saving -------------------------------------------------------
-    logging_steps: int = _f(10, "log the training loss every N optimizer updates (on XLA this is a host sync)")
-    eval_steps: int = _f(0, "evaluate every N optimizer updates (0: only at the end of the run)")
-    save_epoch_percentage: float = _f(1.0, "save a checkpoint every this fraction of an epoch (0.25 or 25 "
-                                           "both mean every quarter); 0: no intermediate checkpoints")
-    save_total_limit: int = _f(2, "keep at most this many checkpoints (0: keep all)")
-    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from")
-    report_to: str = _f("wandb", "wandb (offline unless a key is given) or none", choices=("wandb", "none"))
-    wandb_key: Optional[str] = _f(None, "wandb API key: makes the wandb run online (never printed or saved)")
-    wandb_project: str = _f("minilora", "wandb project name")
-    huggingface_token: Optional[str] = _f(None, "token for gated hub models (never printed or saved)")
-    tmp_dir: Optional[str] = _f(None, "scratch directory for downloads and staging (default: the system's)")
-    debug: bool = _f(False, "print full tracebacks for errors")
+    logging_steps: int = flag(10, "log the training loss every N optimizer updates (on XLA this is a host sync)")
+    eval_steps: int = flag(0, "evaluate every N optimizer updates (0: only at the end of the run)")
+    save_epoch_percentage: float = flag(1.0, "save a checkpoint every this fraction of an epoch (0.25 or 25 "
+                                             "both mean every quarter); 0: no intermediate checkpoints")
+    save_total_limit: int = flag(2, "keep at most this many checkpoints (0: keep all)")
+    resume_from_checkpoint: Optional[str] = flag(None, "'latest' or a checkpoint directory to continue from")
+    report_to: str = flag("wandb", "wandb (offline unless a key is given) or none", choices=("wandb", "none"))
+    wandb_key: Optional[str] = flag(None, "wandb API key: makes the wandb run online (never printed or saved)")
+    wandb_project: str = flag("minilora", "wandb project name")
+    huggingface_token: Optional[str] = flag(None, "token for gated hub models (never printed or saved)")
+    tmp_dir: Optional[str] = flag(None, "scratch directory for downloads and staging (default: the system's)")
+    debug: bool = flag(False, "print full tracebacks for errors")
     # -- embedded demo ---------------------------------------------------------------------
-    demo: bool = _f(False, "run the embedded demo (also what runs with no --model_name and no --dataset_dir)")
-    rebuild_base: bool = _f(False, "demo: build and pre-train the small base model again instead of using the cache")
-    demo_pretrain_steps: Optional[int] = _f(None, "demo: pre-training updates for the base (default: the demo's)")
-    config: Optional[str] = _f(None, "YAML or JSON file with any of these settings; flags given here win")
+    demo: bool = flag(False, "run the embedded demo (also what runs with no --model_name and no --dataset_dir)")
+    rebuild_base: bool = flag(False, "demo: build and pre-train the small base model again instead of using the cache")
+    demo_pretrain_steps: Optional[int] = flag(None, "demo: pre-training updates for the base (default: the demo's)")
+    config: Optional[str] = flag(None, "YAML or JSON file with any of these settings; flags given here win")
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -140,11 +146,13 @@ class TrainArgs:
             (self.max_steps > 0 or self.num_train_epochs > 0, "give --num_train_epochs > 0 or --max_steps > 0"),
             (self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got {self.shuffle_buffer_size}"),
             (self.num_workers >= 0, f"--num_workers must not be negative, got {self.num_workers}"),
+            (self.chat_drift_prompts is None or self.chat_drift_prompts >= 0,
+             f"--chat_drift_prompts must not be negative (0 turns chat drift off), got {self.chat_drift_prompts}"),
         ]
         if self.use_lora or self.is_demo:
             checks += [
                 (self.lora_r > 0, f"--lora_r must be a positive integer (8, 16, 32 …), got {self.lora_r}"),
-                (self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be positive (the guide uses 2 x r), got {self.lora_alpha}"),
+                (self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be positive (2 x --lora_r is usual), got {self.lora_alpha}"),
                 (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             ]
         for ok, message in checks:

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from .config import UsageError
-
-IGNORE = -100
+from .loss import IGNORE
 MEDICAL_TEMPLATE = "### Medical Context:\n{context}\n\n### Question:\n{question}\n\n### Response:\n"
 QUESTION_TEMPLATE = "### Question:\n{question}\n\n### Response:\n"
 RESPONSE_FIELDS = ("response", "answer")
@@ -54,7 +53,7 @@ class TrainData:
 # -- reading ------------------------------------------------------------------------------------
 
 def format_prompt(question: str, context: Optional[str] = None) -> str:
-    """The guide's medical template up to the response (what a model is prompted with)."""
+    """The medical question template up to the response (what a model is prompted with)."""
     if context:
         return MEDICAL_TEMPLATE.format(context=context.strip(), question=question.strip())
     return QUESTION_TEMPLATE.format(question=question.strip())

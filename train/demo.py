@@ -18,10 +18,10 @@ import time
 from .config import TrainArgs
 from .demo_assets import DemoAssets, DemoSettings, prepare_assets, read_fortunes, split_holdout
 
-# The guide's recommended medical LoRA settings, scaled to a 4M-parameter model and a budget of
-# about a minute (60 updates of 8 x 128 tokens: ~70 s with compiles and evaluations on 2 cores):
-# r 16, alpha 2r, dropout 0.1, weight decay 0.01, clipping 1.0, warm-up; a higher learning rate
-# than the guide's 5e-4 because the run is ~100x shorter than its 3 epochs. Any of these that the
+# The recommended medical LoRA settings (docs/training.md), scaled to a 4M-parameter model and a
+# budget of about a minute (60 updates of 8 x 128 tokens: ~70 s with compiles and evaluations on
+# 2 cores): r 16, alpha 2r, dropout 0.1, weight decay 0.01, clipping 1.0, warm-up; a higher learning
+# rate than the default 5e-4 because the run is ~100x shorter than the 3 epochs it is meant for. Any of these that the
 # user gives wins (docs/forgetting.md: at 5e-4 the demo forgets less and adapts less).
 DEMO_LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.1, learning_rate=2e-3, weight_decay=0.01,
                  max_grad_norm=1.0, warmup_steps=6, max_steps=60, per_device_train_batch_size=8,

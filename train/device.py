@@ -1,4 +1,6 @@
-"""Everything that differs between XLA, CUDA and CPU lives here; the loop never asks which.
+"""Where and how a run computes: the accelerator (XLA, CUDA or CPU) and the layout over
+devices and processes (``train.distributed``). Everything that differs between them sits behind
+one ``Device``; the loop never asks which device or layout it runs on.
 
 On XLA the loop's code is traced lazily and cut into graphs at every ``sync()``; shapes and
 Python values that stay the same from step to step let XLA reuse its compiled graphs.
@@ -8,15 +10,42 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Iterable, Iterator
+import time
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
 from . import distributed
 from .config import UsageError
+from .distributed import Layout
 
 
-def move_model(model: torch.nn.Module, device) -> torch.nn.Module:
+def resolve(requested: str = "auto", *, auto_picks_xla: bool = True) -> str:
+    """The device ``requested`` names (xla, cuda, cuda:1, cpu …), without starting it. auto:
+    XLA whenever torch_xla is installed (TPU if present, else its CPU device), else CUDA, else
+    CPU; with ``auto_picks_xla=False`` (inference: generation recompiles on XLA as the sequence
+    grows) CUDA, else CPU."""
+    has_xla = importlib.util.find_spec("torch_xla") is not None
+    if requested == "auto":
+        requested = "xla" if has_xla and auto_picks_xla else "cuda" if torch.cuda.is_available() else "cpu"
+    kind = requested.split(":")[0]
+    if kind == "xla" and not has_xla:
+        raise UsageError("--device xla needs torch_xla: pip install 'minilora[xla]' (Linux x86_64)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: no CUDA GPU is visible to torch")
+    return requested
+
+
+def torch_device(name: str) -> torch.device:
+    """The torch.device for a name ``resolve`` returned (``xla``: torch_xla's device)."""
+    if name == "xla":
+        import torch_xla
+
+        return torch_xla.device()
+    return torch.device(name)
+
+
+def move_model(model: torch.nn.Module, device: Union[str, torch.device]) -> torch.nn.Module:
     """``model.to(device)`` that keeps tied weights tied.
 
     Moving between CPU and an XLA device cannot swap a parameter's storage in place, so
@@ -32,40 +61,33 @@ def move_model(model: torch.nn.Module, device) -> torch.nn.Module:
 
 
 class Device:
-    """One accelerator (or the CPU), chosen by ``--device``."""
+    """One accelerator (or the CPU), chosen by ``--device``, and the layout of the run over
+    devices and processes. ``Device.start(args)`` makes the one a run uses."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, layout: Optional[Layout] = None):
         self.kind = kind
+        self.layout = layout or Layout()
+        self.torch_device = torch_device(kind)
         self._masks: dict = {}
-        if kind == "xla":
-            import torch_xla
-
-            self.torch_device = torch_xla.device()
-        elif kind == "cuda":
-            self.torch_device = torch.device("cuda")
-        else:
-            self.torch_device = torch.device("cpu")
+        self._warm: Optional[tuple[int, dict]] = None  # XLA: (compiles, host fallbacks) once warm
+        self._compiled_at: Optional[float] = None  # --compile: when torch.compile was set up
+        self._compile_warm: Optional[tuple[int, float]] = None  # (graphs compiled, seconds) once warm
 
     @classmethod
-    def choose(cls, requested: str = "auto") -> "Device":
-        return cls(cls.resolve(requested))
-
-    @staticmethod
-    def resolve(requested: str = "auto") -> str:
-        """The kind ``--device`` names, without starting it. auto: XLA whenever torch_xla is
-        installed (TPU if present, else its CPU device), else CUDA, else CPU."""
-        has_xla = importlib.util.find_spec("torch_xla") is not None
-        if requested == "auto":
-            requested = "xla" if has_xla else "cuda" if torch.cuda.is_available() else "cpu"
-        if requested == "xla" and not has_xla:
-            raise UsageError("--device xla needs torch_xla: pip install 'minilora[xla]' (Linux x86_64)")
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-        return requested
+    def start(cls, args) -> "Device":
+        """The device ``args.device`` names, with the layout ``args`` asks for started (XLA's
+        cache, SPMD or a process group) before XLA hands out its device."""
+        kind = resolve(args.device)
+        return cls(kind, distributed.setup(args, kind))
 
     @property
     def is_xla(self) -> bool:
         return self.kind == "xla"
+
+    @property
+    def is_main(self) -> bool:
+        """The one process that prints, writes files and talks to wandb."""
+        return self.layout.is_main
 
     def describe(self) -> str:
         if self.is_xla:
@@ -76,19 +98,94 @@ class Device:
             return f"cuda ({torch.cuda.get_device_name()})"
         return f"cpu ({torch.get_num_threads()} threads)"
 
+    # -- the model -------------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self, model) -> None:
+        """Recompute each decoder layer in the backward pass. On XLA, torch_xla's checkpoint
+        wraps the recomputation in an optimization barrier; plain torch checkpointing would be
+        undone by XLA's common-subexpression elimination."""
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.is_xla:
+            from torch_xla.utils.checkpoint import checkpoint
+
+            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(
+                checkpoint, use_reentrant=True))
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this device, in training mode. torchrun --fsdp: sharded by FSDP2 first,
+        each layer moved as it is sharded, so a base larger than one GPU never sits whole on
+        one; the optimizer built afterwards holds the shards. Call after LoRA injection and
+        gradient checkpointing."""
+        model = self.layout.shard(model)
+        return move_model(model, self.torch_device).train()
+
+    # -- the optimizer and a resumed run's state -------------------------------------------
+
+    def optimizer(self, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW. On XLA and CUDA it is ``capturable``: step counts and bias corrections stay
+        on the device, so a step reads nothing back to the host; the learning rate is a
+        device tensor updated in place."""
+        if self.kind == "cpu":  # fused: one kernel over all parameters, not ~10 ops for each adapter matrix
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+        for group in groups:
+            group["lr"] = torch.tensor(lr).to(self.torch_device)
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay, capturable=True, foreach=False)
+
+    def seed_per_rank(self, seed: int) -> None:
+        """torchrun: each rank draws its own dropout masks (distributed.Layout.seed_per_rank)."""
+        self.layout.seed_per_rank(seed)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """``optimizer.load_state_dict``, with the learning rate kept in this device's tensor.
+        The checkpoint's is a host tensor; left in place, every step would upload it and build
+        a graph unlike an unresumed run's, which the persistent compilation cache then misses."""
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, lr in zip(optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):
+                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
+                group["lr"] = lr
+
+    def restore_rng(self, per_rank: list) -> bool:
+        """Take this process's entry of what ``rng_states`` saved; False (and nothing changes)
+        when it was saved by a different number of processes."""
+        state = self.layout.own_entry(per_rank)
+        if state is None:
+            return False
+        torch.set_rng_state(state["torch"])
+        if self.kind == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        if self.is_xla and "xla" in state:
+            import torch_xla.core.xla_model as xm
+
+            xm.set_rng_state(int(state["xla"]) % 2**64)
+        return True
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        """SPMD: FSDPv2; torchrun: DDP (--fsdp: sharded by ``place``); else the model itself.
+        After the optimizer and any restored state, before the first forward."""
+        return self.layout.wrap(model, optimizer)
+
     # -- data ------------------------------------------------------------------------------
+
+    def global_batch(self, per_device: int) -> int:
+        """Rows in one micro-batch across all devices: per-device rows x data-parallel ways."""
+        return self.layout.global_batch(per_device)
 
     def loader(self, batches: Iterable) -> Iterator:
         """Batches moved to the device. On XLA a background thread prefetches them and each
         batch boundary is a graph cut (``sync``), so every step runs as one compiled graph.
         With several processes each moves only its rows; under SPMD the rows are split
         across devices (distributed.py)."""
-        batches = distributed.process_rows(batches)
+        batches = self.layout.process_rows(batches)
         if self.is_xla:
             import torch_xla.distributed.parallel_loader as pl
 
             return iter(pl.MpDeviceLoader(_Reiterable(batches), self.torch_device,
-                                          input_sharding=distributed.input_sharding()))
+                                          input_sharding=self.layout.input_sharding()))
         return (tuple(t.to(self.torch_device, non_blocking=True) for t in batch) for batch in batches)
 
     def attention_mask(self, model, ids: torch.Tensor):
@@ -122,39 +219,13 @@ class Device:
 
             torch_xla.sync()
 
-    def wait(self) -> None:
-        """Block until queued device work is finished (for timing)."""
-        if self.is_xla:
-            import torch_xla.core.xla_model as xm
+    # -- one update ------------------------------------------------------------------------
 
-            torch_xla_sync = self.sync
-            torch_xla_sync()
-            xm.wait_device_ops()
-        elif self.kind == "cuda":
-            torch.cuda.synchronize()
-
-    # -- optimisation ----------------------------------------------------------------------
-
-    def optimizer(self, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """AdamW. On XLA and CUDA it is ``capturable``: step counts and bias corrections stay
-        on the device, so a step reads nothing back to the host; the learning rate is a
-        device tensor updated in place."""
-        if self.kind == "cpu":  # fused: one kernel over all parameters, not ~10 ops for each adapter matrix
-            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
-        for group in groups:
-            group["lr"] = torch.tensor(lr).to(self.torch_device)
-        return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay, capturable=True, foreach=False)
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """``optimizer.load_state_dict``, with the learning rate kept in this device's tensor.
-        The checkpoint's is a host tensor; left in place, every step would upload it and build
-        a graph unlike an unresumed run's, which the persistent compilation cache then misses."""
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
-        for group, lr in zip(optimizer.param_groups, lrs):
-            if isinstance(lr, torch.Tensor):
-                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
-                group["lr"] = lr
+    def no_backward_sync(self, model: torch.nn.Module, enabled: bool):
+        """Context for one micro-batch's forward and backward: while ``enabled`` (every
+        micro-batch of an update but its last) DDP and FSDP2 keep gradients local; the last one
+        reduces them across processes. Elsewhere nothing."""
+        return self.layout.no_backward_sync(model, enabled)
 
     def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
@@ -163,21 +234,51 @@ class Device:
             else:
                 group["lr"] = lr
 
-    # -- memory and checkpointing ----------------------------------------------------------
-
-    def enable_gradient_checkpointing(self, model) -> None:
-        """Recompute each decoder layer in the backward pass. On XLA, torch_xla's checkpoint
-        wraps the recomputation in an optimization barrier; plain torch checkpointing would be
-        undone by XLA's common-subexpression elimination."""
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    def grad_norm(self, params: list, max_norm: float) -> torch.Tensor:
+        """The gradients' total norm (0-dim, on the device), clipped to ``max_norm`` first when
+        it is > 0. --fsdp: the norm of sharded gradients, gathered whole on every rank."""
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.is_xla:
-            from torch_xla.utils.checkpoint import checkpoint
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return self.layout.unshard(norm)
 
-            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(
-                checkpoint, use_reentrant=True))
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes that each summed their own rows (torchrun);
+        elsewhere itself: one process, or SPMD, where every value is already global."""
+        return self.layout.all_reduce_sum(tensor)
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is set in any process (torchrun: a tiny host-side all-reduce that
+        every process must reach at the same point; elsewhere ``flag`` itself, no host read)."""
+        return self.layout.any_process(flag)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def for_saving(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model unwrapped, its trainable tensors whole and on the host (a collective when
+        sharded: every process calls it, then the main process alone writes)."""
+        return self.layout.for_saving(model)
+
+    def to_host(self, tree):
+        """Tensors in nested containers (an optimizer state) as whole CPU copies; a collective
+        when sharded."""
+        return self.layout.to_host(tree)
+
+    def rng_states(self) -> Optional[list]:
+        """Every process's random-number state (torch, CUDA, XLA), in rank order, on the main
+        process; None on the others. A collective under torchrun: every process calls it."""
+        state = {"torch": torch.get_rng_state()}
+        if self.kind == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state()
+        if self.is_xla:
+            import torch_xla.core.xla_model as xm
+
+            seed = xm.get_rng_state()  # a uint64 (SPMD's often needs all 64 bits): stored as int64 bits
+            state["xla"] = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+        return self.layout.gather_on_main(state)
+
+    # -- measurements ----------------------------------------------------------------------
 
     def peak_memory_bytes(self) -> int | None:
         if self.kind == "cuda":
@@ -192,44 +293,56 @@ class Device:
                 return None
         return None
 
-    def rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state()}
-        if self.kind == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state()
+    def mark_warm(self) -> None:
+        """The loop has run each of its graphs once: compiles and host fallbacks from here on are
+        counted by ``xla_counts`` (on XLA; nothing elsewhere)."""
         if self.is_xla:
-            import torch_xla.core.xla_model as xm
+            self._warm = (self._compile_count(), self._host_fallbacks())
+        if self._compiled_at is not None:
+            self._compile_warm = (_dynamo_graphs(), time.time() - self._compiled_at)
 
-            seed = xm.get_rng_state()  # a uint64 (SPMD's often needs all 64 bits): stored as int64 bits
-            state["xla"] = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
-        return state
-
-    def set_rng_state(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        if self.kind == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"])
-        if self.is_xla and "xla" in state:
-            import torch_xla.core.xla_model as xm
-
-            xm.set_rng_state(int(state["xla"]) % 2**64)
-
-    def compile_count(self) -> int:
-        """XLA graph compilations so far in this process (0 elsewhere)."""
+    def compile(self, module: torch.nn.Module) -> None:
+        """--compile on CUDA and CPU: torch.compile ``module``'s forward in place (its parameters
+        and state-dict keys stay as they are); backward runs through the compiled graph too. XLA
+        compiles its graphs anyway."""
         if not self.is_xla:
-            return 0
+            module.compile()
+            self._compiled_at = time.time()
+
+    def compile_counts(self) -> dict:
+        """--compile: graphs TorchDynamo compiled until ``mark_warm`` and after it, and the seconds
+        from setting up the compile to ``mark_warm`` (the base evaluation and the first updates,
+        their compiles included); {} without --compile."""
+        if self._compiled_at is None:
+            return {}
+        during, seconds = self._compile_warm or (_dynamo_graphs(), time.time() - self._compiled_at)
+        return {"warmup_seconds": seconds, "compiles_during_warmup": during,
+                "compiles_after_warmup": _dynamo_graphs() - during}
+
+    def xla_counts(self) -> dict:
+        """XLA: graph compilations in this process, and those and the host fallbacks since
+        ``mark_warm`` (a correct loop has none but the host reads it asks for); {} elsewhere."""
+        if not self.is_xla:
+            return {}
+        compiles, fallbacks = self._warm or (0, {})
+        now = self._host_fallbacks()
+        return {"compiles_total": self._compile_count(), "compiles_after_warmup": self._compile_count() - compiles,
+                "host_fallbacks_after_warmup": {k: v - fallbacks.get(k, 0) for k, v in now.items()
+                                                if v - fallbacks.get(k, 0)}}
+
+    def _compile_count(self) -> int:
+        """XLA graph compilations so far in this process."""
         import torch_xla.debug.metrics as met
 
         data = met.metric_data("CompileTime")
         return int(data[0]) if data else 0
 
-    def host_fallbacks(self) -> dict[str, int]:
+    def _host_fallbacks(self) -> dict[str, int]:
         """XLA ops that ran on the host (``aten::*`` counters), e.g. ``aten::_local_scalar_dense``
         for every ``.item()``."""
-        if not self.is_xla:
-            return {}
         import torch_xla.debug.metrics as met
 
         return {name: met.counter_value(name) for name in met.counter_names() if name.startswith("aten::")}
-
 
 
 class _Reiterable:
@@ -243,3 +356,10 @@ class _Reiterable:
 
     def __len__(self):
         return len(self.batches) if hasattr(self.batches, "__len__") else 0
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile (TorchDynamo) has compiled so far in this process."""
+    import torch._dynamo.utils
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])

@@ -1,7 +1,7 @@
 """Scaling out on engines that already exist: XLA's SPMD partitioner, and torch.distributed.
 
-``setup`` picks one layout per run; the loop then calls the few functions below, which do
-nothing in the single-device layout:
+``setup`` picks one layout per run, a ``Layout``; ``train.device.Device`` holds it and the loop
+reaches it only through the device. Its methods do nothing in the single-device layout:
 
     single  one device, one process.
     spmd    XLA with more than one device (or --spmd): one process per host and a 1-D mesh
@@ -45,32 +45,11 @@ from .config import UsageError
 BATCH_AXIS = "fsdp"  # the mesh's only axis: data and weights are both sharded along it
 
 
-@dataclass(frozen=True)
-class Layout:
-    kind: str = "single"   # single | spmd | ddp
-    ways: int = 1          # data-parallel ways: devices (spmd) or processes (ddp)
-    processes: int = 1     # processes that load data: hosts (spmd) or ranks (ddp)
-    index: int = 0         # this process among them
-    mesh: Any = None       # spmd: the xs.Mesh; ddp with fsdp: a 1-D DeviceMesh over the ranks
-    fsdp: bool = False     # ddp: FSDP2 instead of DistributedDataParallel (--fsdp)
-
-
-_layout = Layout()
-# DDP: the group that carries host-side values (the stop flag, RNG states). gloo on the CPU; with
-# NCCL, a second, gloo group, so that reading them back never waits for the GPU. None: the default.
-_host_group = None
-
-
-def layout() -> Layout:
-    return _layout
-
-
-def setup(args, kind: str) -> Layout:
-    """Choose the layout for ``args`` on a device of ``kind`` (xla, cuda, cpu) and start what
-    it needs: XLA's persistent compilation cache, SPMD and its mesh, or the torch.distributed
+def setup(args, kind: str) -> "Layout":
+    """The layout for ``args`` on a device of ``kind`` (xla, cuda, cpu), with what it needs
+    started: XLA's persistent compilation cache, SPMD and its mesh, or the torch.distributed
     process group. Call it before the device is first used: SPMD started after
     ``torch_xla.device()`` crashes later. Safe to call again in the same process."""
-    global _layout
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fsdp = getattr(args, "fsdp", False)
     if fsdp and kind == "xla":
@@ -92,19 +71,18 @@ def setup(args, kind: str) -> Layout:
             _start_cache(args.xla_cache_dir)
         import torch_xla.runtime as xr
 
-        _layout = _start_spmd() if args.spmd or xr.global_runtime_device_count() > 1 else Layout()
-    else:
-        for flag, value in (("--spmd", args.spmd), ("--xla_cache_dir", args.xla_cache_dir)):
-            if value:
-                raise UsageError(f"{flag} applies to XLA only, and this run's device is {kind}; "
-                                 "pass --device xla, or drop the flag (GPUs scale out with torchrun)")
-        _layout = _start_process_group(kind) if world > 1 else Layout()
-        if fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
+        return _start_spmd() if args.spmd or xr.global_runtime_device_count() > 1 else Layout()
+    for flag, value in (("--spmd", args.spmd), ("--xla_cache_dir", args.xla_cache_dir)):
+        if value:
+            raise UsageError(f"{flag} applies to XLA only, and this run's device is {kind}; "
+                             "pass --device xla, or drop the flag (GPUs scale out with torchrun)")
+    layout = _start_process_group(kind) if world > 1 else Layout()
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh("cuda" if kind == "cuda" else "cpu", (_layout.ways,))
-            _layout = dataclasses.replace(_layout, fsdp=True, mesh=mesh)
-    return _layout
+        mesh = init_device_mesh("cuda" if kind == "cuda" else "cpu", (layout.ways,))
+        layout = dataclasses.replace(layout, fsdp=True, mesh=mesh)
+    return layout
 
 
 def _start_cache(path: str) -> None:
@@ -120,7 +98,7 @@ def _start_cache(path: str) -> None:
     xr.initialize_cache(path, readonly=False)
 
 
-def _start_spmd() -> Layout:
+def _start_spmd() -> "Layout":
     import numpy as np
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
@@ -132,185 +110,333 @@ def _start_spmd() -> Layout:
     return Layout("spmd", ways=devices, processes=xr.process_count(), index=xr.process_index(), mesh=mesh)
 
 
-def _start_process_group(kind: str) -> Layout:
+def _start_process_group(kind: str) -> "Layout":
     import torch.distributed as dist
 
-    global _host_group
     if not dist.is_initialized():
         if kind == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # Device's "cuda" is now this GPU
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         atexit.register(dist.destroy_process_group)
-    if kind == "cuda" and _host_group is None:
-        _host_group = dist.new_group(backend="gloo")  # a collective: every rank creates it here
-    return Layout("ddp", ways=dist.get_world_size(), processes=dist.get_world_size(), index=dist.get_rank())
+    host_group = _gloo_group() if kind == "cuda" else None
+    return Layout("ddp", ways=dist.get_world_size(), processes=dist.get_world_size(), index=dist.get_rank(),
+                  host_group=host_group)
 
 
-# -- who does what -----------------------------------------------------------------------------
-
-def is_main_process() -> bool:
-    """The one process that prints, writes files and talks to wandb (rank 0, or host 0)."""
-    return _layout.index == 0
-
-
-def seed_per_rank(seed: int) -> None:
-    """DDP: give each rank its own training random numbers (the dropout masks of its rows):
-    rank r > 0 reseeds with ``seed + r``; rank 0 keeps the stream one process would have. Call
-    once the model and adapter are built (alike on every rank, from ``seed``) and before a resume
-    restores the ranks' states. Elsewhere nothing: one process draws the masks of all its rows
-    (under SPMD, XLA's generator, for every device)."""
-    if _layout.kind == "ddp" and _layout.index > 0:
-        torch.manual_seed(seed + _layout.index)
-
-
-def any_process(flag: bool) -> bool:
-    """DDP: whether ``flag`` is set on any rank, by a one-element all-reduce (MAX) of a host
-    tensor (gloo, also beside NCCL: no GPU sync). Every rank must call it at the same point of
-    the loop. Elsewhere ``flag`` itself: no collective and no host read (XLA, SPMD hosts)."""
-    if _layout.kind != "ddp":
-        return flag
+@functools.lru_cache(maxsize=None)
+def _gloo_group():
+    """One gloo group beside NCCL per process: creating it is a collective, which every rank
+    reaches at the same ``setup`` call; a second run in the process reuses it."""
     import torch.distributed as dist
 
-    votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_host_group)
-    return bool(votes.item())  # a host tensor: no device sync
+    return dist.new_group(backend="gloo")
 
 
-def gather_on_main(value) -> Optional[list]:
-    """DDP: every rank's ``value`` (tensors in nested dicts, say an RNG state), in rank order,
-    on rank 0, and None on the others; a collective, every rank calls it. Elsewhere ``[value]``:
-    one process, or SPMD hosts that share one RNG state."""
-    if _layout.kind != "ddp":
-        return [value]
-    import torch.distributed as dist
+@dataclass(frozen=True)
+class Layout:
+    """How one run spreads over devices and processes (``setup`` makes it)."""
 
-    gathered = [None] * _layout.ways if is_main_process() else None
-    dist.gather_object(value, gathered, dst=0, group=_host_group)
-    return gathered
+    kind: str = "single"   # single | spmd | ddp
+    ways: int = 1          # data-parallel ways: devices (spmd) or processes (ddp)
+    processes: int = 1     # processes that load data: hosts (spmd) or ranks (ddp)
+    index: int = 0         # this process among them
+    mesh: Any = None       # spmd: the xs.Mesh; ddp with fsdp: a 1-D DeviceMesh over the ranks
+    fsdp: bool = False     # ddp: FSDP2 instead of DistributedDataParallel (--fsdp)
+    # ddp on GPUs: the gloo group that carries host-side values (the stop flag, RNG states), so
+    # that reading them back never waits for the GPU. None: the default group (gloo on the CPU).
+    host_group: Any = None
 
-
-def own_entry(per_rank: list):
-    """This process's entry of a list ``gather_on_main`` made: rank r's under DDP, the one entry
-    elsewhere. None when the list comes from a different number of ranks (a run resumed with
-    another ``--nproc_per_node``)."""
-    ranks = _layout.ways if _layout.kind == "ddp" else 1
-    if len(per_rank) != ranks:
+    def describe(self) -> Optional[str]:
+        """One line on the layout for the run's console header; None when single."""
+        if self.kind == "spmd":
+            return (f"SPMD over {self.ways} device(s) on {self.processes} host(s), FSDPv2 "
+                    f"(global batch = per-device batch x {self.ways})")
+        if self.fsdp:
+            return (f"FSDP2 over {self.ways} process(es), every weight sharded "
+                    f"(global batch = per-device batch x {self.ways})")
+        if self.kind == "ddp":
+            return f"DDP over {self.ways} process(es) (global batch = per-device batch x {self.ways})"
         return None
-    return per_rank[_layout.index if _layout.kind == "ddp" else 0]
 
+    # -- who does what -------------------------------------------------------------------------
 
-def global_batch(per_device: int) -> int:
-    """Rows in one micro-batch across all devices: per-device rows x data-parallel ways."""
-    return per_device * _layout.ways
+    @property
+    def is_main(self) -> bool:
+        """The one process that prints, writes files and talks to wandb (rank 0, or host 0)."""
+        return self.index == 0
 
+    def global_batch(self, per_device: int) -> int:
+        """Rows in one micro-batch across all devices: per-device rows x data-parallel ways."""
+        return per_device * self.ways
 
-def process_rows(batches: Iterable[tuple]) -> Iterable[tuple]:
-    """This process's rows of each global batch: the i-th of ``processes`` equal blocks of every
-    (rows, L) tensor; 1-D tensors (per-batch values such as a token count) pass whole. Under
-    single-host SPMD the one process keeps everything and XLA splits it across devices."""
-    if _layout.processes == 1:
-        return batches
-    n, i = _layout.processes, _layout.index
+    def process_rows(self, batches: Iterable[tuple]) -> Iterable[tuple]:
+        """This process's rows of each global batch: the i-th of ``processes`` equal blocks of
+        every (rows, L) tensor; 1-D tensors (per-batch values such as a token count) pass whole.
+        Under single-host SPMD the one process keeps everything and XLA splits it across devices."""
+        if self.processes == 1:
+            return batches
+        n, i = self.processes, self.index
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() < 2:
-            return t
-        per = t.shape[0] // n
-        return t[i * per:(i + 1) * per]
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() < 2:
+                return t
+            per = t.shape[0] // n
+            return t[i * per:(i + 1) * per]
 
-    return (tuple(rows(t) for t in batch) for batch in batches)
+        return (tuple(rows(t) for t in batch) for batch in batches)
 
+    def input_sharding(self):
+        """SPMD: how MpDeviceLoader places each (rows, L) batch: split along rows over the mesh;
+        with several hosts each feeds only its own rows (``minibatch``). None elsewhere."""
+        if self.kind != "spmd":
+            return None
+        import torch_xla.distributed.spmd as xs
 
-def input_sharding():
-    """SPMD: how MpDeviceLoader places each (rows, L) batch: split along rows over the mesh;
-    with several hosts each feeds only its own rows (``minibatch``). None elsewhere."""
-    if _layout.kind != "spmd":
-        return None
-    import torch_xla.distributed.spmd as xs
+        return xs.ShardingSpec(self.mesh, (BATCH_AXIS, None), minibatch=self.processes > 1)
 
-    return xs.ShardingSpec(_layout.mesh, (BATCH_AXIS, None), minibatch=_layout.processes > 1)
+    def seed_per_rank(self, seed: int) -> None:
+        """DDP: give each rank its own training random numbers (the dropout masks of its rows):
+        rank r > 0 reseeds with ``seed + r``; rank 0 keeps the stream one process would have.
+        Call once the model and adapter are built (alike on every rank, from ``seed``) and before
+        a resume restores the ranks' states. Elsewhere nothing: one process draws the masks of
+        all its rows (under SPMD, XLA's generator, for every device)."""
+        if self.kind == "ddp" and self.index > 0:
+            torch.manual_seed(seed + self.index)
 
+    def any_process(self, flag: bool) -> bool:
+        """DDP: whether ``flag`` is set on any rank, by a one-element all-reduce (MAX) of a host
+        tensor (gloo, also beside NCCL: no GPU sync). Every rank must call it at the same point
+        of the loop. Elsewhere ``flag`` itself: no collective and no host read (XLA, SPMD hosts)."""
+        if self.kind != "ddp":
+            return flag
+        import torch.distributed as dist
 
-# -- the model ---------------------------------------------------------------------------------
+        votes = torch.tensor([int(flag)])
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(votes.item())  # a host tensor: no device sync
 
-def shard(model: nn.Module) -> nn.Module:
-    """torchrun --fsdp: FSDP2, ``fully_shard`` on each decoder layer, then on the root (the
-    embeddings, final norm and LM head). Each parameter becomes a DTensor holding this rank's
-    shard, moved to the device as it is sharded (a base larger than one GPU never sits whole on
-    one), so call it after LoRA injection and gradient checkpointing and before the optimizer
-    is built: an optimizer built earlier would hold the replaced, unsharded tensors. The model
-    keeps its module names. Elsewhere the model itself."""
-    if not _layout.fsdp:
+    def gather_on_main(self, value) -> Optional[list]:
+        """DDP: every rank's ``value`` (tensors in nested dicts, say an RNG state), in rank order,
+        on rank 0, and None on the others; a collective, every rank calls it. Elsewhere
+        ``[value]``: one process, or SPMD hosts that share one RNG state."""
+        if self.kind != "ddp":
+            return [value]
+        import torch.distributed as dist
+
+        gathered = [None] * self.ways if self.is_main else None
+        dist.gather_object(value, gathered, dst=0, group=self.host_group)
+        return gathered
+
+    def own_entry(self, per_rank: list):
+        """This process's entry of a list ``gather_on_main`` made: rank r's under DDP, the one
+        entry elsewhere. None when the list comes from a different number of ranks (a run
+        resumed with another ``--nproc_per_node``)."""
+        ranks = self.ways if self.kind == "ddp" else 1
+        if len(per_rank) != ranks:
+            return None
+        return per_rank[self.index if self.kind == "ddp" else 0]
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """torchrun --fsdp: FSDP2, ``fully_shard`` on each decoder layer, then on the root (the
+        embeddings, final norm and LM head). Each parameter becomes a DTensor holding this rank's
+        shard, moved to the device as it is sharded (a base larger than one GPU never sits whole
+        on one), so call it after LoRA injection and gradient checkpointing and before the
+        optimizer is built: an optimizer built earlier would hold the replaced, unsharded
+        tensors. The model keeps its module names. Elsewhere the model itself."""
+        if not self.fsdp:
+            return model
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        # Sum, not average, as DDP's _sum_gradients: each rank's loss is already divided by the
+        # token count of the global update. Both settings are per FSDP module, so set them on each;
+        # the plain SUM op, since a factor alone asks for PREMUL_SUM, which gloo does not have.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
         return model
-    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=_layout.mesh)
-    fully_shard(model, mesh=_layout.mesh)
-    # Sum, not average, as DDP's _sum_gradients: each rank's loss is already divided by the
-    # token count of the global update. Both settings are per FSDP module, so set them on each;
-    # the plain SUM op, since a factor alone asks for PREMUL_SUM, which gloo does not have.
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-    return model
+    def wrap(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
+        """SPMD: FSDPv2 over the decoder layers and the rest; DDP: DistributedDataParallel that
+        sums adapter gradients. Call after gradient checkpointing is set up and the model is on
+        its device, and before the first forward. The optimizer may already hold the parameters
+        (they stay the same objects) and state restored from a checkpoint; SPMD shards that state
+        like its parameter, as an unresumed run's first update does (same memory per device, same
+        graphs)."""
+        if self.kind == "spmd":
+            wrapped = self._fsdp_v2(model)
+            if optimizer is not None:
+                self._shard_like_parameters(optimizer)
+            return wrapped
+        if self.kind == "ddp" and not self.fsdp:  # --fsdp: ``shard`` did it, before the optimizer
+            return _ddp(model)
+        return model
 
+    def _fsdp_v2(self, model: nn.Module) -> nn.Module:
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+        from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+        # A tensor copied in from a checkpoint arrives marked replicated, and FSDPv2 leaves marked
+        # parameters alone: unmarked, a resumed run shards its restored weights like a fresh one.
+        for p in model.parameters():
+            if torch_xla._XLAC._get_xla_sharding_spec(p):
+                xs.clear_sharding(p)
+        # transformers names the classes it never splits across devices: the decoder layers.
+        layers = {type(m) for m in _decoder_layers(model)}
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
+        return SpmdFullyShardedDataParallel(model, mesh=self.mesh, shard_output=_shard_batch_axis,
+                                            auto_wrap_policy=policy)
+
+    def _shard_like_parameters(self, optimizer: torch.optim.Optimizer) -> None:
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+
+        for param, state in optimizer.state.items():
+            for tensor in state.values():
+                if isinstance(tensor, torch.Tensor) and tensor.shape == param.shape and tensor.dim():
+                    if torch_xla._XLAC._get_xla_sharding_spec(tensor):
+                        xs.clear_sharding(tensor)
+                    spec = [None] * tensor.dim()
+                    spec[list(tensor.shape).index(max(tensor.shape))] = BATCH_AXIS  # FSDPv2's choice for the parameter
+                    xs.mark_sharding(tensor, self.mesh, tuple(spec))
+
+    # -- one update ----------------------------------------------------------------------------
+
+    def no_backward_sync(self, model: nn.Module, enabled: bool):
+        """Context for one micro-batch's forward and backward. DDP: while ``enabled`` (every
+        micro-batch of an update but the last) gradients accumulate locally (``no_sync``); the
+        last one reduces them. FSDP2 likewise, through a setting rather than a context: set on
+        every micro-batch, so the last one turns it back on."""
+        if self.fsdp:
+            model.set_requires_gradient_sync(not enabled)
+            return contextlib.nullcontext()
+        if self.kind == "ddp" and enabled:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """DDP: the sum of ``tensor`` over ranks (each rank summed its own rows). Under SPMD a
+        value is already global; single: itself."""
+        if self.kind != "ddp":
+            return tensor
+        import torch.distributed as dist
+
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    def unshard(self, value):
+        """--fsdp: a DTensor (a parameter's shard, its optimizer state, a norm over sharded
+        gradients) gathered whole with ``full_tensor()``, a collective every rank must call.
+        Anything else, and every value elsewhere: itself."""
+        if not self.fsdp:
+            return value
+        from torch.distributed.tensor import DTensor
+
+        return value.full_tensor() if isinstance(value, DTensor) else value
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def for_saving(self, model: nn.Module) -> nn.Module:
+        """The model under its own module names ('model.layers.0.self_attn.q_proj', never
+        'module.…' or '_orig_module.…': adapters saved from a wrapped model would carry the
+        wrapper's prefixes and load elsewhere as missing keys), with trainable parameters copied
+        to host memory under SPMD, and gathered whole (``full_tensor``) under --fsdp; the frozen
+        base stays sharded. A view: modules on the way to a change are shallow copies, the model
+        itself is left as it is. Call it on every process: gathering sharded tensors is a
+        computation on all devices (a collective); only then may the main process alone write."""
+        host = {}
+        if self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in model.modules():  # the root keeps its weights gathered after a forward: shards again
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+            host = {id(p): nn.Parameter(self.unshard(p), requires_grad=True)
+                    for p in model.parameters() if p.requires_grad}
+        if self.kind == "spmd":
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            host = {id(p): nn.Parameter(c, requires_grad=True) for p, c in zip(trainable, self.to_host(trainable))}
+        return self._view(model, self._wrapper_types(), host)
+
+    def to_host(self, tree):
+        """Tensors anywhere in nested dicts, lists and tuples (a state dict, an optimizer's) as CPU
+        copies. Under SPMD every sharded tensor gets a replicated copy in one graph, compiled once
+        for all saves; gathering each tensor on its own would compile a program per tensor, per
+        save. Under --fsdp every DTensor (an optimizer state's shard) is gathered whole: a
+        collective, in the same order on every rank."""
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        leaves, spec = tree_flatten(tree)
+        if self.fsdp:
+            leaves = [self.unshard(t) for t in leaves]
+        if self.kind == "spmd":
+            import torch_xla
+            import torch_xla.distributed.spmd as xs
+
+            on_device = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+            for i in on_device:
+                copy_ = leaves[i].detach() * 1  # a new value: a clone would alias the sharded data and its annotation
+                if copy_.dim():
+                    xs.mark_sharding(copy_, self.mesh, (None,) * copy_.dim())  # replicated
+                leaves[i] = copy_
+            torch_xla.sync()
+        leaves = [t.detach().to("cpu") if isinstance(t, torch.Tensor) else t for t in leaves]
+        return tree_unflatten(leaves, spec)
+
+    def _wrapper_types(self) -> tuple:
+        from torch.nn.parallel import DistributedDataParallel
+
+        types = [DistributedDataParallel]
+        if self.kind == "spmd":
+            from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+            types.append(SpmdFullyShardedDataParallel)
+        return tuple(types)
+
+    def _view(self, module: nn.Module, wrappers: tuple, host: dict) -> nn.Module:
+        """``module`` with wrappers skipped and parameters replaced per ``host`` (id -> Parameter);
+        only the modules that change are copied."""
+        while isinstance(module, wrappers):
+            module = module.module
+        children = {name: None if child is None else self._view(child, wrappers, host)
+                    for name, child in module._modules.items()}
+        params = {name: host.get(id(p), p) for name, p in module._parameters.items()}
+        if all(children[n] is c for n, c in module._modules.items()) and all(
+                params[n] is p for n, p in module._parameters.items()):
+            return module
+        view = object.__new__(self._unsharded_class(type(module)))  # a shallow copy, as copy.copy would make
+        view.__dict__.update(module.__dict__)
+        view.__dict__["_modules"] = children
+        view.__dict__["_parameters"] = params
+        return view
+
+    def _unsharded_class(self, cls: type) -> type:
+        """The model's own class for FSDP2's ``FSDP<Name>`` subclass of it: a view (its parameters
+        gathered whole) is a plain module; FSDP2's methods on it (``to`` reshards) would look for
+        the sharding state of a module that has none."""
+        if self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            if issubclass(cls, FSDPModule):
+                return next(base for base in cls.__bases__ if base is not FSDPModule)
+        return cls
+
+
+# -- wrappers that need no layout ------------------------------------------------------------------
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules transformers never splits across devices (``_no_split_modules``): the decoder
     layers, which FSDPv2 and FSDP2 each wrap on their own."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def wrap(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
-    """SPMD: FSDPv2 over the decoder layers and the rest; DDP: DistributedDataParallel that
-    sums adapter gradients. Call after gradient checkpointing is set up and the model is on
-    its device, and before the first forward. The optimizer may already hold the parameters
-    (they stay the same objects) and state restored from a checkpoint; SPMD shards that state
-    like its parameter, as an unresumed run's first update does (same memory per device, same
-    graphs)."""
-    if _layout.kind == "spmd":
-        wrapped = _fsdp_v2(model)
-        if optimizer is not None:
-            _shard_like_parameters(optimizer)
-        return wrapped
-    if _layout.kind == "ddp" and not _layout.fsdp:  # --fsdp: ``shard`` did it, before the optimizer
-        return _ddp(model)
-    return model
-
-
-def _fsdp_v2(model: nn.Module) -> nn.Module:
-    import torch_xla
-    import torch_xla.distributed.spmd as xs
-    from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
-    from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
-
-    # A tensor copied in from a checkpoint arrives marked replicated, and FSDPv2 leaves marked
-    # parameters alone: unmarked, a resumed run shards its restored weights like a fresh one.
-    for p in model.parameters():
-        if torch_xla._XLAC._get_xla_sharding_spec(p):
-            xs.clear_sharding(p)
-    # transformers names the classes it never splits across devices: the decoder layers.
-    layers = {type(m) for m in _decoder_layers(model)}
-    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
-    return SpmdFullyShardedDataParallel(model, mesh=_layout.mesh, shard_output=_shard_batch_axis,
-                                        auto_wrap_policy=policy)
-
-
-def _shard_like_parameters(optimizer: torch.optim.Optimizer) -> None:
-    import torch_xla
-    import torch_xla.distributed.spmd as xs
-
-    for param, state in optimizer.state.items():
-        for tensor in state.values():
-            if isinstance(tensor, torch.Tensor) and tensor.shape == param.shape and tensor.dim():
-                if torch_xla._XLAC._get_xla_sharding_spec(tensor):
-                    xs.clear_sharding(tensor)
-                spec = [None] * tensor.dim()
-                spec[list(tensor.shape).index(max(tensor.shape))] = BATCH_AXIS  # FSDPv2's choice for the parameter
-                xs.mark_sharding(tensor, _layout.mesh, tuple(spec))
 
 
 def _shard_batch_axis(output, mesh) -> None:
@@ -349,147 +475,3 @@ def _sum_gradients(state, bucket):
     import torch.distributed as dist
 
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
-def gradient_sync(model: nn.Module, now: bool):
-    """Context for one micro-batch's forward and backward. DDP: reduce gradients only with the
-    last micro-batch of an update (``now``); earlier ones accumulate locally (``no_sync``).
-    FSDP2 likewise, through a setting rather than a context: set on every micro-batch, so the
-    last one turns it back on."""
-    if _layout.fsdp:
-        model.set_requires_gradient_sync(now)
-        return contextlib.nullcontext()
-    if _layout.kind == "ddp" and not now:
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """DDP: the sum of ``tensor`` over ranks (each rank summed its own rows). Under SPMD a
-    value is already global; single: itself."""
-    if _layout.kind != "ddp":
-        return tensor
-    import torch.distributed as dist
-
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under its own module names ('model.layers.0.self_attn.q_proj', never
-    'module.…' or '_orig_module.…'): adapters saved from a wrapped model carry the wrapper's
-    prefixes and load elsewhere as missing keys. A view: modules on the way to a wrapper are
-    shallow copies, every parameter is the model's own; the model itself is left as it is."""
-    return _view(model, _wrapper_types(), host={})
-
-
-def for_saving(model: nn.Module) -> nn.Module:
-    """``unwrap``, with trainable parameters copied to host memory under SPMD, and gathered
-    whole (``full_tensor``) under --fsdp; the frozen base stays sharded. Call it on every
-    process: gathering sharded tensors is a computation on all devices (a collective); only
-    then may the main process alone write files."""
-    host = {}
-    if _layout.fsdp:
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in model.modules():  # the root keeps its weights gathered after a forward: shards again
-            if isinstance(module, FSDPModule):
-                module.reshard()
-        host = {id(p): nn.Parameter(whole(p), requires_grad=True)
-                for p in model.parameters() if p.requires_grad}
-    if _layout.kind == "spmd":
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        host = {id(p): nn.Parameter(c, requires_grad=True) for p, c in zip(trainable, to_host(trainable))}
-    return _view(model, _wrapper_types(), host)
-
-
-def to_host(tree):
-    """Tensors anywhere in nested dicts, lists and tuples (a state dict, an optimizer's) as CPU
-    copies. Under SPMD every sharded tensor gets a replicated copy in one graph, compiled once
-    for all saves; gathering each tensor on its own would compile a program per tensor, per save.
-    Under --fsdp every DTensor (an optimizer state's shard) is gathered whole: a collective, in
-    the same order on every rank."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
-    leaves, spec = tree_flatten(tree)
-    if _layout.fsdp:
-        leaves = [whole(t) for t in leaves]
-    if _layout.kind == "spmd":
-        import torch_xla
-        import torch_xla.distributed.spmd as xs
-
-        on_device = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
-        for i in on_device:
-            copy_ = leaves[i].detach() * 1  # a new value: a clone would alias the sharded data and its annotation
-            if copy_.dim():
-                xs.mark_sharding(copy_, _layout.mesh, (None,) * copy_.dim())  # replicated
-            leaves[i] = copy_
-        torch_xla.sync()
-    leaves = [t.detach().to("cpu") if isinstance(t, torch.Tensor) else t for t in leaves]
-    return tree_unflatten(leaves, spec)
-
-
-def whole(value):
-    """--fsdp: a DTensor (a parameter's shard, its optimizer state, a norm over sharded
-    gradients) gathered whole with ``full_tensor()``, a collective every rank must call.
-    Anything else, and every value elsewhere: itself."""
-    if not _layout.fsdp:
-        return value
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def _wrapper_types() -> tuple:
-    from torch.nn.parallel import DistributedDataParallel
-
-    types = [DistributedDataParallel]
-    if _layout.kind == "spmd":
-        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
-
-        types.append(SpmdFullyShardedDataParallel)
-    return tuple(types)
-
-
-def _view(module: nn.Module, wrappers: tuple, host: dict) -> nn.Module:
-    """``module`` with wrappers skipped and parameters replaced per ``host`` (id -> Parameter);
-    only the modules that change are copied."""
-    while isinstance(module, wrappers):
-        module = module.module
-    children = {name: None if child is None else _view(child, wrappers, host)
-                for name, child in module._modules.items()}
-    params = {name: host.get(id(p), p) for name, p in module._parameters.items()}
-    if all(children[n] is c for n, c in module._modules.items()) and all(
-            params[n] is p for n, p in module._parameters.items()):
-        return module
-    view = object.__new__(_unsharded_class(type(module)))  # a shallow copy, as copy.copy would make
-    view.__dict__.update(module.__dict__)
-    view.__dict__["_modules"] = children
-    view.__dict__["_parameters"] = params
-    return view
-
-
-def _unsharded_class(cls: type) -> type:
-    """The model's own class for FSDP2's ``FSDP<Name>`` subclass of it: a view (its parameters
-    gathered whole) is a plain module; FSDP2's methods on it (``to`` reshards) would look for
-    the sharding state of a module that has none."""
-    if _layout.fsdp:
-        from torch.distributed.fsdp import FSDPModule
-
-        if issubclass(cls, FSDPModule):
-            return next(base for base in cls.__bases__ if base is not FSDPModule)
-    return cls
-
-
-def describe() -> Optional[str]:
-    """One line on the layout for the run's console header; None when single."""
-    if _layout.kind == "spmd":
-        return (f"SPMD over {_layout.ways} device(s) on {_layout.processes} host(s), FSDPv2 "
-                f"(global batch = per-device batch x {_layout.ways})")
-    if _layout.fsdp:
-        return (f"FSDP2 over {_layout.ways} process(es), every weight sharded "
-                f"(global batch = per-device batch x {_layout.ways})")
-    if _layout.kind == "ddp":
-        return f"DDP over {_layout.ways} process(es) (global batch = per-device batch x {_layout.ways})"
-    return None

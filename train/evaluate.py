@@ -14,23 +14,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 import minilora
+from train.cli import require_app_packages
 from train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
+from train.loss import nll_result, next_token_nll, predicted_tokens
 
 DEFAULT_MC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "medical_mc.jsonl")
 MC_CATEGORIES = ("medical_terminology", "diagnostic_reasoning", "treatment_recommendations", "safety_responses")
-IGNORE_INDEX = -100
 
-# The guide's general-capability checks (test_general_capabilities).
+# General-capability checks: everyday tasks that a model fine-tuned on medical text should still do.
 GENERAL_PROMPTS = (
     "Explain the concept of photosynthesis",
     "Write a short story about friendship",
@@ -67,17 +66,14 @@ def perplexity(model, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = 
     with torch.inference_mode(), eval_mode(model):
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size].to(device)
-            targets = labels[start:start + batch_size].to(device)[:, 1:]  # (B, L-1)
-            logits = model(input_ids=ids).logits[:, :-1].float()  # (B, L-1, V)
-            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum").double()
-            count += (targets != IGNORE_INDEX).sum()
+            targets = labels[start:start + batch_size].to(device)  # (B, L)
+            total += next_token_nll(model(input_ids=ids).logits, targets).double()
+            count += predicted_tokens(targets)
     # The one host sync of the evaluation (on XLA this also runs the accumulated graph).
     total, count = total.item(), int(count.item())
     if count == 0:
         raise ValueError("no token is predicted: every label after the first position of each window is -100")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    return nll_result(total, count)
 
 
 # -- multiple choice ----------------------------------------------------------------------------
@@ -207,7 +203,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def general_generations(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_new_tokens: int = 100,
                         **options) -> list[dict]:
-    """``[{"prompt", "response"}]`` for the guide's four general tasks (or ``prompts``), greedy
+    """``[{"prompt", "response"}]`` for the four general tasks of GENERAL_PROMPTS (or ``prompts``), greedy
     by default: not scored, for a person to compare before and after fine-tuning."""
     prompts = list(GENERAL_PROMPTS if prompts is None else prompts)
     responses = generate_texts(model, tokenizer, prompts, max_new_tokens, **options)
@@ -234,10 +230,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mc_normalize", choices=("sum", "mean"), default="sum",
                         help="score choices by summed (default) or per-token mean log-likelihood")
     parser.add_argument("--general_prompts", action="store_true",
-                        help="also generate answers to the guide's four general-capability prompts")
+                        help="also generate answers to four general-capability prompts (an explanation, a story, "
+                             "an equation, a translation)")
     parser.add_argument("--max_new_tokens", type=int, default=100, help="for --general_prompts")
     parser.add_argument("--output_json", help="write all results here")
     args = parser.parse_args(argv)
+    require_app_packages(parser.prog)
     if args.compare_base and (args.adapter is None or args.merge):
         parser.error("--compare_base needs --adapter and no --merge (a merged model has no base to fall back to)")
 

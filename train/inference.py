@@ -22,7 +22,8 @@ import torch
 
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
-from .device import move_model
+from .cli import require_app_packages
+from .device import move_model, resolve, torch_device
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
 # one, its tokenizer (which then wins over the base model's: it may have added a pad token).
@@ -122,13 +123,11 @@ def _protocols(fs) -> tuple:
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device) == "xla":
-        import torch_xla
-
-        return torch_xla.device()
-    return torch.device(device)
+    """``device`` as a torch.device; None: CUDA when available, else CPU (not XLA, where
+    generation recompiles as the sequence grows)."""
+    if isinstance(device, torch.device):
+        return device
+    return torch_device(resolve(device or "auto", auto_picks_xla=False))
 
 
 def _dtype(value: Dtype) -> Optional[torch.dtype]:
@@ -215,8 +214,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, *, side: str,
 # -- several adapters on one base ---------------------------------------------------------------
 
 class AdapterManager:
-    """One base model, many adapters: the guide's MedicalLoRAManager, without reloading or
-    re-wrapping the base on every switch.
+    """One base model, many adapters, without reloading or re-wrapping the base on every switch.
 
         manager = AdapterManager("meta-llama/Llama-3.2-1B")
         manager.load_adapter("cardiology", "./cardiology_lora")
@@ -329,6 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--top_p", type=float, help="nucleus sampling mass (with --do_sample)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = parser.parse_args(argv)
+    require_app_packages(parser.prog)
 
     prompts = list(args.prompt)
     if args.prompt_file:

@@ -1,4 +1,5 @@
-"""The training loop: one file, top to bottom. Same code on XLA, CUDA and CPU (see device.py).
+"""The training loop: one file, read top to bottom in the order a run goes. The same code runs on
+XLA, CUDA and CPU, on one device or many: what differs sits behind ``train.device.Device``.
 
 Per optimizer update: ``gradient_accumulation_steps`` micro-batches of shape (B, L), each
 forward + backward with its summed token NLL divided by the token count of the whole update
@@ -18,17 +19,17 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 import minilora
 
-from . import data as data_mod
-from . import distributed
-from . import loss as loss_mod
+from . import data, drift
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
+from .loss import module_called, nll_result, predicted_tokens
+from .loss import summed_nll as model_nll
 from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
 from .report import Reporter, write_report
 
@@ -39,107 +40,141 @@ WARMUP_UPDATES = 2
 DEFAULT_GENERAL_WINDOWS = 128
 
 
-# -- the schedule, in optimizer updates ---------------------------------------------------------
-
-def lr_at(update: int, peak: float, warmup: int, total: int) -> float:
-    """Learning rate for 0-based optimizer update ``update``: linear warm-up over ``warmup``
-    updates (the first update already gets peak/warmup), then linear decay that reaches 0
-    just after the last update."""
-    if update < warmup:
-        return peak * (update + 1) / warmup
-    return peak * max(0.0, (total - update) / max(1, total - warmup))
-
-
-def token_count(labels: torch.Tensor) -> int:
-    """Tokens that carry loss in a (B, L) label batch (the first position predicts nothing)."""
-    return int((labels[:, 1:] != data_mod.IGNORE).sum())
-
-
-def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
-    """Sum over predicted tokens of -log p(next token): a 0-dim float32 tensor (train/loss.py;
-    ``chunked``: the LM head and the loss over chunks of tokens, never the full logits)."""
-    return loss_mod.summed_nll(model, ids, labels, device.attention_mask(model, ids), chunked=chunked)
-
-
-@torch.no_grad()
-def evaluate(model, windows: data_mod.Windows, batch_size: int, device: Device, pad_id: int,
-             chunked: bool = True) -> dict:
-    """Mean token NLL and perplexity over all windows. One host read at the end."""
-    was_training = model.training
-    model.eval()
-    total = device.tensor(0.0)
-    for ids, labels in device.loader(data_mod.batches(windows, distributed.global_batch(batch_size), pad_id)):
-        total = total + summed_nll(model, ids, labels, device, chunked)
-    device.sync()
-    tokens = windows.real_tokens - int((windows.labels[:, 0] != data_mod.IGNORE).sum())
-    loss = distributed.all_reduce_sum(total).item() / max(1, tokens)  # host sync point (once per evaluation)
-    model.train(was_training)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
-
-
-def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data_mod.Windows]:
-    """General-English text for the forgetting check: --general_eval_dataset, or by default the
-    embedded demo's held-out fortunes (never trained on, by the demo or anyone)."""
-    if args.general_eval_dataset == "none":
-        return None
-    cap = args.max_eval_samples or DEFAULT_GENERAL_WINDOWS
-    if args.general_eval_dataset:
-        windows = data_mod.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
-    else:
-        from .demo import default_general_validation
-
-        windows = data_mod.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
-    return data_mod.cap_windows(windows, cap)
-
-
-# -- state that survives a restart --------------------------------------------------------------
-
-@dataclass
-class Position:
-    update: int = 0       # optimizer updates done
-    epoch: int = 0        # current epoch
-    micro: int = 0        # micro-batches of this epoch already consumed
-    nonfinite_skipped: int = 0
-    history: list = field(default_factory=list)
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-# -- the run ------------------------------------------------------------------------------------
-
-def train_and_report(args: TrainArgs, **kwargs) -> dict:
+def train_and_report(args: TrainArgs, device: Optional[Device] = None, **kwargs) -> dict:
     """``run``, then (with --compare_full_finetune) full fine-tuning with the same data, steps
     and seed into ``<output_dir>/full_finetune``, then the forgetting report of both."""
-    summary = run(args, **kwargs)
+    device = device or Device.start(args)
+    summary = run(args, device=device, **kwargs)
     if summary.get("stopped"):
         return summary
     full = None
     if args.compare_full_finetune and args.use_lora:
-        if distributed.is_main_process():
+        if device.is_main:
             print("comparison: full fine-tuning with the same data, steps and seed", flush=True)
         full = run(dataclasses.replace(
             args, use_lora=False, output_dir=f"{args.output_dir.rstrip('/')}/full_finetune",
             learning_rate=args.full_finetune_learning_rate, compare_full_finetune=False, overwrite_output_dir=True,
-            resume_from_checkpoint=None, report_to="none"), **{k: v for k, v in kwargs.items() if k != "model"})
+            resume_from_checkpoint=None, report_to="none"), device=device,
+            **{k: v for k, v in kwargs.items() if k != "model"})
         summary["full_finetune"] = full
-    if distributed.is_main_process():
+    if device.is_main:
         write_report(RunDir(args.output_dir, args.tmp_dir), summary, full)
     return summary
 
 
-# -- one training run ------------------------------------------------------------------------------------
+def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[data.Windows] = None,
+        device: Optional[Device] = None) -> dict:
+    """Train per ``args`` (on ``device``, default the one ``args`` names); returns the summary
+    that is also written to train_summary.json. Bad settings or input raise UsageError (or
+    AdapterLoadError) before anything is written, and an output directory this call created is
+    removed again."""
+    run_dir = RunDir(args.output_dir, args.tmp_dir)
+    try:
+        return _run(args, run_dir, device, model, tokenizer, general_windows)
+    except (UsageError, minilora.AdapterLoadError):
+        run_dir.discard_if_unused()
+        raise
+
+
+def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, tokenizer,
+         general_windows: Optional[data.Windows]) -> dict:
+    started = time.time()
+    torch.manual_seed(args.seed)
+    _check_output_dir(args, run_dir)
+    device = device or Device.start(args)
+
+    # model init (and the data, tokenised with the model's tokenizer)
+    model, tokenizer, train_data = _model_and_data(args, device, model, tokenizer)
+    trainable, total_params = minilora.count_parameters(model)
+    if trainable == 0:
+        raise UsageError("nothing to train: no parameter requires grad")
+
+    # optimizer (and the state a resumed run continues from)
+    plan = Plan.of(args, train_data, device)
+    optimizer = device.optimizer(param_groups(model, args.weight_decay), args.learning_rate, args.weight_decay)
+    device.seed_per_rank(args.seed)  # torchrun: each rank its own dropout masks; a resume restores each rank's
+    pos = Position()
+    if args.resume_from_checkpoint:
+        pos = _restore(run_dir.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
+    # chat drift (instruct bases): the base's own answers to everyday prompts, taken before training
+    probe, no_drift = drift.probe_for_run(args, model, tokenizer, run_dir, device)
+    bare_model = model  # generation and drift scoring run on the model, not its DDP wrapper
+    model = device.wrap(model, optimizer)
+
+    # evaluation sets and reporting
+    eval_sets = {"validation": train_data.validation}
+    general = general_windows if general_windows is not None else general_eval_windows(args, tokenizer)
+    if general is not None:
+        eval_sets["general"] = general
+    if not args.resume_from_checkpoint and device.is_main:
+        run_dir.clear_previous_run()  # --overwrite_output_dir: an old run's checkpoints must never be resumed from
+    reporter = Reporter(args, run_dir, device, plan.total_updates, start_update=pos.update, history=pos.history)
+    reporter.start(trainable=trainable, total=total_params, train_windows=plan.train_windows)
+
+    def evaluate_all(tag: str) -> dict:
+        results = {name: evaluate(model, windows, args.per_device_eval_batch_size, device, tokenizer.pad_token_id,
+                                  args.chunked_loss)
+                   for name, windows in eval_sets.items()}
+        reporter.eval(pos.update, results, tag)
+        return results
+
+    base_eval = pos.history[0]["eval"] if pos.history and "eval" in pos.history[0] else None
+    if base_eval is None:
+        base_eval = evaluate_all("base")
+        pos.history.append({"update": 0, "eval": base_eval})
+
+    # training loop
+    def save_checkpoint() -> None:
+        _save_checkpoint(run_dir, model, optimizer, device, pos, args)
+
+    stopped = _train(args, device, model, optimizer, train_data, plan, pos, tokenizer.pad_token_id, reporter,
+                     evaluate_all, save_checkpoint)
+    if stopped:
+        reporter.close()
+        if device.is_main:
+            print(f"stopped by SIGTERM after update {pos.update}; checkpoint saved. Resume with: "
+                  f"minilora-train ... --output_dir {args.output_dir} --resume_from_checkpoint latest", flush=True)
+        return {"stopped": True, "update": pos.update}
+
+    # finish
+    final_eval = evaluate_all("final")
+    chat = drift.chat_drift(bare_model, probe) if probe is not None else {"not_measured": no_drift}
+    if device.is_main and probe is not None:
+        print(f"chat drift on {chat['prompts']} everyday prompts: {chat['drift']:+.3f} nats per answer token "
+              f"(base {chat['base_nll']:.3f} -> {chat['nll']:.3f})", flush=True)
+    _save_final(run_dir, model, tokenizer, device, args)
+    summary = {
+        "updates": pos.update, "trainable_params": trainable, "total_params": total_params,
+        "base": base_eval, "final": final_eval, "device": device.describe(), "wall_seconds": time.time() - started,
+        "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
+        "adapter_bytes": _size(run_dir.path("adapter_model.safetensors")) if args.use_lora else None,
+        "model_bytes": None if args.use_lora else _size(run_dir.path("model.safetensors")),
+        "peak_memory_bytes": device.peak_memory_bytes(), "xla": device.xla_counts(), "compile": device.compile_counts(),
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                     for t in state.values() if isinstance(t, torch.Tensor)),
+        "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
+        "learning_rate": args.learning_rate, "chat_drift": chat,
+    }
+    reporter.finish(summary)
+    if device.is_main:
+        run_dir.write_json(FINISHED, summary)
+    return summary
+
+
+def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
+    """A finished run, or an unfinished one's checkpoints, are replaced or continued only when asked."""
+    if args.overwrite_output_dir or args.resume_from_checkpoint:
+        return
+    if run_dir.exists(FINISHED):
+        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run; pass --overwrite_output_dir "
+                         "to replace it, --resume_from_checkpoint to continue, or choose another directory")
+    if run_dir.checkpoints():
+        raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run; pass "
+                         "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
+                         "or choose another directory")
+
+
+# -- model init ---------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(args: TrainArgs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,42 +202,17 @@ def load_model_and_tokenizer(args: TrainArgs):
     return model, tokenizer
 
 
-def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[data_mod.Windows] = None) -> dict:
-    """Train per ``args``; returns the summary that is also written to train_summary.json.
-    Bad settings or input raise UsageError (or AdapterLoadError) before anything is written, and
-    an output directory this call created is removed again."""
-    out = RunDir(args.output_dir, args.tmp_dir)
-    try:
-        return _run(args, out, model, tokenizer, general_windows)
-    except (UsageError, minilora.AdapterLoadError):
-        out.discard_if_unused()
-        raise
-
-
-def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Optional[data_mod.Windows]) -> dict:
-    started = time.time()
-    torch.manual_seed(args.seed)
-    if not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        if out.exists(FINISHED):
-            raise UsageError(f"--output_dir {args.output_dir} already holds a finished run; pass --overwrite_output_dir "
-                             "to replace it, --resume_from_checkpoint to continue, or choose another directory")
-        if out.checkpoints():
-            raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run; pass "
-                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
-                             "or choose another directory")
-    kind = Device.resolve(args.device)
-    distributed.setup(args, kind)  # XLA cache, SPMD or a process group: before XLA hands out its device
-    device = Device(kind)
+def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
+    """(model, tokenizer, TrainData): the base (``model`` or --model_name) with the LoRA adapter
+    injected (--use_lora) and gradient checkpointing set up, on the device in training mode."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args)
     if args.max_seq_length > getattr(model.config, "max_position_embeddings", args.max_seq_length):
         raise UsageError(f"--max_seq_length {args.max_seq_length} exceeds the model's maximum of "
                          f"{model.config.max_position_embeddings} positions")
-    data = data_mod.prepare_data(args, tokenizer)
+    train_data = data.prepare_data(args, tokenizer)
     if args.streaming_data and args.max_steps <= 0:
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
-    pad_id = tokenizer.pad_token_id
-
     if args.use_lora:
         try:
             minilora.inject(model, minilora.LoRAConfig(
@@ -212,253 +222,67 @@ def _run(args: TrainArgs, out: RunDir, model, tokenizer, general_windows: Option
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
-    # torchrun --fsdp: FSDP2 moves each layer to the device as it shards it, so a base larger than
-    # one GPU never sits whole on one; the optimizer below then holds the shards (DTensors).
-    model = distributed.shard(model)
-    move_model(model, device.torch_device)
-    model.train()
-    if args.compile and not device.is_xla:  # XLA compiles its graphs anyway
-        loss_mod.compile_model(model, args.chunked_loss)
-    trainable, total_params = minilora.count_parameters(model)
-    if trainable == 0:
-        raise UsageError("nothing to train: no parameter requires grad")
-
-    G, B = args.gradient_accumulation_steps, distributed.global_batch(args.per_device_train_batch_size)
-    micro_per_epoch = math.ceil(len(data.train) / B) if data.train is not None else None
-    updates_per_epoch = math.ceil(micro_per_epoch / G) if micro_per_epoch else None
-    total_updates = args.max_steps if args.max_steps > 0 else math.ceil(updates_per_epoch * args.num_train_epochs)
-    save_every = max(1, round(updates_per_epoch * args.save_fraction)) if updates_per_epoch and args.save_fraction > 0 else 0
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = device.optimizer(param_groups(model, args.weight_decay), args.learning_rate, args.weight_decay)
-    pos = Position()
-    distributed.seed_per_rank(args.seed)  # torchrun: each rank its own dropout masks; a resume restores each rank's
-    if args.resume_from_checkpoint:
-        pos = _restore(out.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
-    model = distributed.wrap(model, optimizer)  # SPMD: FSDPv2; torchrun: DDP (--fsdp: sharded above); else the model itself
-
-    eval_sets = {"validation": data.validation}
-    if general_windows is None:
-        general_windows = general_eval_windows(args, tokenizer)
-    if general_windows is not None:
-        eval_sets["general"] = general_windows
-    if not args.resume_from_checkpoint and distributed.is_main_process():
-        out.clear_previous_run()  # --overwrite_output_dir: an old run's checkpoints must never be resumed from
-    reporter = Reporter(args, out, device, total_updates, start_update=pos.update, history=pos.history)
-    reporter.start(trainable=trainable, total=total_params,
-                   train_windows=len(data.train) if data.train is not None else None)
-
-    def run_eval(tag: str) -> dict:
-        results = {name: evaluate(model, w, args.per_device_eval_batch_size, device, pad_id, args.chunked_loss) for name, w in eval_sets.items()}
-        reporter.eval(pos.update, results, tag)
-        return results
-
-    base_eval = pos.history[0]["eval"] if pos.history and "eval" in pos.history[0] else None
-    if base_eval is None:
-        base_eval = {k: v for k, v in run_eval("base").items()}
-        pos.history.append({"update": 0, "eval": base_eval})
-
-    stop = _StopFlag()  # SIGTERM (preemption): finish the update, checkpoint, exit cleanly
-    loss_sum = device.tensor(0.0)  # summed NLL since the last log, stays on the device
-    group_nll = device.tensor(0.0)  # summed NLL of this update's micro-batches
-    nonfinite = _NonFiniteGuard(args, device, optimizer, params)
-    tokens_since_log = 0
-    compiles_after_warmup = None
-    fallbacks_after_warmup = None
-
-    loop_started, compiled = time.time(), {}  # --compile: the first updates compile
-    while pos.update < total_updates and not stop.requested:
-        pending = collections.deque()  # host-side facts about each batch, in loader order
-        for ids, labels, denom in device.loader(_micro_batches(data, args, pos, pending, pad_id)):
-            last_in_group, group_tokens = pending.popleft()
-            with distributed.gradient_sync(model, now=last_in_group):  # DDP: reduce once per update
-                nll = summed_nll(model, ids, labels, device, args.chunked_loss)
-                (nll / denom).backward()
-            group_nll = group_nll + nll.detach()
-            pos.micro += 1
-            if not last_in_group:
-                device.sync()  # micro-batch graphs stay the same whatever the group size
-                continue
-            device.set_lr(optimizer, lr_at(pos.update, args.learning_rate, args.warmup_steps, total_updates))
-            loss_sum = loss_sum + nonfinite.step(group_nll, denom)  # clip, AdamW; see _NonFiniteGuard
-            group_nll = torch.zeros_like(group_nll)
-            optimizer.zero_grad(set_to_none=True)
-            device.sync()  # end of the compiled step
-            pos.update += 1
-            tokens_since_log += group_tokens
-
-            if pos.update == min(total_updates, WARMUP_UPDATES) and device.is_xla:
-                compiles_after_warmup = device.compile_count()
-                fallbacks_after_warmup = device.host_fallbacks()
-            if pos.update == min(total_updates, WARMUP_UPDATES) and args.compile and not device.is_xla:
-                compiled = {"compiles_during_warmup": loss_mod.compile_count(), "warmup_seconds": time.time() - loop_started}
-            if pos.update % args.logging_steps == 0 or pos.update == total_updates:
-                tokens_since_log -= nonfinite.read(pos)  # skipped updates' tokens leave the mean
-                loss = distributed.all_reduce_sum(loss_sum).item()  # host sync point (logging steps only)
-                loss = loss / tokens_since_log if tokens_since_log > 0 else math.nan  # nan: every update was skipped
-                loss_sum, tokens_since_log = device.tensor(0.0), 0
-                _check_finite(loss, pos, args)
-                reporter.train(pos.update, loss, lr_at(pos.update - 1, args.learning_rate, args.warmup_steps, total_updates),
-                               epoch=pos.epoch + (pos.micro / micro_per_epoch if micro_per_epoch else 0))
-            if args.eval_steps and pos.update % args.eval_steps == 0 and pos.update < total_updates:
-                pos.history.append({"update": pos.update, "eval": run_eval("eval")})
-            stop.agree()  # torchrun: every rank stops after the same update (one tiny host-side all-reduce)
-            if (save_every and pos.update % save_every == 0 and pos.update < total_updates) or stop.requested:
-                tokens_since_log -= nonfinite.read(pos)  # the checkpoint carries the exact skip count
-                _save_checkpoint(out, model, optimizer, device, pos, args)
-            if pos.update >= total_updates or stop.requested:
-                break
-        else:
-            pos.epoch, pos.micro = pos.epoch + 1, 0
-
-    if stop.requested and pos.update < total_updates:
-        reporter.close()
-        if distributed.is_main_process():
-            print(f"stopped by SIGTERM after update {pos.update}; checkpoint saved. Resume with: "
-                  f"minilora-train ... --output_dir {args.output_dir} --resume_from_checkpoint latest", flush=True)
-        return {"stopped": True, "update": pos.update}
-
-    final_eval = run_eval("final")
-    xla = {}
-    if device.is_xla:
-        xla = {"compiles_total": device.compile_count(),
-               "compiles_after_warmup": device.compile_count() - (compiles_after_warmup or 0),
-               "host_fallbacks_after_warmup": {k: v - (fallbacks_after_warmup or {}).get(k, 0)
-                                               for k, v in device.host_fallbacks().items()
-                                               if v - (fallbacks_after_warmup or {}).get(k, 0)}}
-    if compiled:
-        compiled["compiles_after_warmup"] = loss_mod.compile_count() - compiled["compiles_during_warmup"]
-    _save_final(out, model, tokenizer, args)
-    summary = {
-        "updates": pos.update, "trainable_params": trainable, "total_params": total_params,
-        "base": base_eval, "final": final_eval, "device": device.describe(), "wall_seconds": time.time() - started,
-        "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
-        "adapter_bytes": _size(out.path("adapter_model.safetensors")) if args.use_lora else None,
-        "model_bytes": None if args.use_lora else _size(out.path("model.safetensors")),
-        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla, "compile": compiled,
-        "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                                     for t in state.values() if isinstance(t, torch.Tensor)),
-        "train_windows": len(data.train) if data.train is not None else None,
-        "steps_per_second": reporter.steps_per_second(), "learning_rate": args.learning_rate,
-    }
-    reporter.finish(summary)
-    if distributed.is_main_process():
-        out.write_json(FINISHED, summary)
-    return summary
+    model = device.place(model)
+    if args.compile:
+        device.compile(module_called(model, args.chunked_loss))
+    return model, tokenizer, train_data
 
 
-def _micro_batches(data: data_mod.TrainData, args: TrainArgs, pos: Position, pending, pad_id: int):
-    """This epoch's remaining micro-batches as (ids, labels, denominator), where the
-    denominator is the loss-carrying token count of the batch's whole optimizer update; for
-    each batch, (last in its update?, that token count) goes to ``pending``."""
-    B, G = distributed.global_batch(args.per_device_train_batch_size), args.gradient_accumulation_steps
-    if data.train is not None:
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed + pos.epoch))
-        source = data_mod.batches(data.train, B, pad_id, order, start=pos.micro)
-    else:
-        source = data_mod.stream_batches(data.stream(pos.epoch), B, pad_id, args.max_seq_length, skip=pos.micro)
-    group: list = []
-    for batch in itertools.chain(source, [None]):
-        if batch is not None:
-            group.append(batch)
-        if group and (len(group) == G or batch is None):  # the epoch's last group may be shorter
-            tokens = sum(token_count(labels) for _, labels in group)
-            for i, (ids, labels) in enumerate(group):
-                pending.append((i == len(group) - 1, tokens))
-                yield ids, labels, torch.tensor([float(max(1, tokens))])  # (1,): data, never a constant (see Device.tensor)
-            group = []
+# -- optimizer ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's arithmetic: micro-batches of ``batch`` rows (over all devices), ``accumulate``
+    of them per optimizer update, ``total_updates`` updates, a checkpoint every ``save_every``
+    (0: none). Epoch lengths are None when streaming (a stream has no known length)."""
+
+    batch: int
+    accumulate: int
+    total_updates: int
+    save_every: int
+    train_windows: Optional[int]
+    micro_per_epoch: Optional[int]
+
+    @classmethod
+    def of(cls, args: TrainArgs, train_data: data.TrainData, device: Device) -> "Plan":
+        batch, accumulate = device.global_batch(args.per_device_train_batch_size), args.gradient_accumulation_steps
+        windows = len(train_data.train) if train_data.train is not None else None
+        micro_per_epoch = math.ceil(windows / batch) if windows is not None else None
+        updates_per_epoch = math.ceil(micro_per_epoch / accumulate) if micro_per_epoch else None
+        total = args.max_steps if args.max_steps > 0 else math.ceil(updates_per_epoch * args.num_train_epochs)
+        save_every = (max(1, round(updates_per_epoch * args.save_fraction))
+                      if updates_per_epoch and args.save_fraction > 0 else 0)
+        return cls(batch, accumulate, total, save_every, windows, micro_per_epoch)
 
 
-def _check_finite(loss: float, pos: Position, args: TrainArgs) -> None:
-    """Stop the run on a non-finite loss or gradient (both show in the logged loss, see
-    _NonFiniteGuard), unless --skip_nonfinite_steps (then nan only says every update since
-    the last log was skipped)."""
-    if math.isfinite(loss) or args.skip_nonfinite_steps:
-        return
-    raise UsageError(
-        f"the training loss or gradient became {loss} by update {pos.update}. Lower --learning_rate (e.g. 1e-4), "
-        "keep --max_grad_norm at 1.0 or lower, or raise --warmup_steps; no checkpoint was written from the bad "
-        f"state: resume from the last good one with --resume_from_checkpoint latest (checkpoints in "
-        f"{args.output_dir}), or pass --skip_nonfinite_steps to skip such updates")
+def lr_at(update: int, peak: float, warmup: int, total: int) -> float:
+    """Learning rate for 0-based optimizer update ``update``: linear warm-up over ``warmup``
+    updates (the first update already gets peak/warmup), then linear decay that reaches 0
+    just after the last update."""
+    if update < warmup:
+        return peak * (update + 1) / warmup
+    return peak * max(0.0, (total - update) / max(1, total - warmup))
 
 
-class _NonFiniteGuard:
-    """Clipping and the AdamW step, for updates whose loss or gradient may not be finite.
-
-    Checking on the host every update would be an XLA sync, so the check stays on the device.
-    By default a non-finite gradient norm makes the update's logged loss non-finite too (a
-    non-finite loss already gives non-finite gradients), the next logging step stops the run,
-    and _save_checkpoint refuses a non-finite optimizer state, so the latest checkpoint stays
-    good. With --skip_nonfinite_steps such an update is undone with torch.where (parameters
-    and optimizer state; this keeps a copy of both) and counted; the count is read at logging
-    steps and checkpoints, which are host sync points anyway.
-    """
-
-    def __init__(self, args: TrainArgs, device: Device, optimizer, params: list):
-        self.args, self.device, self.optimizer, self.params = args, device, optimizer, params
-        self.pending = self._zeros()  # (2,): [updates skipped, their tokens] since the last read
-
-    def _zeros(self) -> torch.Tensor:
-        return torch.zeros(2).to(self.device.torch_device)  # device data, not a graph constant
-
-    def step(self, group_nll: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-        """Clip, step; returns what this update adds to the logged summed NLL, shape (1,)."""
-        if self.args.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        norm = distributed.whole(norm)  # --fsdp: the norm of sharded gradients is a DTensor; this, every rank's
-        if not self.args.skip_nonfinite_steps:
-            self.optimizer.step()
-            return group_nll + norm * 0  # nan when the gradient is not finite
-        bad = ~torch.isfinite(norm)  # 0-dim bool, on the device
-        before = [(p, p.detach().clone(), {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)})
-                  for p in self.params]
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, old, old_state in before:
-                p.copy_(torch.where(bad, old, p))
-                for key, value in self.optimizer.state[p].items():
-                    if torch.is_tensor(value):  # state created by this very step goes back to zeros
-                        value.copy_(torch.where(bad, old_state.get(key, torch.zeros_like(value)), value))
-        self.pending = self.pending + torch.cat([bad.reshape(1).float(), torch.where(bad, denom, 0.0)])
-        return torch.where(bad, 0.0, group_nll)
-
-    def read(self, pos: Position) -> int:
-        """Adds the updates skipped since the last read to pos.nonfinite_skipped (and says so);
-        returns the tokens they held. Without --skip_nonfinite_steps: 0, and no host read."""
-        if not self.args.skip_nonfinite_steps:
-            return 0
-        skipped, tokens = (int(v) for v in self.pending.to("cpu").tolist())  # host sync point (logging steps, checkpoints)
-        self.pending = self._zeros()
-        if skipped:
-            pos.nonfinite_skipped += skipped
-            print(f"update {pos.update}: skipped {skipped} update(s) with a non-finite loss or gradient "
-                  f"({pos.nonfinite_skipped} in this run)", flush=True)
-        return tokens
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
-def _save_checkpoint(out: RunDir, model, optimizer, device: Device, pos: Position, args: TrainArgs) -> None:
-    # Every process gathers (on a TPU pod, gathering sharded tensors is a collective); one writes.
-    model, state = distributed.for_saving(model), distributed.to_host(optimizer.state_dict())
-    if not all(torch.isfinite(t).all() for s in state["state"].values() for t in s.values() if torch.is_tensor(t)):
-        _check_finite(math.nan, pos, args)  # a non-finite update never becomes the latest checkpoint
-    rng = distributed.gather_on_main(device.rng_state())  # torchrun: every rank's dropout RNG, on rank 0
-    if not distributed.is_main_process():
-        return
-    tmp = out.begin_checkpoint(pos.update)
-    if args.use_lora:
-        minilora.save_adapter(model, tmp, base_model_name_or_path=args.model_name)
-    else:
-        from safetensors.torch import save_file
+@dataclass
+class Position:
+    """Where a run stands; saved with every checkpoint (trainer_state.json)."""
 
-        save_file(trainable_state(model), os.path.join(tmp, "model.safetensors"))
-    save_tensors_safely(state, os.path.join(tmp, "optimizer.pt"))
-    save_tensors_safely(rng[0] if len(rng) == 1 else {"ranks": rng}, os.path.join(tmp, "rng.pt"))
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
-                   "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history}, f, indent=2)
-    out.commit_checkpoint(tmp, pos.update, args.save_total_limit)
+    update: int = 0       # optimizer updates done
+    epoch: int = 0        # current epoch
+    micro: int = 0        # micro-batches of this epoch already consumed
+    nonfinite_skipped: int = 0
+    history: list = field(default_factory=list)
 
 
 def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Position:
@@ -492,10 +316,7 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
     try:
         device.load_optimizer_state(optimizer, optimizer_state)
         per_rank = rng_state["ranks"] if "ranks" in rng_state else [rng_state]  # torchrun runs store one per rank
-        own = distributed.own_entry(per_rank)
-        if own is not None:
-            device.set_rng_state(own)
-        elif distributed.is_main_process():
+        if not device.restore_rng(per_rank) and device.is_main:
             print(f"note: {path} holds the RNG states of {len(per_rank)} process(es), a different number from this "
                   "run's; dropout masks start afresh, so the run does not continue exactly", flush=True)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -504,33 +325,100 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
     return position
 
 
-def _save_final(out: RunDir, model, tokenizer, args: TrainArgs) -> None:
-    model = distributed.for_saving(model)  # every process: see _save_checkpoint
-    if not distributed.is_main_process():
-        return
-    if args.use_lora:
-        minilora.save_adapter(model, out.local, base_model_name_or_path=args.model_name)
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            out.publish(name)
+# -- evaluation ---------------------------------------------------------------------------------
+
+def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
+    """General-English text for the forgetting check: --general_eval_dataset, or by default the
+    embedded demo's held-out fortunes (never trained on, by the demo or anyone)."""
+    if args.general_eval_dataset == "none":
+        return None
+    cap = args.max_eval_samples or DEFAULT_GENERAL_WINDOWS
+    if args.general_eval_dataset:
+        windows = data.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
     else:
-        move_model(model, "cpu")  # the run is over; safetensors reads host memory (XLA storage has none)
-        # Written aside, then each file renamed into place: a kill mid-save leaves no half-written
-        # model.safetensors next to a previous run's files (train_summary.json comes last anyway).
-        staging = out.path(".final-model.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        for name in sorted(os.listdir(staging)):
-            os.replace(os.path.join(staging, name), out.path(name))
-            out.publish(name)
-        os.rmdir(staging)
-    tokenizer.save_pretrained(out.local)
-    for name in os.listdir(out.local):
-        if "token" in name or name == "special_tokens_map.json":
-            out.publish(name)
+        from .demo import default_general_validation
+
+        windows = data.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
+    return data.cap_windows(windows, cap)
 
 
-def _size(path: str) -> Optional[int]:
-    return os.path.getsize(path) if os.path.exists(path) else None
+def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor
+    (``chunked``: the LM head and the loss over chunks of tokens, never the full logits; loss.py)."""
+    return model_nll(model, ids, labels, device.attention_mask(model, ids), chunked)
+
+
+@torch.no_grad()
+def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_id: int,
+             chunked: bool = True) -> dict:
+    """Mean token NLL and perplexity over all windows (``loss.nll_result``). One host read at
+    the end."""
+    was_training = model.training
+    model.eval()
+    total = device.tensor(0.0)
+    for ids, labels in device.loader(data.batches(windows, device.global_batch(batch_size), pad_id)):
+        total = total + summed_nll(model, ids, labels, device, chunked)
+    device.sync()
+    nll = device.sum_over_processes(total).item()  # host sync point (once per evaluation)
+    model.train(was_training)
+    return nll_result(nll, int(predicted_tokens(windows.labels)))
+
+
+# -- training loop ------------------------------------------------------------------------------
+
+def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.TrainData, plan: Plan,
+           pos: Position, pad_id: int, reporter: Reporter, evaluate_all: Callable[[str], dict],
+           save_checkpoint: Callable[[], None]) -> bool:
+    """Optimizer updates from ``pos`` to ``plan.total_updates``, with logging, evaluations and
+    checkpoints on the way; ``pos`` advances. Returns True when SIGTERM stopped it early."""
+    stop = _StopFlag()  # SIGTERM (preemption): finish the update, checkpoint, exit cleanly
+    nonfinite = _NonFiniteGuard(args, device, optimizer, [p for p in model.parameters() if p.requires_grad])
+    loss_sum = device.tensor(0.0)  # summed NLL since the last log, stays on the device
+    update_nll = device.tensor(0.0)  # summed NLL of this update's micro-batches
+    tokens_since_log = 0
+    while pos.update < plan.total_updates and not stop.requested:
+        update_ends = collections.deque()  # per micro-batch, in loader order: (last of its update?, update's tokens)
+        for ids, labels, denom in device.loader(_micro_batches(train_data, args, plan, pos, update_ends, pad_id)):
+            last_in_update, update_tokens = update_ends.popleft()
+            with device.no_backward_sync(model, enabled=not last_in_update):  # torchrun: reduce once per update
+                nll = summed_nll(model, ids, labels, device, args.chunked_loss)
+                (nll / denom).backward()
+            update_nll = update_nll + nll.detach()
+            pos.micro += 1
+            if not last_in_update:
+                device.sync()  # micro-batch graphs stay the same whatever the update's size
+                continue
+            device.set_lr(optimizer, lr_at(pos.update, args.learning_rate, args.warmup_steps, plan.total_updates))
+            loss_sum = loss_sum + nonfinite.step(update_nll, denom)  # clip, AdamW; see _NonFiniteGuard
+            update_nll = torch.zeros_like(update_nll)
+            optimizer.zero_grad(set_to_none=True)
+            device.sync()  # end of the compiled step
+            pos.update += 1
+            tokens_since_log += update_tokens
+
+            if pos.update == min(plan.total_updates, WARMUP_UPDATES):
+                device.mark_warm()  # every graph of the loop has run once
+            if pos.update % args.logging_steps == 0 or pos.update == plan.total_updates:
+                tokens_since_log -= nonfinite.read(pos)  # skipped updates' tokens leave the mean
+                loss = device.sum_over_processes(loss_sum).item()  # host sync point (logging steps only)
+                loss = loss / tokens_since_log if tokens_since_log > 0 else math.nan  # nan: every update was skipped
+                loss_sum, tokens_since_log = device.tensor(0.0), 0
+                _check_finite(loss, pos, args)
+                reporter.train(pos.update, loss, lr_at(pos.update - 1, args.learning_rate, args.warmup_steps,
+                                                       plan.total_updates),
+                               epoch=pos.epoch + (pos.micro / plan.micro_per_epoch if plan.micro_per_epoch else 0))
+            if args.eval_steps and pos.update % args.eval_steps == 0 and pos.update < plan.total_updates:
+                pos.history.append({"update": pos.update, "eval": evaluate_all("eval")})
+            stop.agree(device)  # torchrun: every rank stops after the same update (one tiny host-side all-reduce)
+            if (plan.save_every and pos.update % plan.save_every == 0 and pos.update < plan.total_updates) \
+                    or stop.requested:
+                tokens_since_log -= nonfinite.read(pos)  # the checkpoint carries the exact skip count
+                save_checkpoint()
+            if pos.update >= plan.total_updates or stop.requested:
+                break
+        else:
+            pos.epoch, pos.micro = pos.epoch + 1, 0
+    return stop.requested and pos.update < plan.total_updates
 
 
 class _StopFlag:
@@ -549,11 +437,156 @@ class _StopFlag:
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
             pass
 
-    def agree(self) -> None:
+    def agree(self, device: Device) -> None:
         """Every process, at the same update boundary. torchrun: a host-side all-reduce (MAX) of
         the flag. Elsewhere no collective and no host read: the flag is a Python bool."""
-        self.requested = distributed.any_process(self._signalled)
+        self.requested = device.any_process(self._signalled)
 
     def _handle(self, signum, frame):
         self._signalled = True
         print("SIGTERM received: finishing this update and saving a checkpoint", file=sys.stderr, flush=True)
+
+
+class _NonFiniteGuard:
+    """Clipping and the AdamW step, for updates whose loss or gradient may not be finite.
+
+    Checking on the host every update would be an XLA sync, so the check stays on the device.
+    By default a non-finite gradient norm makes the update's logged loss non-finite too (a
+    non-finite loss already gives non-finite gradients), the next logging step stops the run,
+    and _save_checkpoint refuses a non-finite optimizer state, so the latest checkpoint stays
+    good. With --skip_nonfinite_steps such an update is undone with torch.where (parameters
+    and optimizer state; this keeps a copy of both) and counted; the count is read at logging
+    steps and checkpoints, which are host sync points anyway.
+    """
+
+    def __init__(self, args: TrainArgs, device: Device, optimizer, params: list):
+        self.args, self.device, self.optimizer, self.params = args, device, optimizer, params
+        self.unread = self._zeros()  # (2,): [updates skipped, their tokens] since the last read
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(2).to(self.device.torch_device)  # device data, not a graph constant
+
+    def step(self, update_nll: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """Clip, step; returns what this update adds to the logged summed NLL, shape (1,)."""
+        norm = self.device.grad_norm(self.params, self.args.max_grad_norm)
+        if not self.args.skip_nonfinite_steps:
+            self.optimizer.step()
+            return update_nll + norm * 0  # nan when the gradient is not finite
+        bad = ~torch.isfinite(norm)  # 0-dim bool, on the device
+        before = [(p, p.detach().clone(), {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)})
+                  for p in self.params]
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old, old_state in before:
+                p.copy_(torch.where(bad, old, p))
+                for key, value in self.optimizer.state[p].items():
+                    if torch.is_tensor(value):  # state created by this very step goes back to zeros
+                        value.copy_(torch.where(bad, old_state.get(key, torch.zeros_like(value)), value))
+        self.unread = self.unread + torch.cat([bad.reshape(1).float(), torch.where(bad, denom, 0.0)])
+        return torch.where(bad, 0.0, update_nll)
+
+    def read(self, pos: Position) -> int:
+        """Adds the updates skipped since the last read to pos.nonfinite_skipped (and says so);
+        returns the tokens they held. Without --skip_nonfinite_steps: 0, and no host read."""
+        if not self.args.skip_nonfinite_steps:
+            return 0
+        skipped, tokens = (int(v) for v in self.unread.to("cpu").tolist())  # host sync point (logging steps, checkpoints)
+        self.unread = self._zeros()
+        if skipped:
+            pos.nonfinite_skipped += skipped
+            print(f"update {pos.update}: skipped {skipped} update(s) with a non-finite loss or gradient "
+                  f"({pos.nonfinite_skipped} in this run)", flush=True)
+        return tokens
+
+
+def _micro_batches(train_data: data.TrainData, args: TrainArgs, plan: Plan, pos: Position, update_ends, pad_id: int):
+    """This epoch's remaining micro-batches as (ids, labels, denominator), where the
+    denominator is the loss-carrying token count of the batch's whole optimizer update; for
+    each batch, (last in its update?, that token count) goes to ``update_ends``."""
+    if train_data.train is not None:
+        order = torch.randperm(len(train_data.train), generator=torch.Generator().manual_seed(args.seed + pos.epoch))
+        source = data.batches(train_data.train, plan.batch, pad_id, order, start=pos.micro)
+    else:
+        source = data.stream_batches(train_data.stream(pos.epoch), plan.batch, pad_id, args.max_seq_length,
+                                     skip=pos.micro)
+    group: list = []
+    for batch in itertools.chain(source, [None]):
+        if batch is not None:
+            group.append(batch)
+        if group and (len(group) == plan.accumulate or batch is None):  # the epoch's last update may be shorter
+            tokens = sum(int(predicted_tokens(labels)) for _, labels in group)
+            for i, (ids, labels) in enumerate(group):
+                update_ends.append((i == len(group) - 1, tokens))
+                yield ids, labels, torch.tensor([float(max(1, tokens))])  # (1,): data, never a constant (see Device.tensor)
+            group = []
+
+
+def _check_finite(loss: float, pos: Position, args: TrainArgs) -> None:
+    """Stop the run on a non-finite loss or gradient (both show in the logged loss, see
+    _NonFiniteGuard), unless --skip_nonfinite_steps (then nan only says every update since
+    the last log was skipped)."""
+    if math.isfinite(loss) or args.skip_nonfinite_steps:
+        return
+    raise UsageError(
+        f"the training loss or gradient became {loss} by update {pos.update}. Lower --learning_rate (e.g. 1e-4), "
+        "keep --max_grad_norm at 1.0 or lower, or raise --warmup_steps; no checkpoint was written from the bad "
+        f"state: resume from the last good one with --resume_from_checkpoint latest (checkpoints in "
+        f"{args.output_dir}), or pass --skip_nonfinite_steps to skip such updates")
+
+
+def _save_checkpoint(run_dir: RunDir, model, optimizer, device: Device, pos: Position, args: TrainArgs) -> None:
+    # Every process gathers (on a TPU pod, gathering sharded tensors is a collective); one writes.
+    model, state = device.for_saving(model), device.to_host(optimizer.state_dict())
+    if not all(torch.isfinite(t).all() for s in state["state"].values() for t in s.values() if torch.is_tensor(t)):
+        _check_finite(math.nan, pos, args)  # a non-finite update never becomes the latest checkpoint
+    rng = device.rng_states()  # torchrun: every rank's dropout RNG, on rank 0
+    if not device.is_main:
+        return
+    tmp = run_dir.begin_checkpoint(pos.update)
+    if args.use_lora:
+        minilora.save_adapter(model, tmp, base_model_name_or_path=args.model_name)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(trainable_state(model), os.path.join(tmp, "model.safetensors"))
+    save_tensors_safely(state, os.path.join(tmp, "optimizer.pt"))
+    save_tensors_safely(rng[0] if len(rng) == 1 else {"ranks": rng}, os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
+                   "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history}, f, indent=2)
+    run_dir.commit_checkpoint(tmp, pos.update, args.save_total_limit)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# -- finish -------------------------------------------------------------------------------------
+
+def _save_final(run_dir: RunDir, model, tokenizer, device: Device, args: TrainArgs) -> None:
+    model = device.for_saving(model)  # every process: see _save_checkpoint
+    if not device.is_main:
+        return
+    if args.use_lora:
+        minilora.save_adapter(model, run_dir.local, base_model_name_or_path=args.model_name)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            run_dir.publish(name)
+    else:
+        move_model(model, "cpu")  # the run is over; safetensors reads host memory (XLA storage has none)
+        # Written aside, then each file renamed into place: a kill mid-save leaves no half-written
+        # model.safetensors next to a previous run's files (train_summary.json comes last anyway).
+        staging = run_dir.path(".final-model.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), run_dir.path(name))
+            run_dir.publish(name)
+        os.rmdir(staging)
+    tokenizer.save_pretrained(run_dir.local)
+    for name in os.listdir(run_dir.local):
+        if "token" in name or name == "special_tokens_map.json":
+            run_dir.publish(name)
+
+
+def _size(path: str) -> Optional[int]:
+    return os.path.getsize(path) if os.path.exists(path) else None

@@ -1,13 +1,17 @@
-"""The training loss: summed next-token NLL, with the LM head and cross-entropy fused over chunks
-of tokens so that the full (tokens, vocabulary) logits are never held.
+"""The loss training minimises and evaluation reports: the summed negative log-likelihood of
+each next token, with -100 (``IGNORE``) marking labels that carry none (padding, prompts under
+--train_on_responses_only, the first position of every window).
 
-At SmolLM2's vocabulary (49,152) and 8 x 512 tokens the float32 logits are 805 MB, their
-log-softmax as much again, and their gradient as much again; Llama-3.2's 128,256 words at
-8 x 2048 make that 8.4 GB each. ``ChunkedLinearCrossEntropy`` computes the head's product,
-the log-sum-exp and the target logit chunk by chunk, keeps one float per token, and in
-backward recomputes each chunk's logits to form its gradient (Liger-Kernel's fused linear
-cross-entropy and unsloth's chunked loss, in pure torch so that XLA, CUDA and the CPU share it).
+With the LM head and cross-entropy fused over chunks of tokens (``ChunkedLinearCrossEntropy``,
+the app's default) the full (tokens, vocabulary) logits are never held. At SmolLM2's vocabulary
+(49,152) and 8 x 512 tokens the float32 logits are 805 MB, their log-softmax as much again, and
+their gradient as much again; Llama-3.2's 128,256 words at 8 x 2048 make that 8.4 GB each. The
+chunked node computes the head's product, the log-sum-exp and the target logit chunk by chunk,
+keeps one float per token, and in backward recomputes each chunk's logits to form its gradient
+(Liger-Kernel's fused linear cross-entropy and unsloth's chunked loss, in pure torch so that
+XLA, CUDA and the CPU share it).
 """
+
 
 from __future__ import annotations
 
@@ -17,7 +21,33 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+IGNORE = -100
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token), a 0-dim float32 tensor (what training
+    minimises and evaluation reports). logits (B, L, V): position t predicts ``labels[:, t + 1]``;
+    labels (B, L), -100 where nothing is predicted."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): shift the labels, not copy the logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens of a (B, L) label batch carry loss (the first position predicts nothing):
+    a 0-dim int64 tensor on the labels' device."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def nll_result(nll: float, tokens: int) -> dict:
+    """``{"loss": nll / tokens (nats per token), "perplexity": exp(loss), "tokens": tokens}``;
+    loss nan when no token was predicted, perplexity inf past float range."""
+    loss = nll / tokens if tokens else math.nan
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = math.inf
+    return {"loss": loss, "perplexity": perplexity, "tokens": tokens}
+
 
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
 # no logit scaling or soft-capping, so the chunked path computes the same loss.
@@ -115,21 +145,11 @@ def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask=No
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(L-1), H)
         return chunked_nll(hidden, model.get_output_embeddings().weight, labels[:, 1:].reshape(-1))
-    logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): the last position predicts nothing
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
+    return next_token_nll(model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits, labels)
 
 
-def compile_model(model, chunked: bool = True) -> None:
-    """``--compile``: torch.compile, in place, the module whose forward the loss calls (the
-    decoder for the chunked loss, else the whole model), so that state-dict keys, saving and the
-    optimizer see the same Parameters. Backward runs through the compiled graph too (AOTAutograd);
-    the chunked loss itself stays eager (its chunks are GEMMs already)."""
-    (model.get_decoder() if chunked and fusable(model) else model).compile()
-
-
-def compile_count() -> int:
-    """Graphs torch.compile (TorchDynamo) has compiled so far in this process."""
-    import torch._dynamo.utils
-
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+def module_called(model, chunked: bool = True) -> torch.nn.Module:
+    """The module whose forward ``summed_nll`` calls: the decoder for the chunked loss, else the
+    whole model (what --compile compiles; the chunked loss itself stays eager, its chunks are
+    GEMMs already)."""
+    return model.get_decoder() if chunked and fusable(model) else model

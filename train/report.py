@@ -8,24 +8,23 @@ import sys
 import time
 from typing import Optional
 
-from . import distributed
 from .config import TrainArgs
 from .outputs import RunDir
 
 
 class Reporter:
-    def __init__(self, args: TrainArgs, out: RunDir, device, total_updates: int, start_update: int = 0,
+    def __init__(self, args: TrainArgs, run_dir: RunDir, device, total_updates: int, start_update: int = 0,
                  history: Optional[list] = None):
-        self.args, self.out, self.device, self.total = args, out, device, total_updates
-        self.metrics_path = out.path("metrics.jsonl")
-        self.main = distributed.is_main_process()  # the others report nothing: one log, one set of files
+        self.args, self.run_dir, self.device, self.total = args, run_dir, device, total_updates
+        self.metrics_path = run_dir.path("metrics.jsonl")
+        self.main = device.is_main  # the others report nothing: one log, one set of files
         self.records: list[dict] = self._read_existing(start_update) if start_update else []
         if self.main and not start_update and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
         self.start_update = start_update
         self.started = time.time()
         self.last_time, self.last_update = self.started, start_update
-        self.tokens_per_update = (distributed.global_batch(args.per_device_train_batch_size)
+        self.tokens_per_update = (device.global_batch(args.per_device_train_batch_size)
                                   * args.gradient_accumulation_steps * args.max_seq_length)
         self.bar = None
         self.wandb = None
@@ -60,14 +59,14 @@ class Reporter:
     def start(self, trainable: int, total: int, train_windows: Optional[int]) -> None:
         if not self.main:
             return
-        self.out.write_json("train_config.json", self.args.redacted())
-        layout = distributed.describe()
+        self.run_dir.write_json("train_config.json", self.args.redacted())
+        layout = self.device.layout.describe()
         print(f"device: {self.device.describe()}" + (f" | {layout}" if layout else "")
               + f" | trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f} | updates: {self.total}"
               + (f" | training windows: {train_windows:,d}" if train_windows else ""), flush=True)
         if self.args.report_to == "wandb":
-            self.wandb = _start_wandb(self.args, self.out)
+            self.wandb = _start_wandb(self.args, self.run_dir)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -125,8 +124,8 @@ class Reporter:
                     self.wandb.summary[key] = summary[key]
             self.wandb.finish()
             self.wandb = None
-            if self.out.remote and os.path.isdir(self.out.path("wandb")):
-                self.out.publish("wandb")
+            if self.run_dir.remote and os.path.isdir(self.run_dir.path("wandb")):
+                self.run_dir.publish("wandb")
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -134,7 +133,7 @@ class Reporter:
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.out.publish("metrics.jsonl")
+        self.run_dir.publish("metrics.jsonl")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "update"},
                            step=record["update"])
@@ -163,12 +162,12 @@ class Reporter:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.out.path("loss.png"), dpi=100)
+        fig.savefig(self.run_dir.path("loss.png"), dpi=100)
         plt.close(fig)
-        self.out.publish("loss.png")
+        self.run_dir.publish("loss.png")
 
 
-def _start_wandb(args: TrainArgs, out: RunDir):
+def _start_wandb(args: TrainArgs, run_dir: RunDir):
     """The real wandb, offline unless a key is given (WANDB_MODE still wins). The key reaches
     wandb through this process's environment only; the command line wandb records is scrubbed."""
     import wandb
@@ -181,7 +180,7 @@ def _start_wandb(args: TrainArgs, out: RunDir):
         os.environ.pop("WANDB_MODE", None)  # an empty value is an error inside wandb
     mode = os.environ.get("WANDB_MODE") or ("online" if key else "offline")
     scrub_argv(args)
-    return wandb.init(project=args.wandb_project, dir=out.local, mode=mode, config=args.redacted(),
+    return wandb.init(project=args.wandb_project, dir=run_dir.local, mode=mode, config=args.redacted(),
                       settings=wandb.Settings(save_code=False, disable_git=True))
 
 
@@ -210,6 +209,11 @@ def _method_row(summary: dict) -> dict:
            "peak_memory_bytes": summary.get("peak_memory_bytes"),
            "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "updates": summary["updates"],
            "learning_rate": summary.get("learning_rate")}
+    chat = summary.get("chat_drift") or {}
+    if "drift" in chat:
+        row["chat_drift"] = chat["drift"]
+    elif chat.get("not_measured"):
+        row["chat_drift_note"] = chat["not_measured"]
     for name, label in (("validation", "medical"), ("general", "general")):
         if name in final:
             b, f = base[name]["perplexity"], final[name]["perplexity"]
@@ -219,12 +223,12 @@ def _method_row(summary: dict) -> dict:
     return row
 
 
-def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dict:
+def write_report(run_dir: RunDir, summary: dict, full: Optional[dict] = None) -> dict:
     """report.json, report.md and report.png: base vs adapted perplexity on the run's own
     (medical) validation text and on general English, for LoRA and, if run, full fine-tuning."""
     rows = [_method_row(summary)] + ([_method_row(full)] if full else [])
     report = {"methods": rows, "note": _verdict(rows)}
-    out.write_json("report.json", report)
+    run_dir.write_json("report.json", report)
 
     def fmt(value, kind):
         if value is None:
@@ -237,6 +241,8 @@ def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dic
             return f"{value / 1e6:,.2f} MB"
         if kind == "lr":
             return f"{value:.2g}"
+        if kind == "nats":
+            return f"{value:+.3f}"
         if kind == "s":
             return f"{value:.3f} s"
         return f"{value:,d}"
@@ -244,7 +250,8 @@ def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dic
     lines = ["# Forgetting report", "",
              "Perplexity of the base model and of the adapted model on the run's validation text (medical) "
              "and on general English held out from all training. Lower is better; a rise on general text is "
-             "forgetting.", "",
+             "forgetting. Chat drift (instruct bases): how much less likely the adapted model finds the base's "
+             "own answers to everyday requests, in nats per answer token; 0 is unchanged, larger is further away.", "",
              "| | " + " | ".join(r["method"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     table = [("medical perplexity, base", "medical_perplexity_base", "ppl"),
              ("medical perplexity, adapted", "medical_perplexity", "ppl"),
@@ -252,6 +259,7 @@ def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dic
              ("general perplexity, base", "general_perplexity_base", "ppl"),
              ("general perplexity, adapted", "general_perplexity", "ppl"),
              ("general change (forgetting)", "general_change_percent", "pct"),
+             ("chat drift on everyday prompts (nats/token)", "chat_drift", "nats"),
              ("trainable parameters", "trainable_params", "int"),
              ("checkpoint size", "checkpoint_bytes", "bytes"),
              ("optimizer state", "optimizer_state_bytes", "bytes"),
@@ -263,10 +271,10 @@ def write_report(out: RunDir, summary: dict, full: Optional[dict] = None) -> dic
         if any(key in r for r in rows):
             lines.append(f"| {label} | " + " | ".join(fmt(r.get(key), kind) for r in rows) + " |")
     lines += ["", report["note"], ""]
-    with open(out.path("report.md"), "w") as f:
+    with open(run_dir.path("report.md"), "w") as f:
         f.write("\n".join(lines))
-    out.publish("report.md")
-    _report_plot(out, rows)
+    run_dir.publish("report.md")
+    _report_plot(run_dir, rows)
     return report
 
 
@@ -278,10 +286,18 @@ def _verdict(rows: list[dict]) -> str:
             word = "rose" if change > 0 else "fell"
             parts.append(f"With {r['method']}, general-English perplexity {word} by {abs(change):.1f}% "
                          f"while medical perplexity changed by {r.get('medical_change_percent', float('nan')):+.1f}%.")
+    if len(rows) == 2 and all("chat_drift" in r for r in rows):
+        lora, full = rows
+        parts.append("As an assistant (chat drift), LoRA moved " + ("less" if lora["chat_drift"] < full["chat_drift"]
+                     else "NOT less") + f" than full fine-tuning ({lora['chat_drift']:+.3f} vs {full['chat_drift']:+.3f} "
+                     "nats per answer token).")
+    elif rows[0].get("chat_drift_note"):
+        parts.append(f"Chat drift: {rows[0]['chat_drift_note']}.")
     if len(rows) == 2 and all("general_change_percent" in r for r in rows):
         lora, full = rows
         parts.append("LoRA forgot less than full fine-tuning here." if lora["general_change_percent"] < full["general_change_percent"]
-                     else "LoRA did NOT forget less than full fine-tuning here: the guide's claim does not hold for these settings.")
+                     else "LoRA did NOT forget less than full fine-tuning here: the claim that LoRA preserves general "
+                     "knowledge better does not hold for these settings.")
         gained = {r["method"]: r.get("medical_change_percent") for r in rows}
         if None not in gained.values() and abs(gained["LoRA"] - gained["full fine-tuning"]) > 5:
             more = min(gained, key=gained.get)  # the larger fall in medical perplexity
@@ -291,7 +307,7 @@ def _verdict(rows: list[dict]) -> str:
     return " ".join(parts) or "No general-English evaluation was run (--general_eval_dataset none)."
 
 
-def _report_plot(out: RunDir, rows: list[dict]) -> None:
+def _report_plot(run_dir: RunDir, rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,6 +323,6 @@ def _report_plot(out: RunDir, rows: list[dict]) -> None:
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:,.1f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out.path("report.png"), dpi=100)
+    fig.savefig(run_dir.path("report.png"), dpi=100)
     plt.close(fig)
-    out.publish("report.png")
+    run_dir.publish("report.png")

@@ -1,0 +1,96 @@
+"""Chat drift (train/drift.py): the base's own greedy answers to everyday prompts, scored again
+after fine-tuning. Tiny Llama with a chat template; the real instruct base is probed by the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import minilora
+from conftest import make_tokenizer, randomize_adapters, tiny_llama
+from train import drift
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return model, tokenizer
+
+
+def test_shipped_prompts_are_at_least_fifty_distinct_everyday_requests():
+    prompts = drift.load_prompts()
+    assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)
+
+
+def test_an_unchanged_model_has_zero_drift_and_an_adapter_moves_it(chat_model):
+    model, tokenizer = chat_model
+    prompts = drift.load_prompts()[:6]
+    probe = drift.probe_base(model, tokenizer, prompts, max_new_tokens=5)
+    assert len(probe.answer_ids) == 6 and all(1 <= len(a) <= 5 for a in probe.answer_ids)
+    # each answer is the base's greedy continuation of its own templated prompt
+    assert probe.prompt_ids[0] == tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompts[0]}], add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert drift.chat_drift(model, probe)["drift"] == 0.0
+
+    minilora.inject(model, r=4)
+    randomize_adapters(model, std=0.3)
+    moved = drift.chat_drift(model, probe)
+    assert moved["drift"] > 0 and moved["base_nll"] == probe.base_nll
+    assert moved["prompts"] == 6 and moved["tokens"] == probe.tokens
+    with minilora.disable_adapters(model):
+        assert drift.chat_drift(model, probe)["drift"] == 0.0  # the base, bit for bit
+
+
+def test_a_base_without_chat_template_and_bad_prompt_files_are_refused(chat_model, tmp_path):
+    model, _ = chat_model
+    plain = make_tokenizer(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no chat template"):
+        drift.probe_base(model, plain)
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "wrong key"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected"):
+        drift.load_prompts(str(bad))
+
+
+def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(chat_model, tiny_text_file, tmp_path):
+    from conftest import train_argv
+    from train.config import parse_args
+    from train.loop import train_and_report
+
+    model, tokenizer = chat_model
+    base_dir = tmp_path / "instruct-base"
+    fresh = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    fresh.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    out = tmp_path / "run"
+    summary = train_and_report(parse_args(train_argv(base_dir, tiny_text_file, out, "--max_steps", "3",
+                                                     "--chat_drift_prompts", "4", "--general_eval_dataset", "none")))
+    chat = summary["chat_drift"]
+    assert chat["prompts"] == 4 and chat["drift"] != 0.0  # three updates at 5e-3 move the answers' likelihood
+    probe = json.loads((out / "chat_probe.json").read_text())
+    assert probe["base_nll"] == chat["base_nll"] and len(probe["answer_ids"]) == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"][0]["chat_drift"] == chat["drift"]
+    assert "chat drift on everyday prompts" in (out / "report.md").read_text()
+
+
+def test_a_base_without_chat_template_reports_why_there_is_no_drift(tiny_model_dir, tiny_text_file, tmp_path):
+    from conftest import train_argv
+    from train.config import parse_args
+    from train.loop import train_and_report
+
+    out = tmp_path / "plain"
+    summary = train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1",
+                                                     "--general_eval_dataset", "none")))
+    assert "chat template" in summary["chat_drift"]["not_measured"]
+    assert "chat_drift" not in json.loads((out / "report.json").read_text())["methods"][0]
+    assert "Chat drift: not measured" in (out / "report.md").read_text()
