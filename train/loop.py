@@ -345,7 +345,8 @@ def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
 def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
     """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor
     (``chunked``: the LM head and the loss over chunks of tokens, never the full logits; loss.py)."""
-    return model_nll(model, ids, labels, device.attention_mask(model, ids), chunked)
+    # XLA takes the full logits: the chunked loss is measured on eager CPU only so far
+    return model_nll(model, ids, labels, device.attention_mask(model, ids), chunked and not device.is_xla)
 
 
 @torch.no_grad()
