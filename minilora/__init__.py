@@ -7,20 +7,23 @@
     minilora.save_adapter(model, "out/")                      # 4. export (PEFT loads it too)
 """
 
-from .checkpoint import AdapterLoadError, load_adapter, lora_state_dict, peft_config, read_adapter_config, save_adapter
+from .checkpoint import (AdapterLoadError, load_adapter, lora_state_dict, peft_config, read_adapter_config, save_adapter,
+                         save_pretrained)
 from .config import LLAMA_TARGETS, LoRAConfig
-from .inject import (active_adapter, adapter_names, count_parameters, delete_adapter, disable_adapters,
+from .inject import (active_adapter, adapter_modules, adapter_names, count_parameters, delete_adapter, disable_adapters,
                      enable_input_require_grads, find_targets, inject, lora_modules, lora_parameters,
                      mark_only_lora_trainable, mixed_batch, print_trainable_parameters, set_adapter)
+from .embedding import LoRAEmbedding
 from .layer import LoRAAdapter, LoRALinear
+from .modules_to_save import ModuleToSave
 from .merge import merge, merge_and_unload, unmerge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRALinear",
-    "active_adapter", "adapter_names", "count_parameters", "delete_adapter", "disable_adapters",
+    "AdapterLoadError", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ModuleToSave",
+    "active_adapter", "adapter_modules", "adapter_names", "count_parameters", "delete_adapter", "disable_adapters",
     "enable_input_require_grads", "find_targets", "inject", "load_adapter", "lora_modules", "lora_parameters",
     "lora_state_dict", "mark_only_lora_trainable", "merge", "merge_and_unload", "mixed_batch", "peft_config",
-    "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter", "unmerge",
+    "print_trainable_parameters", "read_adapter_config", "save_adapter", "save_pretrained", "set_adapter", "unmerge",
 ]

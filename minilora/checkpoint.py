@@ -2,7 +2,10 @@
 
 On disk, as PEFT writes it:
     adapter_model.safetensors  keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
-                               and ``...lora_B.weight`` (out, r); no adapter name in keys
+                               and ``...lora_B.weight`` (out, r); ``...lora_embedding_A`` (r, vocab)
+                               and ``...lora_embedding_B`` (dim, r) for embeddings; a
+                               modules_to_save copy under the module's own keys
+                               (``...lm_head.weight``); no adapter name in keys
     adapter_config.json        ``peft_type: "LORA"``, r, lora_alpha, target_modules, …
 """
 
@@ -17,9 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import BIAS_MODES, LoRAConfig
-from .inject import (adapter_names, adapter_state, active_adapter, bias_parameters, delete_adapter, find_targets,
-                     inject, lora_modules, replace_module, set_adapter)
+from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
+from .embedding import LoRAEmbedding
+from .inject import (_remove_save_pretrained, adapter_modules, adapter_names, adapter_state, active_adapter,
+                     bias_parameters, delete_adapter, find_targets, inject, lora_modules, replace_module, set_adapter)
 from .layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,17 +31,17 @@ CONFIG_NAME = "adapter_config.json"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# PEFT LoraConfig fields that carry no meaning for plain LoRA on Linear layers (read and ignored).
+# PEFT LoraConfig fields that carry no meaning for the LoRA minilora computes (read and ignored).
 _IGNORED_FIELDS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "layers_pattern", "loftq_config", "megatron_config", "megatron_core", "peft_version", "runtime_config",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "use_qalora", "qalora_group_size",
-    "ensure_weight_tying", "init_lora_weights",
+    "init_lora_weights",
 }
 # Fields whose non-default values change the computation in ways minilora does not implement.
 _UNSUPPORTED = {
     "use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
-    "modules_to_save": (None, []), "layer_replication": (None, []), "target_parameters": (None, []),
+    "layer_replication": (None, []), "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None, []), "arrow_config": (None,),
     "kasa_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
 }
@@ -51,15 +55,18 @@ class AdapterLoadError(ValueError):
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (plus biases per the adapter's ``bias``)."""
+    """The adapter's tensors under PEFT's key names (plus biases per the adapter's ``bias``, and
+    its modules_to_save copies under the modules' own keys)."""
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has: {', '.join(adapter_names(model)) or '(no adapters)'}")
     state = {}
-    for name, module in lora_modules(model):
-        if adapter_name in module.adapters:
+    for name, module in adapter_modules(model):
+        if adapter_name in module.adapters and isinstance(module, LoRALinear):
             adapter = module.adapters[adapter_name]
             state[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A
             state[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+        elif adapter_name in module.adapters:  # LoRAEmbedding, ModuleToSave
+            state.update((f"{PREFIX}{name}.{key}", t) for key, t in module.peft_tensors(adapter_name).items())
     # PEFT keeps an adapted Linear's bias on its wrapped ``base_layer``, so that is the key it
     # writes and expects; biases of other modules keep their own names.
     adapted = {name for name, _ in lora_modules(model)}
@@ -75,12 +82,12 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
     config = _config_of(model, adapter_name)
     targets = config.target_modules
     if targets == "all-linear":  # as PEFT does: the full names of the modules it resolved to
-        targets = sorted(n for n, m in lora_modules(model) if adapter_name in m.adapters)
+        targets = sorted(n for n, m in lora_modules(model) if adapter_name in m.adapters and isinstance(m, LoRALinear))
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": config.task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -98,20 +105,25 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
         "alpha_pattern": dict(config.alpha_pattern),
         "fan_in_fan_out": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": None if config.modules_to_save is None else list(config.modules_to_save),
+        "ensure_weight_tying": config.ensure_weight_tying,
         "layer_replication": None,
         "lora_bias": False,
     }
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
-                 base_model_name_or_path: Optional[str] = None) -> None:
+                 base_model_name_or_path: Optional[str] = None, *,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into directory ``path``.
 
-    Each file is written under a temporary name and renamed into place when complete, the
-    config last, so a crash never leaves a config that points at half-written weights.
+    ``state_dict``: the model's full state dict to take the adapter's tensors from instead of the
+    live parameters (what transformers' Trainer passes to save_pretrained, gathered under FSDP or
+    DeepSpeed). Each file is written under a temporary name and renamed into place when complete,
+    the config last, so a crash never leaves a config that points at half-written weights.
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    state = lora_state_dict(model, adapter_name)
+    state = _host_tensors(state if state_dict is None else _taken_from(model, state, state_dict))
     config = peft_config(model, adapter_name, base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
     weights = os.path.join(path, WEIGHTS_NAME)
@@ -122,6 +134,86 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(config_path + ".tmp", config_path)
+
+
+def _taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
+                full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``adapter_state``'s keys, each with the tensor that ``full`` (a state dict of the model)
+    holds for the same parameter or buffer; FSDP's wrapper prefixes are ignored on both sides."""
+    def plain(name: str) -> str:
+        return name.replace("_fsdp_wrapped_module.", "")
+
+    full = {plain(k): v for k, v in full.items()}
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(plain(name))
+    taken = {}
+    for key, tensor in adapter_state.items():
+        found = [n for n in names.get(id(tensor), []) if n in full]
+        if not found:
+            raise ValueError(f"the state_dict passed has no entry for {key} (the model's name for it: "
+                             f"{names.get(id(tensor), ['?'])[0]}); pass the model's own state_dict(), or none")
+        taken[key] = full[found[0]]
+    return taken
+
+
+def _host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors for safetensors, which refuses two keys on one storage: a tensor held
+    under two keys (tied modules_to_save copies) is cloned for its second key."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        host = tensor.detach().to("cpu").contiguous()
+        out[key] = host.clone() if id(tensor) in seen else host
+        seen.add(id(tensor))
+    return out
+
+
+# PeftModel.save_pretrained's parameters that mean something here, in its order.
+_SAVE_PRETRAINED_OPTIONS = ("safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process",
+                            "state_dict")
+
+
+def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: bool = True,
+                    selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
+                    is_main_process: bool = True, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                    **unsupported) -> None:
+    """What ``model.save_pretrained(dir)`` does once ``minilora.inject`` has run: write the
+    adapters in PEFT's format, as PEFT's ``PeftModel.save_pretrained`` does: the adapter named
+    "default" into ``save_directory`` itself, any other adapter into ``save_directory/<name>``,
+    each as adapter_model.safetensors + adapter_config.json (save_adapter). Reload with
+    ``minilora.load_adapter(base, dir)`` or ``PeftModel.from_pretrained(base, dir)``.
+    ``state_dict`` (the model's full state dict, as transformers' Trainer passes it) is where the
+    adapter tensors are taken from when given, as PEFT does.
+
+    The base weights are not written (the adapter folder names its base in
+    base_model_name_or_path); ``minilora.merge_and_unload(model).save_pretrained(dir)`` writes
+    a whole merged model instead. ``safe_serialization=False`` (a pickle file) and options of
+    transformers' own save_pretrained (push_to_hub, max_shard_size, …) are refused.
+    """
+    names = adapter_names(model)
+    if not names:  # every adapter was deleted: the model is the base again
+        return type(model).save_pretrained(model, save_directory, safe_serialization=safe_serialization,
+                                           is_main_process=is_main_process, state_dict=state_dict, **unsupported)
+    if unsupported:
+        raise TypeError(f"save_pretrained after minilora.inject writes the adapters only and takes "
+                        f"{', '.join(_SAVE_PRETRAINED_OPTIONS)}; not {', '.join(sorted(unsupported))}. To save the "
+                        "whole model with transformers' options, call minilora.merge_and_unload(model) first")
+    if not safe_serialization:
+        raise ValueError(f"safe_serialization=False would write {PICKLE_NAME}, a pickle file; minilora writes "
+                         f"{WEIGHTS_NAME} only, which PEFT and minilora both load: leave safe_serialization=True")
+    if save_embedding_layers is True:
+        raise ValueError("save_embedding_layers=True: minilora does not write base embedding weights; to train "
+                         "embed_tokens or lm_head in full, name them in modules_to_save")
+    selected = names if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in selected if n not in names]
+    if unknown:
+        raise ValueError(f"selected_adapters: unknown adapter(s) {', '.join(map(repr, unknown))}; "
+                         f"the model has: {', '.join(names)}")
+    if not is_main_process:
+        return
+    for name in selected:
+        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name,
+                     state_dict=state_dict)
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
@@ -143,18 +235,24 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     except ValueError as e:
         raise AdapterLoadError(f"the adapter at {path} does not fit this model"
                                + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
-    # What inject changes, so a load that fails can put it back: the replaced Linears and the
-    # requires_grad flags (inject freezes everything but the new adapter).
-    replaced = [(name, module) for name, module in targets if not isinstance(module, LoRALinear)]
+    # What inject changes, so a load that fails can put it back: the modules it replaces (LoRA
+    # layers, modules_to_save wrappers) and the requires_grad flags (it freezes all but the adapter).
+    modules = list(model.named_modules())
     trainable = {param: param.requires_grad for param in model.parameters()}
-    inject(model, config, adapter_name=adapter_name)
+    try:
+        inject(model, config, adapter_name=adapter_name)
+    except ValueError as e:  # raised before inject changes anything (say, modules_to_save matching nothing)
+        raise AdapterLoadError(f"the adapter at {path} does not fit this model: {e}") from None
     try:
         _copy_strict(model, state, adapter_name, path, base_name)
     except AdapterLoadError:
         delete_adapter(model, adapter_name)
-        for name, linear in replaced:
-            replace_module(model, name, linear)
+        for name, module in modules:  # parents come first, so a restored parent's children resolve again
+            if name and model.get_submodule(name) is not module:
+                replace_module(model, name, module)
         adapter_state(model).layers = None
+        if not adapter_names(model):
+            _remove_save_pretrained(model)
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         if previous is not None:
@@ -197,7 +295,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
     for key, allowed in _UNSUPPORTED.items():
         if key in raw and raw[key] not in allowed:
             raise AdapterLoadError(f"{config_path}: {key}={raw[key]!r} is not supported by minilora "
-                                   "(plain LoRA on nn.Linear only)")
+                                   "(LoRA on nn.Linear and nn.Embedding, and modules_to_save)")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterLoadError(f"{config_path}: init_lora_weights={init!r} rewrote the base weights during "
@@ -205,7 +303,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
                                "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     known = _IGNORED_FIELDS | set(_UNSUPPORTED) | {
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "bias",
-        "use_rslora", "rank_pattern", "alpha_pattern"}
+        "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "ensure_weight_tying", "task_type"}
     unknown = sorted(set(raw) - known)
     if unknown:
         warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): "
@@ -222,7 +320,14 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
         "rank_pattern": _typed(raw, "rank_pattern", (dict, type(None)), {}, config_path) or {},
         "alpha_pattern": _typed(raw, "alpha_pattern", (dict, type(None)), {}, config_path) or {},
         "init": "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
+        "modules_to_save": _typed(raw, "modules_to_save", (list, type(None)), None, config_path) or None,
+        "ensure_weight_tying": _typed(raw, "ensure_weight_tying", bool, False, config_path),
+        "task_type": _typed(raw, "task_type", (str, type(None)), None, config_path),
     }
+    if fields["task_type"] not in (None, *TASK_TYPES):  # a label for PEFT's model class, not for the weights
+        warnings.warn(f"{config_path}: task_type={fields['task_type']!r} is not one minilora knows "
+                      f"({', '.join(TASK_TYPES)}); the adapter loads without it", stacklevel=2)
+        fields["task_type"] = None
     if fields["target_modules"] is None:
         raise AdapterLoadError(f"{config_path} has no target_modules; it cannot say which layers it adapts")
     if fields["bias"] not in BIAS_MODES:
@@ -264,6 +369,11 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, path: str,
                  base_name: Optional[str]) -> None:
     expected = lora_state_dict(model, adapter_name)
+    # PEFT also writes the base weights of a LoRA-adapted embedding (save_embedding_layers="auto"),
+    # and loads them into the base: they carry rows of tokens added by resizing the vocabulary.
+    expected.update((f"{PREFIX}{name}.base_layer.weight", m.weight) for name, m in lora_modules(model)
+                    if isinstance(m, LoRAEmbedding) and adapter_name in m.adapters
+                    and f"{PREFIX}{name}.base_layer.weight" in state)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
@@ -277,10 +387,24 @@ def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name:
         hidden = max(0, len(mismatched) - 10) + max(0, len(missing) - 10) + max(0, len(unexpected) - 10)
         if hidden:
             lines.append(f"  … and {hidden} more")
+        lines += _resized_vocabulary_hint(model, mismatched)
         raise AdapterLoadError("\n".join(lines))
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+
+
+def _resized_vocabulary_hint(model: nn.Module, mismatched: list[tuple[str, tuple, tuple]]) -> list[str]:
+    """A line for the usual cause of embedding-sized mismatches (modules_to_save embed_tokens /
+    lm_head, LoRA on embeddings): the adapter was trained after adding tokens to the vocabulary."""
+    get = getattr(model, "get_input_embeddings", None)
+    vocab = getattr(get(), "num_embeddings", None) if callable(get) else None
+    sizes = sorted({f[d] for _, f, m in mismatched if len(f) == len(m)
+                    for d in range(len(m)) if m[d] == vocab and f[d] != vocab})
+    if vocab is None or not sizes:
+        return []
+    return [f"  the file's vocabulary has {sizes[0]} tokens and this model's {vocab}: resize the base's token "
+            f"embeddings first (transformers: model.resize_token_embeddings({sizes[0]})), as before training"]
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoRAConfig:

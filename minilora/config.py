@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -11,14 +12,17 @@ from typing import Optional, Union
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
+# PEFT's TaskType values: recorded in adapter_config.json, where PEFT (and transformers' PEFT
+# integration) pick the model class from it; minilora's own computation does not depend on it.
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Where a layer index sits in a module path ("model.layers.3.mlp.up_proj" -> 3); PEFT's default
 # layers_pattern names cover Llama (layers), GPT-2 (h) and most others.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 
 
-# PEFT's LoraConfig names for two of LoRAConfig's fields, accepted wherever settings are given by name.
-PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+# PEFT's LoraConfig names for three of LoRAConfig's fields, accepted wherever settings are given by name.
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
 
 @dataclass
@@ -38,6 +42,16 @@ class LoRAConfig:
         init: ``kaiming`` (A Kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)).
         rank_pattern / alpha_pattern: per-module overrides, keys matched against the end of
             module names (regexes allowed), as PEFT does.
+        modules_to_save: module-name endings (e.g. ``["lm_head", "embed_tokens"]``) trained in full:
+            each adapter gets its own trainable copy of these modules (minilora/modules_to_save.py).
+        ensure_weight_tying: where the base ties two modules' weights (lm_head and embed_tokens),
+            their copies share one weight too, as in the base; False (PEFT's default) copies each
+            named module on its own.
+        task_type: PEFT's task type, written to adapter_config.json (None or one of TASK_TYPES).
+
+    PEFT's names ``lora_alpha``, ``lora_dropout`` and ``init_lora_weights`` (True or "gaussian")
+    are accepted for ``alpha``, ``dropout`` and ``init``:
+    ``LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM")``.
     """
 
     r: int = 16
@@ -51,12 +65,18 @@ class LoRAConfig:
     init: str = "kaiming"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: Optional[list[str]] = None
+    ensure_weight_tying: bool = False
+    task_type: Optional[str] = "CAUSAL_LM"
 
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.modules_to_save, (tuple, str)):
+            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) \
+                else list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
@@ -87,21 +107,19 @@ class LoRAConfig:
                 and self.target_modules != "all-linear":  # saved as the list of names it resolved to
             raise ValueError(f"layers_to_transform cannot narrow a regex target_modules={self.target_modules!r} "
                              "(PEFT refuses such an adapter); put the layer indices in the regex instead")
+        if self.modules_to_save is not None and not all(isinstance(n, str) and n for n in self.modules_to_save):
+            raise ValueError(f"modules_to_save={self.modules_to_save!r}: give module-name endings, "
+                             "e.g. ['lm_head', 'embed_tokens']")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ValueError(f"ensure_weight_tying={self.ensure_weight_tying!r} should be True or False")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r} is not one of PEFT's task types "
+                             f"({', '.join(TASK_TYPES)}) or None")
 
     def replace(self, **changes) -> "LoRAConfig":
-        """A copy with ``changes``; PEFT's names ``lora_alpha`` and ``lora_dropout`` are taken for
-        ``alpha`` and ``dropout``, so ``inject(model, r=16, lora_alpha=32, lora_dropout=0.05)`` works
-        as a PEFT user would write it."""
-        for peft_name, name in PEFT_ALIASES.items():
-            if peft_name in changes:
-                if name in changes:
-                    raise ValueError(f"give {name} or {peft_name}, not both")
-                changes[name] = changes.pop(peft_name)
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise TypeError(f"unknown LoRA setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(sorted(known | set(PEFT_ALIASES)))}")
+        """A copy with ``changes`` (PEFT's names accepted, as in the constructor), so
+        ``inject(model, r=16, lora_alpha=32, lora_dropout=0.05)`` works as a PEFT user would write it."""
+        changes = peft_names(changes)
         return dataclasses.replace(self, **changes)
 
     # -- per-module decisions ------------------------------------------------------------------
@@ -126,11 +144,49 @@ class LoRAConfig:
             return False
         if self.exclude_modules is not None and matches(self.exclude_modules, name):
             return False
+        if self.modules_to_save and any(re.match(rf"(^|.*\.){key}($|\..*)", name) for key in self.modules_to_save):
+            return False  # trained in full, so never also LoRA (PEFT's rule, the same regex)
         if self.layers_to_transform is not None:
             found = _LAYER_INDEX.search(name)
             if found is None or int(found.group(1)) not in self.layers_to_transform:
                 return False
         return True
+
+
+# dataclass writes __init__ from the fields; this wraps it so that PEFT's names are taken too and an
+# unknown name gets a message listing the settings instead of Python's bare TypeError.
+_fields_init = LoRAConfig.__init__
+
+
+@functools.wraps(_fields_init)
+def _init_with_peft_names(self, *args, **fields):
+    _fields_init(self, *args, **peft_names(fields))
+
+
+LoRAConfig.__init__ = _init_with_peft_names
+
+
+def peft_names(fields: dict) -> dict:
+    """``fields`` with PEFT's ``lora_alpha``/``lora_dropout``/``init_lora_weights`` renamed to
+    ``alpha``/``dropout``/``init``; raises TypeError naming any setting LoRAConfig does not have."""
+    fields = dict(fields)
+    if "init_lora_weights" in fields:
+        value = fields["init_lora_weights"]
+        if value is not True and value != "gaussian":
+            raise ValueError(f"init_lora_weights={value!r}: minilora initialises as PEFT's True (Kaiming-uniform A, "
+                             "zero B) or 'gaussian'; other schemes are not implemented")
+        fields["init_lora_weights"] = "kaiming" if value is True else "gaussian"
+    for peft_name, name in PEFT_ALIASES.items():
+        if peft_name in fields:
+            if name in fields:
+                raise ValueError(f"give {name} or {peft_name}, not both")
+            fields[name] = fields.pop(peft_name)
+    known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"unknown LoRA setting(s) {', '.join(unknown)}; the settings are "
+                        f"{', '.join(sorted(known | set(PEFT_ALIASES)))}")
+    return fields
 
 
 def matches(spec: Union[list[str], str], name: str) -> bool:
@@ -139,6 +195,12 @@ def matches(spec: Union[list[str], str], name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def inside_adapters(name: str) -> bool:
+    """Whether module ``name`` lies inside an adapter-holding layer's ``adapters`` (a LoRA
+    adapter, or a modules_to_save copy): such modules are never targets themselves."""
+    return ".adapters." in f".{name}." or name.endswith(".adapters")
 
 
 def pattern_key(patterns: dict, name: str) -> Optional[str]:

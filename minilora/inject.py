@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -9,8 +10,13 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, inside_adapters
+from .embedding import LoRAEmbedding
 from .layer import LoRALinear
+from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
+
+# The layers that hold LoRA adapters.
+LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 
 
 def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_name: str = "default",
@@ -19,10 +25,16 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
 
     ``config`` and keyword ``fields`` (``r=16``, ``target_modules=[...]``, …) combine: fields
     override the config. Everything but the new adapter is frozen (biases train per
-    ``config.bias``), and the new adapter becomes the active one. Returns ``model``.
+    ``config.bias``), and the new adapter becomes the active one. Modules named in
+    ``config.modules_to_save`` get a trainable copy for this adapter. Returns ``model``.
+
+    On a model with a ``save_pretrained`` method (a transformers model), that method now writes
+    the adapters in PEFT's format, as PEFT's ``PeftModel.save_pretrained`` does (see
+    ``minilora.save_pretrained``); ``merge_and_unload`` gives the model's own method back.
     """
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
     targets = find_targets(model, config)
+    copies = find_modules_to_save(model, config, [n for n, _ in targets]) if config.modules_to_save else []
     known = adapter_names(model)
     if adapter_name in known:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another "
@@ -30,20 +42,43 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("the model has a merged adapter; call minilora.unmerge(model) before adding another")
     for name, module in targets:
-        layer = module if isinstance(module, LoRALinear) else replace_module(model, name, LoRALinear(module))
+        layer = module if isinstance(module, LORA_LAYERS) else replace_module(
+            model, name, LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module))
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
                           config.use_rslora, config.init)
+    wrappers = [m if isinstance(m, ModuleToSave) else replace_module(model, n, ModuleToSave(m)) for n, m in copies]
+    for wrapper in wrappers:
+        wrapper.add_adapter(adapter_name)
+    tie_copies(wrappers, adapter_name)
     state = adapter_state(model)
-    state.layers = None  # new LoRALinear modules may exist now
+    state.layers = None  # new LoRA layers and modules_to_save wrappers may exist now
     state.configs[adapter_name] = config  # how the adapter was made, for saving it in PEFT's format
     set_adapter(model, adapter_name)
     mark_only_lora_trainable(model, bias=config.bias, adapter_name=adapter_name)
     _hook_input_require_grads(model, always=False)
+    _install_save_pretrained(model)
     return model
 
 
+def _install_save_pretrained(model: nn.Module) -> None:
+    """Make this model's ``save_pretrained`` (an instance attribute; the class is untouched) write
+    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing."""
+    from .checkpoint import save_pretrained  # checkpoint imports this module
+
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
+        model.save_pretrained = functools.update_wrapper(functools.partial(save_pretrained, model), save_pretrained)
+
+
+def _remove_save_pretrained(model: nn.Module) -> None:
+    """Give the model its class's own ``save_pretrained`` back (after merge_and_unload)."""
+    installed = model.__dict__.get("save_pretrained")
+    if isinstance(installed, functools.partial) and installed.args[:1] == (model,):
+        del model.__dict__["save_pretrained"]
+
+
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module ``config`` selects; raises if none or a non-Linear is hit."""
+    """(name, module) of every module ``config`` selects; raises if none is, or if one is neither
+    an nn.Linear nor (named in target_modules) an nn.Embedding."""
     if config.target_modules == "all-linear":
         head = _output_head(model)
         chosen = [(n, m) for n, m in model.named_modules()
@@ -51,28 +86,28 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     else:
         chosen = []
         for name, module in model.named_modules():
-            if not name or _inside_lora(name, model) or not config.selects(name):
+            if not name or inside_adapters(name) or not config.selects(name):
                 continue
-            if not isinstance(module, (nn.Linear, LoRALinear)):
+            if not isinstance(module, (nn.Linear, nn.Embedding) + LORA_LAYERS):
                 raise ValueError(
                     f"target_modules={config.target_modules!r} matched {name!r}, a "
-                    f"{type(module).__name__}; LoRA here replaces nn.Linear modules only. "
+                    f"{type(module).__name__}; LoRA here replaces nn.Linear and nn.Embedding modules only. "
                     f"Linear module names here end in: {', '.join(linear_name_endings(model))}"
                 )
+            if isinstance(module, nn.Embedding) and type(module) is not nn.Embedding:
+                raise ValueError(f"target_modules={config.target_modules!r} matched {name!r}, a "
+                                 f"{type(module).__name__} (a subclass of nn.Embedding whose lookup may differ, "
+                                 "e.g. scaled); LoRA here adapts plain nn.Embedding only, so leave it out")
             chosen.append((name, module))
     if not chosen:
         raise ValueError(
             f"no module matched target_modules={config.target_modules!r}"
             + (f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"
                if config.exclude_modules is not None or config.layers_to_transform is not None else "")
+            + (f" outside modules_to_save={config.modules_to_save!r}" if config.modules_to_save else "")
             + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
         )
     return chosen
-
-
-def _inside_lora(name: str, model: nn.Module) -> bool:
-    # LoRALinear's own children (adapters.default, …) are never targets themselves.
-    return ".adapters." in f".{name}." or name.endswith(".adapters")
 
 
 def linear_name_endings(model: nn.Module) -> list[str]:
@@ -105,9 +140,10 @@ class AdapterState:
     model (``adapter_state``), never a parameter or buffer, so the state dict is untouched."""
 
     configs: dict = field(default_factory=dict)  # adapter name -> the LoRAConfig it was made with (for saving)
-    layers: Optional[list] = None  # the LoRALinear modules, cached for set_adapter; None: walk the model again
+    layers: Optional[list] = None  # the LoRA layers and ModuleToSave wrappers, cached for set_adapter; None: walk again
     input_grads_always: bool = False  # enable_input_require_grads was called (else only while checkpointing)
     input_grads_hook: Any = None  # the forward-hook handle on the input embeddings
+    input_grads_module: Any = None  # the embeddings module that hook is on (inject may replace it later)
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -120,9 +156,18 @@ def adapter_state(model: nn.Module) -> AdapterState:
 
 # -- adapters by name ---------------------------------------------------------------------------
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every LoRA layer: LoRALinear and LoRAEmbedding."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_LAYERS):
+            yield name, module
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every module that switches with the adapter: the LoRA layers and the
+    modules_to_save copies (ModuleToSave)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LORA_LAYERS + (ModuleToSave,)):
             yield name, module
 
 
@@ -151,11 +196,11 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def adapted_layers(model: nn.Module) -> list:
-    """The model's LoRALinear modules, cached in its AdapterState (a module walk of a 1B Llama
-    costs milliseconds; an adapter switch should not)."""
+    """The model's LoRA layers and modules_to_save wrappers, cached in its AdapterState (a module
+    walk of a 1B Llama costs milliseconds; an adapter switch should not)."""
     state = adapter_state(model)
     if state.layers is None:
-        state.layers = [m for _, m in lora_modules(model)]
+        state.layers = [m for _, m in adapter_modules(model)]
     return state.layers
 
 
@@ -175,7 +220,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, module in lora_modules(model):
         if module.merged_adapter == name:
             raise ValueError(f"adapter {name!r} is merged; call minilora.unmerge(model) before deleting it")
-    for _, module in lora_modules(model):
+    for _, module in adapter_modules(model):
         if name in module.adapters:
             del module.adapters[name]
         if module.active_adapter == name:
@@ -186,10 +231,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 class disable_adapters:
-    """``with disable_adapters(model):`` runs the base model alone; adapters come back after."""
+    """``with disable_adapters(model):`` runs the base model alone (modules_to_save: the original
+    modules, not the copies); adapters come back after."""
 
     def __init__(self, model: nn.Module):
-        self.modules = [m for _, m in lora_modules(model)]
+        self.modules = [m for _, m in adapter_modules(model)]
         if any(m.merged for m in self.modules):
             raise ValueError("an adapter is merged into the weights, so the base model is not available; "
                              "call minilora.unmerge(model) first")
@@ -208,14 +254,15 @@ class disable_adapters:
 
 class mixed_batch:
     """``with mixed_batch(model, ["cardiology", None, "oncology"]):`` gives each batch row its own
-    adapter (``None``: the base model) in one forward pass."""
+    adapter (``None``: the base model) in one forward pass; modules_to_save copies too: each row runs
+    its adapter's copy, or the original module for ``None`` or an adapter without a copy."""
 
     def __init__(self, model: nn.Module, row_adapters):
         known = adapter_names(model)
         unknown = [n for n in row_adapters if n is not None and n not in known]
         if unknown:
             raise ValueError(f"unknown adapter {unknown[0]!r}; the model has: {', '.join(known) or '(no adapters)'}")
-        self.modules = [m for _, m in lora_modules(model)]
+        self.modules = [m for _, m in adapter_modules(model)]
         if any(m.merged for m in self.modules):
             raise ValueError("mixed batches need unmerged adapters; call minilora.unmerge(model) first")
         self.rows = list(row_adapters)
@@ -234,24 +281,27 @@ class mixed_batch:
 # -- parameters ---------------------------------------------------------------------------------
 
 def lora_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, nn.Parameter]]:
-    """(name, parameter) of the adapter weights: all adapters, or only ``adapter_name``."""
-    for name, module in lora_modules(model):
+    """(name, parameter) of the adapter weights: all adapters, or only ``adapter_name``; with
+    modules_to_save, every parameter of the adapter's copies (a tied copy once)."""
+    seen = set()
+    for name, module in adapter_modules(model):
         for key, adapter in module.adapters.items():
             if adapter_name is None or key == adapter_name:
-                prefix = f"{name}.adapters.{key}"
-                yield f"{prefix}.lora_A", adapter.lora_A
-                yield f"{prefix}.lora_B", adapter.lora_B
+                for param_name, param in adapter.named_parameters(prefix=f"{name}.adapters.{key}"):
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        yield param_name, param
 
 
 def bias_parameters(model: nn.Module, bias: str) -> Iterator[tuple[str, nn.Parameter]]:
     """The biases that train (and are saved) with an adapter under PEFT's ``bias`` mode."""
     if bias == "all":
         for name, param in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+            if (name == "bias" or name.endswith(".bias")) and not inside_adapters(name):  # copies: their own keys
                 yield name, param
     elif bias == "lora_only":
         for name, module in lora_modules(model):
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 yield f"{name}.bias", module.bias
 
 
@@ -299,8 +349,11 @@ def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
         return
     state = adapter_state(model)
     state.input_grads_always = state.input_grads_always or always
-    if state.input_grads_hook is not None:
+    if state.input_grads_hook is not None and state.input_grads_module is embeddings:
         return
+    if state.input_grads_hook is not None:  # a later inject replaced the embeddings (LoRA or modules_to_save)
+        state.input_grads_hook.remove()
+    state.input_grads_module = embeddings
     model_ref = weakref.ref(model)
 
     def hook(module, inputs, output):

@@ -156,6 +156,15 @@ class _LoRAFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
 
 
+def rows_by_adapter(row_adapters: Sequence[Optional[str]], batch: int, device) -> list[tuple[Optional[str], torch.Tensor]]:
+    """(adapter name or None, indices of its rows) for a mixed batch, names in first-seen order;
+    every layer kind (LoRALinear, LoRAEmbedding, ModuleToSave) splits its batch with this."""
+    if len(row_adapters) != batch:
+        raise ValueError(f"mixed batch: {len(row_adapters)} adapter names for {batch} rows")
+    return [(name, torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=device))
+            for name in dict.fromkeys(row_adapters)]
+
+
 class LoRAAdapter(nn.Module):
     """One adapter: ``delta(x) = dropout(x) @ lora_Aᵀ @ lora_Bᵀ · scaling``.
 
@@ -290,13 +299,10 @@ class LoRALinear(nn.Module):
 
     def _mixed_delta(self, x: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
         """Each batch row (dim 0) through its own adapter, or none for ``None``."""
-        if len(self.row_adapters) != x.shape[0]:
-            raise ValueError(f"mixed batch: {len(self.row_adapters)} adapter names for {x.shape[0]} rows")
         delta = x.new_zeros(out_shape)
-        for name in dict.fromkeys(self.row_adapters):
+        for name, rows in rows_by_adapter(self.row_adapters, x.shape[0], x.device):
             if name is None or name not in self.adapters:
                 continue  # the base model for these rows (or a layer this adapter does not target)
-            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
             delta.index_copy_(0, rows, self.adapters[name](x.index_select(0, rows)).to(delta.dtype))
         return delta
 

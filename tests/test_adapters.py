@@ -126,8 +126,10 @@ def compiles():
 
 device = torch_xla.device()
 model = tiny_llama(num_hidden_layers=1)
-minilora.inject(model, r=4, adapter_name="a")
-minilora.inject(model, r=4, alpha=4, adapter_name="b")
+# LoRA on the seven projections and the embeddings, and a trainable lm_head copy per adapter
+targets = dict(target_modules=[*minilora.LLAMA_TARGETS, "embed_tokens"], modules_to_save=["lm_head"])
+minilora.inject(model, r=4, adapter_name="a", **targets)
+minilora.inject(model, r=4, alpha=4, adapter_name="b", **targets)
 randomize_adapters(model)
 model.to(device)
 ids = torch.randint(3, 128, (2, 16)).to(device)

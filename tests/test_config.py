@@ -1,7 +1,11 @@
 """LoRAConfig: defaults, PEFT's name matching, and the errors for settings that cannot work."""
 
+import json
+
 import pytest
 
+import minilora
+from conftest import tiny_llama
 from minilora import LLAMA_TARGETS, LoRAConfig
 from minilora.config import matches, pattern_key
 
@@ -102,3 +106,33 @@ def test_bad_settings_raise_value_error_naming_the_setting(fields, words):
 def test_replace_validates_too():
     with pytest.raises(ValueError, match="r=0"):
         LoRAConfig().replace(r=0)
+
+
+def test_peft_names_and_task_type_are_accepted_by_the_constructor_and_by_inject(tmp_path):
+    config = LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM")
+    assert (config.alpha, config.dropout, config.task_type) == (16, 0.05, "CAUSAL_LM")
+    assert LoRAConfig(init_lora_weights="gaussian").init == "gaussian" and LoRAConfig(init_lora_weights=True).init == "kaiming"
+    model = minilora.inject(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS")
+    minilora.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert minilora.read_adapter_config(str(tmp_path))[0].task_type == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("fields, error, words", [
+    (dict(alpha=8, lora_alpha=16), ValueError, "alpha or lora_alpha"),
+    (dict(lora_rank=8), TypeError, "unknown LoRA setting.*lora_rank.*lora_alpha"),
+    (dict(task_type="CAUSAL"), ValueError, "task_type='CAUSAL'.*CAUSAL_LM"),
+    (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'.*not implemented"),
+    (dict(modules_to_save=[""]), ValueError, "modules_to_save"),
+])
+def test_peft_style_mistakes_name_the_setting(fields, error, words):
+    with pytest.raises(error, match=words):
+        LoRAConfig(**fields)
+
+
+def test_an_unknown_task_type_in_a_file_loads_with_a_warning(tmp_path):
+    minilora.save_adapter(minilora.inject(tiny_llama(), r=4, target_modules=["q_proj"]), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"CAUSAL_LM"', '"NEW_TASK"'))
+    with pytest.warns(UserWarning, match="task_type='NEW_TASK'"):
+        assert minilora.read_adapter_config(str(tmp_path))[0].task_type is None

@@ -195,7 +195,7 @@ def test_a_target_that_is_not_linear_is_refused():
     with pytest.raises(ValueError) as info:
         minilora.inject(tiny_llama(), target_modules=["self_attn"])
     message = str(info.value)
-    assert "'model.layers.0.self_attn', a LlamaAttention" in message and "nn.Linear modules only" in message
+    assert "'model.layers.0.self_attn', a LlamaAttention" in message and "nn.Linear and nn.Embedding modules only" in message
     assert "q_proj" in message
 
 
