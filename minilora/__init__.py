@@ -9,7 +9,9 @@
 
 from .checkpoint import (AdapterLoadError, load_adapter, lora_state_dict, peft_config, read_adapter_config, save_adapter,
                          save_pretrained)
+from .combine import add_weighted_adapter
 from .config import LLAMA_TARGETS, LoRAConfig
+from .dora import DoRAAdapter
 from .inject import (active_adapter, adapter_modules, adapter_names, count_parameters, delete_adapter, disable_adapters,
                      enable_input_require_grads, find_targets, inject, lora_modules, lora_parameters,
                      mark_only_lora_trainable, mixed_batch, print_trainable_parameters, set_adapter)
@@ -21,8 +23,8 @@ from .merge import merge, merge_and_unload, unmerge
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ModuleToSave",
-    "active_adapter", "adapter_modules", "adapter_names", "count_parameters", "delete_adapter", "disable_adapters",
+    "AdapterLoadError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ModuleToSave",
+    "active_adapter", "adapter_modules", "add_weighted_adapter", "adapter_names", "count_parameters", "delete_adapter", "disable_adapters",
     "enable_input_require_grads", "find_targets", "inject", "load_adapter", "lora_modules", "lora_parameters",
     "lora_state_dict", "mark_only_lora_trainable", "merge", "merge_and_unload", "mixed_batch", "peft_config",
     "print_trainable_parameters", "read_adapter_config", "save_adapter", "save_pretrained", "set_adapter", "unmerge",

@@ -5,7 +5,8 @@ On disk, as PEFT writes it:
                                and ``...lora_B.weight`` (out, r); ``...lora_embedding_A`` (r, vocab)
                                and ``...lora_embedding_B`` (dim, r) for embeddings; a
                                modules_to_save copy under the module's own keys
-                               (``...lm_head.weight``); no adapter name in keys
+                               (``...lm_head.weight``); DoRA's ``...lora_magnitude_vector`` (out,);
+                               no adapter name in keys
     adapter_config.json        ``peft_type: "LORA"``, r, lora_alpha, target_modules, …
 """
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
+from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .inject import (_remove_save_pretrained, adapter_modules, adapter_names, adapter_state, active_adapter,
                      bias_parameters, delete_adapter, find_targets, inject, lora_modules, replace_module, set_adapter)
@@ -40,7 +42,7 @@ _IGNORED_FIELDS = {
 }
 # Fields whose non-default values change the computation in ways minilora does not implement.
 _UNSUPPORTED = {
-    "use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None), "lora_bias": (False, None),
     "layer_replication": (None, []), "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None, []), "arrow_config": (None,),
     "kasa_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
@@ -65,6 +67,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             adapter = module.adapters[adapter_name]
             state[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A
             state[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+            if isinstance(adapter, DoRAAdapter):  # PEFT's key: no ".weight" suffix
+                state[f"{PREFIX}{name}.lora_magnitude_vector"] = adapter.lora_magnitude_vector
         elif adapter_name in module.adapters:  # LoRAEmbedding, ModuleToSave
             state.update((f"{PREFIX}{name}.{key}", t) for key, t in module.peft_tensors(adapter_name).items())
     # PEFT keeps an adapted Linear's bias on its wrapped ``base_layer``, so that is the key it
@@ -104,7 +108,7 @@ def peft_config(model: nn.Module, adapter_name: str = "default",
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "modules_to_save": None if config.modules_to_save is None else list(config.modules_to_save),
         "ensure_weight_tying": config.ensure_weight_tying,
         "layer_replication": None,
@@ -303,7 +307,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
                                "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     known = _IGNORED_FIELDS | set(_UNSUPPORTED) | {
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "bias",
-        "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "ensure_weight_tying", "task_type"}
+        "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "ensure_weight_tying", "task_type"}
     unknown = sorted(set(raw) - known)
     if unknown:
         warnings.warn(f"{config_path}: ignoring fields minilora does not know (from a newer PEFT?): "
@@ -317,6 +321,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
         "layers_to_transform": _typed(raw, "layers_to_transform", (list, int, type(None)), None, config_path),
         "bias": _typed(raw, "bias", str, "none", config_path),
         "use_rslora": _typed(raw, "use_rslora", bool, False, config_path),
+        "use_dora": _typed(raw, "use_dora", (bool, type(None)), False, config_path) or False,
         "rank_pattern": _typed(raw, "rank_pattern", (dict, type(None)), {}, config_path) or {},
         "alpha_pattern": _typed(raw, "alpha_pattern", (dict, type(None)), {}, config_path) or {},
         "init": "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",

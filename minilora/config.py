@@ -39,6 +39,8 @@ class LoRAConfig:
         layers_to_transform: only adapt modules inside these layer indices.
         bias: which biases train and are saved with the adapter: none, all, lora_only.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a trained magnitude per
+            output feature rescales each row of ``W0 + scaling·BA`` (see minilora/dora.py).
         init: ``kaiming`` (A Kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)).
         rank_pattern / alpha_pattern: per-module overrides, keys matched against the end of
             module names (regexes allowed), as PEFT does.
@@ -62,6 +64,7 @@ class LoRAConfig:
     layers_to_transform: Optional[Union[int, list[int]]] = None
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "kaiming"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -88,6 +91,8 @@ class LoRAConfig:
             raise ValueError(f"dropout={self.dropout!r} is outside [0, 1); use e.g. 0.05 or 0.1, or 0 for none")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not one of {', '.join(BIAS_MODES)}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora={self.use_dora!r}: give True or False")
         if self.init not in INIT_MODES:
             raise ValueError(f"init={self.init!r} is not one of {', '.join(INIT_MODES)}")
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:

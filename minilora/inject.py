@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, inside_adapters
+from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
@@ -41,11 +42,16 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
                          f"adapter_name or call minilora.delete_adapter(model, {adapter_name!r}) first")
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("the model has a merged adapter; call minilora.unmerge(model) before adding another")
+    embeddings = [n for n, m in targets if isinstance(m, (nn.Embedding, LoRAEmbedding))]
+    if config.use_dora and embeddings:
+        raise ValueError(f"use_dora=True: minilora has DoRA for Linear layers only, and target_modules selects the "
+                         f"embedding {embeddings[0]!r}; leave it out of target_modules or use plain LoRA")
+    dora = {"use_dora": True} if config.use_dora else {}  # every target is a Linear then
     for name, module in targets:
         layer = module if isinstance(module, LORA_LAYERS) else replace_module(
             model, name, LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module))
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.init)
+                          config.use_rslora, config.init, **dora)
     wrappers = [m if isinstance(m, ModuleToSave) else replace_module(model, n, ModuleToSave(m)) for n, m in copies]
     for wrapper in wrappers:
         wrapper.add_adapter(adapter_name)
@@ -265,6 +271,11 @@ class mixed_batch:
         self.modules = [m for _, m in adapter_modules(model)]
         if any(m.merged for m in self.modules):
             raise ValueError("mixed batches need unmerged adapters; call minilora.unmerge(model) first")
+        dora = sorted({n for m in self.modules for n, a in m.adapters.items() if n in row_adapters
+                       and isinstance(a, DoRAAdapter)})
+        if dora:  # as in PEFT: DoRA rescales the whole base output, so rows cannot pick it alone
+            raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter, and mixed batches support plain LoRA "
+                             "adapters only; run its rows in a batch of their own with set_adapter")
         self.rows = list(row_adapters)
 
     def __enter__(self):

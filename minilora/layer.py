@@ -221,6 +221,14 @@ class LoRAAdapter(nn.Module):
         """B·A·scaling as an (out_features, in_features) float32 tensor, for merging."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The (out, in) float32 weight with this adapter folded in: ``W + B·A·scaling``."""
+        return weight.float() + self.delta_weight().to(weight.device)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of merged_weight, (out, in) float32."""
+        return weight.float() - self.delta_weight().to(weight.device)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
 
@@ -253,11 +261,15 @@ class LoRALinear(nn.Module):
     # -- adapters -----------------------------------------------------------------------------
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init: str = "kaiming", dtype: torch.dtype = torch.float32) -> LoRAAdapter:
+                    init: str = "kaiming", dtype: torch.dtype = torch.float32, use_dora: bool = False) -> LoRAAdapter:
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
-        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init,
-                              dtype=dtype, device=self.weight.device)
+        if use_dora:
+            from .dora import DoRAAdapter  # dora.py builds on this module, so it cannot be imported at the top
+            adapter = DoRAAdapter(self.weight, r, alpha, dropout, use_rslora, init, dtype=dtype)
+        else:
+            adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init,
+                                  dtype=dtype, device=self.weight.device)
         adapter.train(self.training)
         self.adapters[name] = adapter
         return adapter
@@ -317,8 +329,7 @@ class LoRALinear(nn.Module):
         """
         if self.merged_adapter is not None or self.active_adapter is None:
             return
-        adapter = self.adapters[self.active_adapter]
-        merged = self.weight.float() + adapter.delta_weight().to(self.weight.device)
+        merged = self.adapters[self.active_adapter].merged_weight(self.weight)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging adapter {self.active_adapter!r} gives non-finite weights; the adapter is "
@@ -332,8 +343,7 @@ class LoRALinear(nn.Module):
         """Subtract the merged adapter again; exact up to the weight dtype's rounding."""
         if self.merged_adapter is None:
             return
-        adapter = self.adapters[self.merged_adapter]
-        restored = self.weight.float() - adapter.delta_weight().to(self.weight.device)
+        restored = self.adapters[self.merged_adapter].unmerged_weight(self.weight)
         self.weight.copy_(restored.to(self.weight.dtype))
         self.merged_adapter = None
 

@@ -18,9 +18,12 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     if safe:
         for layer in layers:  # check all first, so a failure leaves the whole model unmerged
             if not layer.merged and layer.active_adapter is not None:
-                delta = layer.adapters[layer.active_adapter].delta_weight()
-                delta = delta.t() if isinstance(layer, LoRAEmbedding) else delta  # (vocab, dim) like its weight
-                if not (layer.weight.float() + delta.to(layer.weight.device)).isfinite().all():
+                adapter = layer.adapters[layer.active_adapter]
+                if isinstance(layer, LoRAEmbedding):  # its delta is (dim, vocab), its weight (vocab, dim)
+                    merged = layer.weight.float() + adapter.delta_weight().t().to(layer.weight.device)
+                else:
+                    merged = adapter.merged_weight(layer.weight)  # with DoRA's rescaling for DoRA adapters
+                if not merged.isfinite().all():
                     raise ValueError(f"merging adapter {layer.active_adapter!r} gives non-finite weights; "
                                      "nothing was merged (the adapter has likely diverged)")
     for layer in layers:

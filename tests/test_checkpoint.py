@@ -230,7 +230,7 @@ def test_a_pickle_file_is_refused_and_never_unpickled(tmp_path, saved):
     (lambda p: (p / "adapter_config.json").write_text("{r: 4"), "is not valid JSON"),
     (lambda p: os.remove(p / "adapter_model.safetensors"), "has no adapter_model.safetensors"),
     (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00"), "truncated or corrupted"),
-    (lambda p: rewrite_config(p, lambda c: c.update(use_dora=True)), "use_dora=True is not supported"),
+    (lambda p: rewrite_config(p, lambda c: c.update(lora_bias=True)), "lora_bias=True is not supported"),
     (lambda p: rewrite_config(p, lambda c: c.update(peft_type="IA3")), "only LORA adapters"),
     (lambda p: rewrite_config(p, lambda c: c.update(init_lora_weights="pissa")), "rewrote the base weights"),
     (lambda p: rewrite_config(p, lambda c: c.update(r="4")), "r='4' should be int"),

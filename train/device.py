@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import time
 from typing import Iterable, Iterator, Optional, Union
 
@@ -21,19 +22,33 @@ from .distributed import Layout
 
 
 def resolve(requested: str = "auto", *, auto_picks_xla: bool = True) -> str:
-    """The device ``requested`` names (xla, cuda, cuda:1, cpu …), without starting it. auto:
-    XLA whenever torch_xla is installed (TPU if present, else its CPU device), else CUDA, else
-    CPU; with ``auto_picks_xla=False`` (inference: generation recompiles on XLA as the sequence
-    grows) CUDA, else CPU."""
+    """The device ``requested`` names (xla, cuda, cuda:1, cpu …), without starting it. auto: a
+    TPU through XLA when one is present, else CUDA, else the eager CPU; with
+    ``auto_picks_xla=False`` (inference: generation recompiles on XLA as the sequence grows)
+    CUDA, else CPU. XLA's CPU device only when asked for (``xla``): it runs the loop several
+    times slower than eager (docs/benchmarks.md), a development target."""
     has_xla = importlib.util.find_spec("torch_xla") is not None
     if requested == "auto":
-        requested = "xla" if has_xla and auto_picks_xla else "cuda" if torch.cuda.is_available() else "cpu"
+        requested = ("xla" if has_xla and auto_picks_xla and tpu_present()
+                     else "cuda" if torch.cuda.is_available() else "cpu")
     kind = requested.split(":")[0]
     if kind == "xla" and not has_xla:
         raise UsageError("--device xla needs torch_xla: pip install 'minilora[xla]' (Linux x86_64)")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {requested}: no CUDA GPU is visible to torch")
     return requested
+
+
+def tpu_present() -> bool:
+    """A TPU for XLA to run on: ``PJRT_DEVICE=TPU``, or a TPU chip on the PCI bus (torch_xla's own
+    test, which reads /sys and starts nothing)."""
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+        return True
+    try:
+        from torch_xla._internal import tpu
+    except ImportError:  # a torch_xla without that (private) module: the environment must say so
+        return False
+    return tpu.num_available_chips() > 0
 
 
 def torch_device(name: str) -> torch.device:

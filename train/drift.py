@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .inference import eval_mode, model_device, pad_rows
+from .loss import IGNORE, next_token_nll, predicted_tokens
 
 PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "general_prompts.jsonl")
 ANSWER_TOKENS = 40  # tokens of each base answer: enough to show style and content, cheap to score
@@ -123,14 +123,12 @@ def answer_nll(model, probe: ChatProbe, batch_size: int = 20) -> float:
             answers = probe.answer_ids[start:start + batch_size]
             rows = [p + a for p, a in zip(prompts, answers)]
             ids, mask = pad_rows(rows, 0, side="right", device=device)  # right padding: causal rows unaffected
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, L, V)
-            targets = torch.full_like(ids, -100)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, L, V)
+            targets = torch.full_like(ids, IGNORE)
             for i, (p, a) in enumerate(zip(prompts, answers)):
                 targets[i, len(p):len(p) + len(a)] = ids[i, len(p):len(p) + len(a)]
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
-                                  ignore_index=-100, reduction="sum")
-            total += nll.item()  # a host sync, once per batch of prompts
-            count += int((targets[:, 1:] != -100).sum())
+            total += next_token_nll(logits, targets).item()  # a host sync, once per batch of prompts
+            count += int(predicted_tokens(targets))
     return total / count
 
 

@@ -22,6 +22,7 @@ import torch
 
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from .base_model import adapter_defaults, resolve_base
 from .cli import require_app_packages
 from .device import move_model, resolve, torch_device
 
@@ -70,9 +71,11 @@ def load_lora_model(base_model_name: str, lora_adapter_path: Optional[str] = Non
 
 def load_base_model(name_or_path: str, *, device: Union[str, torch.device, None] = None,
                     torch_dtype: Dtype = None, token: Optional[str] = None):
-    """A transformers causal LM from a hub id or local folder, on ``device``, in eval mode."""
+    """A transformers causal LM from a hub id, a local folder or a .gguf file (converted once, cached:
+    train/base_model.py), on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_base(name_or_path)
     dtype = _dtype(torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, token=token, **({"dtype": dtype} if dtype else {}))
     return move_model(model, resolve_device(device)).eval()
@@ -81,7 +84,7 @@ def load_base_model(name_or_path: str, *, device: Union[str, torch.device, None]
 def load_tokenizer(name_or_path: str, *, token: Optional[str] = None):
     from transformers import AutoTokenizer
 
-    return _with_pad_token(AutoTokenizer.from_pretrained(name_or_path, token=token))
+    return _with_pad_token(AutoTokenizer.from_pretrained(resolve_base(name_or_path), token=token))
 
 
 def _tokenizer_in(folder: str):
@@ -171,14 +174,17 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, **op
     return generate_texts(model, tokenizer, [prompt], max_new_tokens, **options)[0]
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200, **options) -> list[str]:
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200, *,
+                   add_special_tokens: bool = True, **options) -> list[str]:
     """``generate_text`` for several prompts in one batch. Prompts are left-padded, so every
     row's continuation starts at the same column; with greedy decoding each row's text is the
-    one it would get alone."""
+    one it would get alone. ``add_special_tokens=False`` for prompts that carry their own (a chat
+    template's output), which would otherwise start with a second BOS."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; for one prompt use generate_text")
     tokenizer = _with_pad_token(tokenizer)
-    input_ids, attention_mask = pad_rows([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id,
+    input_ids, attention_mask = pad_rows([tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts],
+                                         tokenizer.pad_token_id,
                                          side="left", device=model_device(model))
     options.setdefault("do_sample", False)
     if not options["do_sample"]:
@@ -300,7 +306,8 @@ class AdapterManager:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every minilora inference/evaluation command shares."""
-    parser.add_argument("--base_model", required=True, help="hub id or local folder of the base model")
+    parser.add_argument("--base_model", help="hub id, local folder or .gguf file of the base model (default: the base "
+                                              "the adapter's adapter_config.json names)")
     parser.add_argument("--adapter", help="adapter folder or fsspec URL (gs://…); omit for the base model alone")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the weights before running")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, xla … (default: cuda if available, else cpu)")
@@ -311,15 +318,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace):
+    args.base_model = args.base_model or adapter_defaults(args.adapter)[0]
+    if not args.base_model:
+        raise ValueError("give --base_model (or an --adapter folder whose adapter_config.json names its base)")
     return load_lora_model(args.base_model, args.adapter, merge=args.merge, device=args.device,
                            torch_dtype=args.torch_dtype, token=args.huggingface_token)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="minilora-generate",
-                                     description="Generate text with a base model and an optional LoRA adapter.")
+                                     description="Generate text with a base model and an optional LoRA adapter. "
+                                                 "After the embedded demo: minilora-generate --adapter ./minilora-demo "
+                                                 "\"What causes gout?\"")
     add_model_arguments(parser)
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (questions), as --prompt")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    parser.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=None,
+                        help="put each prompt into the tokenizer's chat template as the user's question (default: "
+                             "when the adapter was trained with --chat_template, as the demo's was)")
     parser.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
@@ -329,12 +345,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     require_app_packages(parser.prog)
 
-    prompts = list(args.prompt)
+    prompts = list(args.prompts) + list(args.prompt)
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
-        parser.error("give at least one --prompt or a --prompt_file")
+        parser.error("give at least one prompt (PROMPT, --prompt or --prompt_file)")
+    base, trained_chat = adapter_defaults(args.adapter)
+    if not (args.base_model or base):
+        parser.error("give --base_model, or an --adapter folder whose adapter_config.json names its base")
+    chat = trained_chat if args.chat_template is None else args.chat_template
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
         parser.error("--temperature and --top_p only apply when sampling; add --do_sample")
 
@@ -343,7 +363,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = model_from_args(args)
     for prompt in prompts:  # one at a time: output appears as it is ready
-        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **options)
+        if chat:
+            from .chat import chat_prompt
+
+            text = generate_text(model, tokenizer, chat_prompt(tokenizer, prompt), args.max_new_tokens,
+                                 add_special_tokens=False, **options)
+        else:
+            text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **options)
         print(f"### Prompt\n{prompt}\n### Generated\n{text}\n", flush=True)
     return 0
 

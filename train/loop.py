@@ -26,6 +26,7 @@ import torch
 import minilora
 
 from . import data, drift
+from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .loss import module_called, nll_result, predicted_tokens
@@ -68,6 +69,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     that is also written to train_summary.json. Bad settings or input raise UsageError (or
     AdapterLoadError) before anything is written, and an output directory this call created is
     removed again."""
+    args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
     run_dir = RunDir(args.output_dir, args.tmp_dir)
     try:
         return _run(args, run_dir, device, model, tokenizer, general_windows)
@@ -138,6 +140,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
 
     # finish
     final_eval = evaluate_all("final")
+    xla = device.xla_counts()  # before drift scoring and saving, which compile graphs of their own
     chat = drift.chat_drift(bare_model, probe) if probe is not None else {"not_measured": no_drift}
     if device.is_main and probe is not None:
         print(f"chat drift on {chat['prompts']} everyday prompts: {chat['drift']:+.3f} nats per answer token "
@@ -149,7 +152,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
         "adapter_bytes": _size(run_dir.path("adapter_model.safetensors")) if args.use_lora else None,
         "model_bytes": None if args.use_lora else _size(run_dir.path("model.safetensors")),
-        "peak_memory_bytes": device.peak_memory_bytes(), "xla": device.xla_counts(), "compile": device.compile_counts(),
+        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla, "compile": device.compile_counts(),
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
@@ -185,7 +188,8 @@ def load_model_and_tokenizer(args: TrainArgs):
                          "embedded demo runs")
     for flag, name in (("--model_name", args.model_name), ("--tokenizer_name_or_path", source)):
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
-            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained)")
+            raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained, "
+                             "or a .gguf file)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=args.huggingface_token)
         model = AutoModelForCausalLM.from_pretrained(
@@ -214,10 +218,11 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
     if args.streaming_data and args.max_steps <= 0:
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.use_lora:
+        layers = top_layers(model, args.lora_top_layers)
         try:
             minilora.inject(model, minilora.LoRAConfig(
                 r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules,
-                bias=args.lora_bias, use_rslora=args.use_rslora))
+                bias=args.lora_bias, use_rslora=args.use_rslora, layers_to_transform=layers))
         except ValueError as e:  # e.g. no module matched: the message lists the Linear names there are
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
@@ -336,7 +341,7 @@ def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
     if args.general_eval_dataset:
         windows = data.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
     else:
-        from .demo import default_general_validation
+        from .demo_assets import default_general_validation
 
         windows = data.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
     return data.cap_windows(windows, cap)

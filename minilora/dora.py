@@ -1,0 +1,102 @@
+"""DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024), computed as PEFT's ``use_dora=True``.
+
+The adapted weight is split into a direction and a trained magnitude per output feature:
+
+    W' = (m / n) ⊙ (W0 + s·BA),   n = ||W0 + s·BA|| over the input dimension, one per output row
+    out = (m / n) ⊙ (W0 x + s·B A x) + b
+
+``m`` (``lora_magnitude_vector``, shape (out,)) starts at ||W0 + s·BA|| = ||W0|| (B starts at zero),
+so a new DoRA adapter changes nothing. ``n`` is recomputed from the current B·A on every forward
+but carries no gradient: the paper's section 4.3 treats it as a constant, which saves the memory of
+differentiating through an (out, in) norm. A and B learn the direction, ``m`` the length.
+
+With dropout active (training, p > 0), PEFT rescales only the dropped input's share, and so does
+this module, so an adapter trains here as it would there:
+
+    out = W0 x + b + (m/n − 1) ⊙ W0 d + (m/n) ⊙ s·B A d,   d = dropout(x)
+
+On disk (PEFT's format): ``base_model.model.<module>.lora_magnitude_vector`` (out,) beside the
+module's lora_A/lora_B, and ``"use_dora": true`` in adapter_config.json.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import LoRAAdapter, _LoRAFunction
+
+
+class DoRAAdapter(LoRAAdapter):
+    """A LoRA adapter plus ``lora_magnitude_vector``, (out_features,), in the adapter's dtype.
+
+    Args:
+        base_weight: the (out_features, in_features) weight of the Linear being adapted; the
+            magnitude starts as its row norm. Not kept: forward is handed the weight each call.
+        r, alpha, dropout, use_rslora, init, dtype: as for LoRAAdapter.
+    """
+
+    def __init__(self, base_weight: torch.Tensor, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", dtype: torch.dtype = torch.float32):
+        out_features, in_features = base_weight.shape
+        super().__init__(in_features, out_features, r, alpha, dropout, use_rslora, init, dtype=dtype,
+                         device=base_weight.device)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base_weight).to(dtype))
+        # The row norm of W0 + s·BA at merge time: unmerging needs it, and the merged weight alone
+        # does not determine it (its row norms are |m|, whatever n was).
+        self._merged_norm: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s·B·A||`` over the input dimension: (out_features,) float32, never differentiated.
+
+        In float32 whatever the base dtype (PEFT takes it in the input's dtype: the same up to
+        rounding for float32 models, and more accurate for bf16 ones).
+        """
+        combined = torch.addmm(weight.float(), self.lora_B.float() * self.scale, self.lora_A.float())  # (out, in)
+        return torch.linalg.vector_norm(combined, dim=1)
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) in x's dtype: the whole DoRA layer (module doc).
+
+        The no-dropout path is one LoRA node (``W0 x + s·BAx``, which keeps only x and the r-wide
+        intermediate for backward) times the per-feature ``m/n``; the dropout path runs the base
+        GEMM a second time on the dropped input, as PEFT does. The norm forms B·A once per call,
+        without gradient, and frees it.
+        """
+        if weight is None:
+            raise ValueError("a DoRA adapter rescales the base layer's whole output, so it has no term of its own "
+                             "to add to it: run it through its LoRALinear (mixed batches cannot use DoRA adapters)")
+        ratio = (self.lora_magnitude_vector / self.weight_norm(weight)).to(x.dtype)  # (out,): m/n
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            dropped = self.dropout(x)  # nn.Dropout, as PEFT: the same seed draws the same mask
+            base_of_dropped = F.linear(dropped, weight)  # W0 d
+            lora = _LoRAFunction.apply(dropped, None, None, self.lora_A, self.lora_B, self.scale, None)  # s·BAd
+            # = W0 x + b + (m/n − 1) ⊙ W0 d + (m/n) ⊙ s·BAd, arranged so that backward keeps one
+            # (..., out) tensor for m's gradient (W0 d + s·BAd) instead of two
+            return F.linear(x, weight, bias) - base_of_dropped + ratio * (base_of_dropped + lora)
+        out = _LoRAFunction.apply(x, weight, None, self.lora_A, self.lora_B, self.scale, None) * ratio
+        return out if bias is None else out + bias
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) float32 ``(m/n) ⊙ (W + s·BA)``, the weight whose plain forward equals DoRA's.
+        Remembers n, the row norm before rescaling, for unmerged_weight."""
+        combined = super().merged_weight(weight)
+        self._merged_norm = torch.linalg.vector_norm(combined, dim=1)
+        return (self.lora_magnitude_vector.float() / self._merged_norm).unsqueeze(1) * combined
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) float32 ``W' / (m/n) − s·BA``: the base weight back from a merged one."""
+        if self._merged_norm is None:
+            raise ValueError("this DoRA adapter was not merged into the weight, so there is nothing to unmerge")
+        ratio = self.lora_magnitude_vector.float() / self._merged_norm
+        restored = super().unmerged_weight(weight.float() / ratio.unsqueeze(1))
+        self._merged_norm = None
+        return restored
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
