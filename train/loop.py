@@ -31,7 +31,8 @@ from . import data, drift
 from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
-from .loss import nll_result, next_token_nll, predicted_tokens
+from .loss import module_called, nll_result, predicted_tokens
+from .loss import summed_nll as model_nll
 from .outputs import (FINISHED, RunDir, check_resume_settings, load_safetensors, load_tensors_safely, resume_settings,
                       save_tensors_safely)
 from .report import Reporter, write_report
@@ -121,7 +122,8 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     reporter.start(trainable=trainable, total=total_params, train_windows=plan.train_windows)
 
     def evaluate_all(tag: str) -> dict:
-        results = {name: evaluate(model, windows, args.per_device_eval_batch_size, device, tokenizer.pad_token_id)
+        results = {name: evaluate(model, windows, args.per_device_eval_batch_size, device, tokenizer.pad_token_id,
+                                  args.chunked_loss)
                    for name, windows in eval_sets.items()}
         reporter.eval(pos.update, results, tag)
         return results
@@ -158,7 +160,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
         "adapter_bytes": _size(run_dir.path("adapter_model.safetensors")) if args.use_lora else None,
         "model_bytes": None if args.use_lora else _size(run_dir.path("model.safetensors")),
-        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla,
+        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla, "compile": device.compile_counts(),
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
@@ -238,7 +240,10 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
-    return device.place(model), tokenizer, train_data
+    model = device.place(model)
+    if args.compile:
+        device.compile(module_called(model, args.chunked_loss))
+    return model, tokenizer, train_data
 
 
 # -- optimizer ----------------------------------------------------------------------------------
@@ -359,21 +364,23 @@ def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
     return data.cap_windows(windows, cap)
 
 
-def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device) -> torch.Tensor:
-    """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor."""
-    logits = model(input_ids=ids, attention_mask=device.attention_mask(model, ids), use_cache=False).logits  # (B, L, V)
-    return next_token_nll(logits, labels)
+def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor
+    (``chunked``: the LM head and the loss over chunks of tokens, never the full logits; loss.py)."""
+    # XLA takes the full logits: the chunked loss is measured on eager CPU only so far
+    return model_nll(model, ids, labels, device.attention_mask(model, ids), chunked and not device.is_xla)
 
 
 @torch.no_grad()
-def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_id: int) -> dict:
+def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_id: int,
+             chunked: bool = True) -> dict:
     """Mean token NLL and perplexity over all windows (``loss.nll_result``). One host read at
     the end."""
     was_training = model.training
     model.eval()
     total = device.tensor(0.0)
     for ids, labels in device.loader(data.batches(windows, device.global_batch(batch_size), pad_id)):
-        total = total + summed_nll(model, ids, labels, device)
+        total = total + summed_nll(model, ids, labels, device, chunked)
     device.sync()
     nll = device.sum_over_processes(total).item()  # host sync point (once per evaluation)
     model.train(was_training)
@@ -397,7 +404,7 @@ def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.T
         for ids, labels, denom in device.loader(_micro_batches(train_data, args, plan, pos, update_ends, pad_id)):
             last_in_update, update_tokens = update_ends.popleft()
             with device.no_backward_sync(model, enabled=not last_in_update):  # torchrun: reduce once per update
-                nll = summed_nll(model, ids, labels, device)
+                nll = summed_nll(model, ids, labels, device, args.chunked_loss)
                 (nll / denom).backward()
             update_nll = update_nll + nll.detach()
             pos.micro += 1
