@@ -8,13 +8,14 @@
 """
 
 from .checkpoint import (AdapterLoadError, load_adapter, lora_state_dict, peft_config, read_adapter_config, save_adapter,
-                         save_pretrained)
+                         save_pretrained, validate_adapter)
 from .combine import add_weighted_adapter
 from .config import LLAMA_TARGETS, LoRAConfig
 from .dora import DoRAAdapter
 from .inject import (active_adapter, adapter_modules, adapter_names, count_parameters, delete_adapter, disable_adapters,
                      enable_input_require_grads, find_targets, inject, lora_modules, lora_parameters,
-                     mark_only_lora_trainable, mixed_batch, print_trainable_parameters, set_adapter)
+                     mark_only_lora_trainable, mixed_batch, print_trainable_parameters, set_adapter,
+                     UnsupportedLayerError)
 from .embedding import LoRAEmbedding
 from .layer import LoRAAdapter, LoRALinear
 from .modules_to_save import ModuleToSave
@@ -25,10 +26,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear",
-    "ModuleToSave", "QuantLinear", "QuantizedWeight",
+    "ModuleToSave", "QuantLinear", "QuantizedWeight", "UnsupportedLayerError",
     "active_adapter", "adapter_modules", "add_weighted_adapter", "adapter_names", "count_parameters", "delete_adapter",
     "dequantize", "disable_adapters", "enable_input_require_grads", "find_targets", "inject", "load_adapter",
     "lora_modules", "lora_parameters", "lora_state_dict", "mark_only_lora_trainable", "merge", "merge_and_unload",
     "mixed_batch", "peft_config", "print_trainable_parameters", "quantize", "read_adapter_config", "save_adapter",
-    "save_pretrained", "set_adapter", "unmerge",
+    "save_pretrained", "set_adapter", "unmerge", "validate_adapter",
 ]

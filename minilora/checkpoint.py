@@ -25,7 +25,8 @@ from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
 from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .inject import (_remove_save_pretrained, adapter_modules, adapter_names, adapter_state, active_adapter,
-                     bias_parameters, delete_adapter, find_targets, inject, lora_modules, replace_module, set_adapter)
+                     bias_parameters, check_adapter_name, find_targets, inject, lora_modules, remove_injected,
+                     replace_module, set_adapter)
 from .layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -224,33 +225,28 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     """Load a PEFT-format LoRA adapter from directory ``path`` into ``model`` (in place) and make
     it the active adapter.
 
-    Injects LoRA layers per the saved config, then loads strictly: a missing or unexpected
-    key, or a shape mismatch, raises AdapterLoadError naming them and leaves the model as it
+    The config is checked against the file's tensors and the model before any layer is built
+    (``validate_adapter``); then LoRA layers are injected per the saved config and the weights
+    copied strictly. Any failure (a missing, unexpected or mis-shaped key, a non-finite weight,
+    a layer minilora cannot adapt) raises AdapterLoadError naming it and leaves the model as it
     was. Only safetensors are read; pickle files are refused, since unpickling runs code.
     """
     config, base_name = read_adapter_config(path)
     state = _read_weights(path)
-    if adapter_name in adapter_names(model):
-        raise AdapterLoadError(f"the model already has an adapter named {adapter_name!r}; "
-                               "load under another adapter_name or delete that adapter first")
+    validate_adapter(model, config, state, path, base_name, adapter_name)
     previous = active_adapter(model)
-    try:
-        targets = find_targets(model, config)
-    except ValueError as e:
-        raise AdapterLoadError(f"the adapter at {path} does not fit this model"
-                               + (f" (it was trained on {base_name})" if base_name else "") + f": {e}") from None
     # What inject changes, so a load that fails can put it back: the modules it replaces (LoRA
     # layers, modules_to_save wrappers) and the requires_grad flags (it freezes all but the adapter).
     modules = list(model.named_modules())
     trainable = {param: param.requires_grad for param in model.parameters()}
     try:
         inject(model, config, adapter_name=adapter_name)
-    except ValueError as e:  # raised before inject changes anything (say, modules_to_save matching nothing)
+    except ValueError as e:  # inject has undone itself (say, modules_to_save matching nothing)
         raise AdapterLoadError(f"the adapter at {path} does not fit this model: {e}") from None
     try:
         _copy_strict(model, state, adapter_name, path, base_name)
-    except AdapterLoadError:
-        delete_adapter(model, adapter_name)
+    except BaseException:  # anything, an interrupt included: the model goes back to what it was
+        remove_injected(model, adapter_name, [])
         for name, module in modules:  # parents come first, so a restored parent's children resolve again
             if name and model.get_submodule(name) is not module:
                 replace_module(model, name, module)
@@ -268,13 +264,67 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     return model
 
 
+def validate_adapter(model: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor], path: str,
+                     base_name: Optional[str] = None, adapter_name: str = "default") -> None:
+    """Check a saved adapter against ``model`` before anything is built; AdapterLoadError if not.
+
+    The file's tensors must all be finite floating-point values, and every module the config
+    targets must be one minilora can adapt and have ``lora_A`` (r, in) and ``lora_B`` (out, r)
+    in the file with the rank the config gives it. This runs before inject allocates a single
+    adapter tensor, so a config claiming ``r: 5000000`` beside a small file costs nothing.
+    (Keys the file has beyond these are judged by the strict copy after injection.)
+    """
+    try:
+        check_adapter_name(adapter_name)
+    except ValueError as e:
+        raise AdapterLoadError(str(e)) from None
+    if adapter_name in adapter_names(model):
+        raise AdapterLoadError(f"the model already has an adapter named {adapter_name!r}; "
+                               "load under another adapter_name or delete that adapter first")
+    _check_finite(state, os.path.join(path, WEIGHTS_NAME))
+    trained_on = f" (it was trained on {base_name})" if base_name else ""
+    try:
+        targets = find_targets(model, config)
+    except ValueError as e:
+        raise AdapterLoadError(f"the adapter at {path} does not fit this model{trained_on}: {e}") from None
+    expected = {}
+    for name, module in targets:
+        r = config.rank_for(name)
+        if isinstance(module, (nn.Embedding, LoRAEmbedding)):  # PEFT's names: lora_embedding_A (r, vocab), _B (dim, r)
+            expected[f"{PREFIX}{name}.lora_embedding_A"] = (r, module.num_embeddings)
+            expected[f"{PREFIX}{name}.lora_embedding_B"] = (module.embedding_dim, r)
+        else:
+            expected[f"{PREFIX}{name}.lora_A.weight"] = (r, module.in_features)
+            expected[f"{PREFIX}{name}.lora_B.weight"] = (module.out_features, r)
+    missing = sorted(set(expected) - set(state))
+    mismatched = [(k, tuple(state[k].shape), expected[k]) for k in sorted(set(expected) & set(state))
+                  if tuple(state[k].shape) != expected[k]]
+    if missing or mismatched:
+        raise AdapterLoadError(_misfit(model, path, base_name, missing, [], mismatched))
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor floating-point and finite: a NaN in lora_B would pass every shape check and
+    turn every output of the adapted model into NaN (or, merged, the base weights themselves)."""
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise AdapterLoadError(f"{where}: {key} holds {tensor.dtype} values; adapter weights are floating-point")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise AdapterLoadError(f"{where}: {key} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "
+                                   "the adapter diverged in training and would make the model's output NaN. Use "
+                                   "an earlier checkpoint of that training run")
+
+
 def load_adapter_weights(model: nn.Module, path: str, adapter_name: str = "default") -> None:
     """Copy the adapter weights saved at ``path`` into the model's existing adapter
     ``adapter_name`` (continuing training from a checkpoint). As strict as load_adapter: a
-    missing, unexpected or mis-shaped key raises AdapterLoadError naming it, before anything is
-    copied; only safetensors are read."""
+    missing, unexpected, mis-shaped or non-finite tensor raises AdapterLoadError naming it,
+    before anything is copied; only safetensors are read."""
     _, base_name = read_adapter_config(path)
-    _copy_strict(model, _read_weights(path), adapter_name, path, base_name)
+    state = _read_weights(path)
+    _check_finite(state, os.path.join(path, WEIGHTS_NAME))
+    _copy_strict(model, state, adapter_name, path, base_name)
 
 
 def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
@@ -285,6 +335,7 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
                                f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
+        _refuse_broken_link(config_path)
         raise AdapterLoadError(f"{path!r} has no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and "
                                f"{WEIGHTS_NAME} (found: {', '.join(sorted(os.listdir(path))) or 'nothing'})")
     try:
@@ -355,6 +406,12 @@ def _typed(raw: dict, key: str, types, default, where: str):
     return value
 
 
+def _refuse_broken_link(path: str) -> None:
+    if os.path.islink(path):
+        raise AdapterLoadError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does not exist (a moved "
+                               "or deleted file); copy the real file there or fix the link")
+
+
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
@@ -364,6 +421,7 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
                 f"minilora reads safetensors only. Re-save it as {WEIGHTS_NAME} from a trusted environment "
                 "(PEFT: save_pretrained(..., safe_serialization=True))"
             )
+        _refuse_broken_link(weights)
         raise AdapterLoadError(f"{path!r} has no {WEIGHTS_NAME} (found: {', '.join(sorted(os.listdir(path)))})")
     try:
         return load_file(weights)
@@ -384,19 +442,24 @@ def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name:
     mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        lines = [f"the adapter at {path} does not fit this model"
-                 + (f" (it was trained on {base_name})" if base_name else "") + ":"]
-        lines += [f"  shape mismatch {k}: file {f} vs model {m}" for k, f, m in mismatched[:10]]
-        lines += [f"  missing from file: {k}" for k in missing[:10]]
-        lines += [f"  unexpected in file: {k}" for k in unexpected[:10]]
-        hidden = max(0, len(mismatched) - 10) + max(0, len(missing) - 10) + max(0, len(unexpected) - 10)
-        if hidden:
-            lines.append(f"  … and {hidden} more")
-        lines += _resized_vocabulary_hint(model, mismatched)
-        raise AdapterLoadError("\n".join(lines))
+        raise AdapterLoadError(_misfit(model, path, base_name, missing, unexpected, mismatched))
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+
+
+def _misfit(model: nn.Module, path: str, base_name: Optional[str], missing: list, unexpected: list,
+            mismatched: list) -> str:
+    """The message for an adapter whose keys or shapes do not fit the model, up to 10 of each."""
+    lines = [f"the adapter at {path} does not fit this model" + (f" (it was trained on {base_name})" if base_name else "") + ":"]
+    lines += [f"  shape mismatch {k}: file {f} vs model {m}" for k, f, m in mismatched[:10]]
+    lines += [f"  missing from file: {k}" for k in missing[:10]]
+    lines += [f"  unexpected in file: {k}" for k in unexpected[:10]]
+    hidden = max(0, len(mismatched) - 10) + max(0, len(missing) - 10) + max(0, len(unexpected) - 10)
+    if hidden:
+        lines.append(f"  … and {hidden} more")
+    lines += _resized_vocabulary_hint(model, mismatched)
+    return "\n".join(lines)
 
 
 def _resized_vocabulary_hint(model: nn.Module, mismatched: list[tuple[str, tuple, tuple]]) -> list[str]:

@@ -9,6 +9,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+try:  # the regex parser the re module itself uses (Python 3.11 renamed it)
+    import re._parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
@@ -95,11 +100,21 @@ class LoRAConfig:
             raise ValueError(f"use_dora={self.use_dora!r}: give True or False")
         if self.init not in INIT_MODES:
             raise ValueError(f"init={self.init!r} is not one of {', '.join(INIT_MODES)}")
-        if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
+        if not isinstance(self.target_modules, (str, list)) or not self.target_modules \
+                or isinstance(self.target_modules, list) and not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(
                 f"target_modules={self.target_modules!r}: give a list of module-name endings "
                 "(e.g. ['q_proj', 'v_proj']), a regex string, or 'all-linear'"
             )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            check_pattern("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            check_pattern("exclude_modules", self.exclude_modules)
+        for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in patterns:
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"{what} key {key!r}: keys are module-name endings or regexes (text)")
+                check_pattern(f"{what} key", key)
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
@@ -200,6 +215,63 @@ def matches(spec: Union[list[str], str], name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)
+
+
+# Longest regex accepted from a config: module names are short, and so are patterns that match them.
+MAX_PATTERN_LENGTH = 1000
+_REPEATS = {_sre_parse.MAX_REPEAT, _sre_parse.MIN_REPEAT} | (
+    {_sre_parse.POSSESSIVE_REPEAT} if hasattr(_sre_parse, "POSSESSIVE_REPEAT") else set())
+
+
+def check_pattern(what: str, pattern: str) -> None:
+    """Raise ValueError unless ``pattern`` is a regex whose matching time stays bounded.
+
+    Python's backtracking matcher takes exponential time on a repeated group that itself
+    repeats (``(.*)*x``, ``(a+)+``) or a repeated alternation (``(a|ab)*``): one such pattern
+    in an adapter_config.json from a stranger hangs the load for hours on a 40-character
+    module name. Those shapes are refused; every pattern PEFT users write (``.*\\.(q|v)_proj``,
+    ``model\\.layers\\.\\d+\\.self_attn\\.(q_proj|v_proj)``) has neither.
+    """
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(f"{what} is a regex of {len(pattern)} characters; at most {MAX_PATTERN_LENGTH} are accepted")
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{what}={pattern!r} is not a valid regex ({e}); a string target is a regex matched "
+                         "against the whole module name, a list holds module-name endings") from None
+    if _backtracks_exponentially(parsed, in_repeat=False):
+        raise ValueError(f"{what}={pattern!r} repeats a group that itself repeats or alternates (like (a+)+, (.*)* "
+                         "or (a|ab)*), which can make matching take exponential time; write it without the nested "
+                         r"repetition, e.g. '.*\.(q_proj|v_proj)'")
+
+
+def _backtracks_exponentially(items, in_repeat: bool) -> bool:
+    """Whether a parsed regex holds a repeat or an alternation inside an unbounded-enough repeat."""
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, sub = av
+            if in_repeat and high > 1:
+                return True
+            if _backtracks_exponentially(sub, in_repeat or high > 1):
+                return True
+        elif op is _sre_parse.BRANCH:
+            if in_repeat:
+                return True
+            if any(_backtracks_exponentially(sub, in_repeat) for sub in av[1]):
+                return True
+        elif op is _sre_parse.SUBPATTERN:
+            if _backtracks_exponentially(av[-1], in_repeat):
+                return True
+        elif op in (_sre_parse.ASSERT, _sre_parse.ASSERT_NOT):
+            if _backtracks_exponentially(av[1], in_repeat):
+                return True
+        elif op is getattr(_sre_parse, "ATOMIC_GROUP", None):
+            if _backtracks_exponentially(av, in_repeat):
+                return True
+        elif op is _sre_parse.GROUPREF_EXISTS:
+            if any(sub is not None and _backtracks_exponentially(sub, in_repeat) for sub in av[1:]):
+                return True
+    return False
 
 
 def inside_adapters(name: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .config import LoRAConfig, inside_adapters
+from .config import LoRAConfig, inside_adapters, matches
 from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .layer import _DORA_OVER_QUANTIZED, LoRALinear
@@ -24,6 +24,41 @@ LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 LINEARS = (nn.Linear, QuantLinear, LoRALinear)
 
 
+class UnsupportedLayerError(ValueError):
+    """A targeted module that LoRALinear cannot stand in for faithfully: a quantized Linear
+    (bitsandbytes' Linear4bit/Linear8bitLt: integer weights, their own forward) or any other
+    nn.Linear subclass with its own forward. Raised by ``inject`` before the model changes."""
+
+
+# nn.Linear subclasses that override forward yet compute x Wᵀ + b on a weight LoRALinear can use
+# (e.g. minilora's own quantized base): admitted by admit_linear_type.
+_ADMITTED_LINEAR_TYPES: set = set()
+
+
+def admit_linear_type(cls: type) -> type:
+    """Let ``inject`` adapt modules of class ``cls`` although its forward is not nn.Linear's
+    (for a Linear subclass whose adapted form LoRALinear implements). Returns ``cls``."""
+    _ADMITTED_LINEAR_TYPES.add(cls)
+    return cls
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why LoRALinear cannot replace ``module`` without changing what it computes (None: it can).
+
+    LoRALinear keeps the module's ``weight`` and ``bias`` and runs nn.Linear's ``x Wᵀ + b``
+    itself, so anything a subclass's own forward did is dropped, and an integer (quantized)
+    weight would be multiplied as if it were the real one."""
+    if not isinstance(module, nn.Linear) or type(module) in _ADMITTED_LINEAR_TYPES:
+        return None  # LoRA layers already, or embeddings (find_targets judges those)
+    if type(module).forward is not nn.Linear.forward:
+        return f"a {type(module).__qualname__}, an nn.Linear subclass with its own forward, which LoRA would drop"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        kind = f"{weight.dtype} {type(weight).__name__}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        return f"a {type(module).__qualname__} whose weight is a {kind}, not a floating-point tensor (quantized?)"
+    return None
+
+
 def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_name: str = "default",
            **fields) -> nn.Module:
     """Add a LoRA adapter to every targeted nn.Linear of ``model``, in place.
@@ -32,12 +67,15 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     override the config. Everything but the new adapter is frozen (biases train per
     ``config.bias``), and the new adapter becomes the active one. Modules named in
     ``config.modules_to_save`` get a trainable copy for this adapter. Returns ``model``.
+    Every check runs before the model changes, and a failure while building the adapter (say
+    its tensors cannot be allocated) removes what was built: on any error the model is as it was.
 
     On a model with a ``save_pretrained`` method (a transformers model), that method now writes
     the adapters in PEFT's format, as PEFT's ``PeftModel.save_pretrained`` does (see
     ``minilora.save_pretrained``); ``merge_and_unload`` gives the model's own method back.
     """
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
+    check_adapter_name(adapter_name)
     targets = find_targets(model, config)
     if getattr(config, "use_dora", False) and any(isinstance(getattr(m, "weight", None), QuantizedWeight)
                                                   for _, m in targets):
@@ -54,15 +92,34 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
         raise ValueError(f"use_dora=True: minilora has DoRA for Linear layers only, and target_modules selects the "
                          f"embedding {embeddings[0]!r}; leave it out of target_modules or use plain LoRA")
     dora = {"use_dora": True} if config.use_dora else {}  # every target is a Linear then
-    for name, module in targets:
-        layer = module if isinstance(module, LORA_LAYERS) else replace_module(
-            model, name, LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module))
-        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.init, **dora)
-    wrappers = [m if isinstance(m, ModuleToSave) else replace_module(model, n, ModuleToSave(m)) for n, m in copies]
-    for wrapper in wrappers:
-        wrapper.add_adapter(adapter_name)
-    tie_copies(wrappers, adapter_name)
+    replaced = []  # (name, original module): what a failure puts back
+    try:
+        for name, module in targets:
+            if isinstance(module, LORA_LAYERS):
+                layer = module
+            else:
+                layer = replace_module(model, name, LoRAEmbedding(module) if isinstance(module, nn.Embedding)
+                                       else LoRALinear(module))
+                replaced.append((name, module))
+            layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
+                              config.use_rslora, config.init, **dora)
+        wrappers = []
+        for name, module in copies:
+            if isinstance(module, ModuleToSave):
+                wrappers.append(module)
+            else:
+                wrappers.append(replace_module(model, name, ModuleToSave(module)))
+                replaced.append((name, module))
+        for wrapper in wrappers:
+            wrapper.add_adapter(adapter_name)
+        tie_copies(wrappers, adapter_name)
+    except BaseException as e:
+        remove_injected(model, adapter_name, replaced)
+        if isinstance(e, (RuntimeError, OverflowError, MemoryError)):  # torch.empty of an absurd rank
+            raise ValueError(f"adapter {adapter_name!r} could not be built ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             f"r={config.r} (rank_pattern={config.rank_pattern}) is too large for this "
+                             "machine; the model was left as it was") from None
+        raise
     state = adapter_state(model)
     state.layers = None  # new LoRA layers and modules_to_save wrappers may exist now
     state.configs[adapter_name] = config  # how the adapter was made, for saving it in PEFT's format
@@ -71,6 +128,28 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     _hook_input_require_grads(model, always=False)
     _install_save_pretrained(model)
     return model
+
+
+def check_adapter_name(name) -> None:
+    """Adapter names become module names (``adapters.<name>``): text without dots."""
+    if not isinstance(name, str) or not name or "." in name or name.strip() != name:
+        raise ValueError(f"adapter_name={name!r}: an adapter name is non-empty text without dots or surrounding "
+                         "spaces, e.g. 'default' or 'cardiology'")
+
+
+def remove_injected(model: nn.Module, adapter_name: str, replaced: list[tuple[str, nn.Module]]) -> None:
+    """Undo the module surgery of an inject: drop ``adapter_name`` from every layer and put the
+    replaced modules (``(name, module)`` pairs) back."""
+    for _, module in adapter_modules(model):
+        if adapter_name in module.adapters:
+            del module.adapters[adapter_name]
+        if module.active_adapter == adapter_name:
+            module.active_adapter = None
+    for name, linear in replaced:
+        replace_module(model, name, linear)
+    state = adapter_state(model)
+    state.configs.pop(adapter_name, None)
+    state.layers = None
 
 
 def _install_save_pretrained(model: nn.Module) -> None:
@@ -112,6 +191,14 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                                  f"{type(module).__name__} (a subclass of nn.Embedding whose lookup may differ, "
                                  "e.g. scaled); LoRA here adapts plain nn.Embedding only, so leave it out")
             chosen.append((name, module))
+    unsupported = [(n, reason) for n, m in chosen if (reason := unsupported_reason(m)) is not None]
+    if unsupported:
+        name, reason = unsupported[0]
+        more = f" (and {len(unsupported) - 1} more such module(s))" if len(unsupported) > 1 else ""
+        raise UnsupportedLayerError(
+            f"cannot adapt {name!r}: it is {reason}{more}. minilora adapts plain nn.Linear layers, and refuses "
+            "others rather than adapt them wrongly; load the base unquantized, or leave such modules out with "
+            "exclude_modules / a narrower target_modules")
     if not chosen:
         raise ValueError(
             f"no module matched target_modules={config.target_modules!r}"
@@ -119,8 +206,20 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                if config.exclude_modules is not None or config.layers_to_transform is not None else "")
             + (f" outside modules_to_save={config.modules_to_save!r}" if config.modules_to_save else "")
             + f"; Linear module names here end in: {', '.join(linear_name_endings(model)) or '(none)'}"
+            + _regex_hint(config.target_modules, model)
         )
     return chosen
+
+
+def _regex_hint(target_modules, model: nn.Module) -> str:
+    """For a string target that matches a name ending but no whole name: say how strings match."""
+    if not isinstance(target_modules, str) or target_modules == "all-linear":
+        return ""
+    if not any(matches(target_modules, ending) for ending in linear_name_endings(model)):
+        return ""
+    example = next(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)))
+    return (f". A string is a regex that must match the whole module name (such as {example!r}); for name endings "
+            f"give a list, e.g. [{target_modules!r}]")
 
 
 def linear_name_endings(model: nn.Module) -> list[str]:
@@ -156,6 +255,7 @@ class AdapterState:
     layers: Optional[list] = None  # the LoRA layers and ModuleToSave wrappers, cached for set_adapter; None: walk again
     input_grads_always: bool = False  # enable_input_require_grads was called (else only while checkpointing)
     input_grads_hook: Any = None  # the forward-hook handle on the input embeddings
+    untied: dict = field(default_factory=dict)  # LoRALinear name -> the weight it shared until merge untied it
     input_grads_module: Any = None  # the embeddings module that hook is on (inject may replace it later)
 
 

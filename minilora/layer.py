@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import platform
 from typing import Optional, Sequence
@@ -16,30 +17,33 @@ from . import quant
 
 # -- the dropout mask ------------------------------------------------------------------------------
 
+def _mask_dtype(x: torch.Tensor) -> torch.dtype:
+    """The keep mask's dtype for x: bool (one byte an element), except on XLA, where the mask takes
+    x's dtype and the compiler keeps or fuses it as it decides."""
+    return x.dtype if x.device.type == "xla" else torch.bool
+
+
 def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A keep mask shaped like ``x``: 1 with probability 1 - p, else 0, each element independently.
+    """A keep mask shaped like ``x`` (dtype ``_mask_dtype(x)``): True (1) with probability 1 - p,
+    else False (0), each element independently.
 
-    On GPUs (any device but the CPU and XLA) the mask is ``bool``: it is saved for backward in
-    every adapted Linear, and one byte an element instead of two (bf16) or four halves or
-    quarters that memory, for a little step time. On the CPU it is in x's dtype, where a
-    same-dtype multiply is much faster than one by a bool tensor. XLA gets x's dtype too and
-    keeps or fuses it as its compiler decides. docs/benchmarks.md has the measurements of both
-    and the commands that repeat them.
+    The mask is saved for backward in every adapted Linear; as bool it takes a quarter of a
+    float32 mask's memory and half a bf16 one's. docs/benchmarks.md has the measurements and the
+    commands that repeat them.
 
-    ``bernoulli_`` wherever torch has a vectorised kernel for it: other devices, and CPUs where
-    ATen hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit
-    Mersenne-Twister draw into a double per element; here each 64-bit draw gives two elements a
-    32-bit uniform each, compared with p rounded to a multiple of 2⁻³² (|error| ≤ 2⁻³³; MKL's
-    generator has 31 bits).
+    ``bernoulli_`` wherever torch has a vectorised kernel for it: GPUs, XLA, and CPUs where ATen
+    hands it to MKL (Intel CPUs). Elsewhere ATen runs a scalar loop that turns a 64-bit
+    Mersenne-Twister draw into a double per element; here each 64-bit
+    draw gives four elements a 16-bit uniform each, compared with p rounded to a multiple of
+    2⁻¹⁶: each element is dropped with probability p' where |p' - p| ≤ 2⁻¹⁷ (7.6e-6; for
+    p = 0.05, p' = 3277 / 65536 = 0.0500031).
     """
-    if x.device.type not in ("cpu", "xla"):
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-    if x.device.type == "xla" or _cpu_bernoulli_is_vectorised():
-        return torch.empty_like(x).bernoulli_(1.0 - p)
+    if x.device.type != "cpu" or _cpu_bernoulli_is_vectorised():
+        return torch.empty_like(x, dtype=_mask_dtype(x)).bernoulli_(1.0 - p)
     n = x.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
-    uniform = bits.view(torch.int32)[:n].view(x.shape)  # uniform over [-2³¹, 2³¹)
-    return torch.ge(uniform, min(round(p * 2**32), 2**32 - 1) - 2**31).to(x.dtype)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
+    uniform = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2¹⁵, 2¹⁵)
+    return torch.ge(uniform, min(round(p * 2**16), 2**16 - 1) - 2**15)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,22 +61,38 @@ def _cpu_bernoulli_is_vectorised() -> bool:
 # A registered op rather than a plain function so that the mask shows up by name, as
 # minilora::dropout_mask, in profiles and to dispatch-level tools (the tests' op recorder).
 # CompositeExplicitAutograd: one Python implementation for every device (on XLA it is traced).
+# The fake implementation tells torch.compile (FakeTensor tracing) what the real one returns on
+# x's device: both take the dtype from _mask_dtype, so they cannot disagree.
+# Under torch.compile the mask must be drawn once per call, as in eager: the tag keeps AOTAutograd's
+# partitioner from redrawing it in backward, and ``site`` (an integer per adapter, unused by the
+# draw) keeps its common-subexpression pass, which spares only aten's own random ops, from merging
+# the calls of q, k and v, whose arguments are otherwise equal, into one shared mask.
 _ops = torch.library.Library("minilora", "FRAGMENT")
 if not hasattr(torch.ops.minilora, "dropout_mask"):  # importing this module a second time
-    _ops.define("dropout_mask(Tensor x, float p) -> Tensor")
-    _ops.impl("dropout_mask", _draw_keep_mask, "CompositeExplicitAutograd")
+    _ops.define("dropout_mask(Tensor x, float p, int site=0) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+    _ops.impl("dropout_mask", lambda x, p, site=0: _draw_keep_mask(x, p), "CompositeExplicitAutograd")
+    torch.library.register_fake("minilora::dropout_mask",
+                                lambda x, p, site=0: torch.empty_like(x, dtype=_mask_dtype(x)), lib=_ops)
+_SITES = itertools.count()
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """(..., in) keep mask, 1 with probability 1 - p, else 0: bool on GPUs, else in x's dtype
-    (see _draw_keep_mask)."""
-    return torch.ops.minilora.dropout_mask(x.detach(), p)
+def dropout_mask(x: torch.Tensor, p: float, site: int = 0) -> torch.Tensor:
+    """(..., in) keep mask, True with probability 1 - p: bool, or x's dtype on XLA (see _draw_keep_mask).
+    ``site`` tells apart the masks of Linears reading the same x (see above); it changes no value."""
+    return torch.ops.minilora.dropout_mask(x.detach(), p, site)
+
+
+def _multiplier(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mask as ``_apply_mask`` applies it to ``t`` fastest: a bool mask stays bool on GPUs (a
+    select, one fused kernel); on the CPU a select, and a multiply by a bool tensor, take ATen's
+    slower mixed-dtype paths, so the mask becomes t's dtype (a transient copy; convert once and
+    reuse it where it is applied twice)."""
+    return keep.to(t.dtype) if keep.dtype == torch.bool and t.device.type == "cpu" else keep
 
 
 def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """t ⊙ keep in t's dtype: a select for a bool mask (one fused kernel; a multiply by a bool
-    tensor takes torch's slower mixed-dtype path), a multiply for a mask in t's dtype, in place
-    on ``t`` when allowed (no second (N, in) tensor)."""
+    """t ⊙ keep in t's dtype (keep bool or t's dtype; see _multiplier), in place on ``t`` when
+    allowed (no second (N, in) tensor)."""
     if keep.dtype == torch.bool:
         return torch.where(keep, t, 0)
     return t.mul_(keep) if inplace else t * keep
@@ -96,7 +116,7 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, keep):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        dropped = x2 if keep is None else _apply_mask(x2, keep.reshape(x2.shape))
+        dropped = x2 if keep is None else _apply_mask(x2, _multiplier(keep.reshape(x2.shape), x2))
         # (N, r); A is cast to x's dtype (an r-wide cast) and the scaling is applied in float32
         narrow = F.linear(dropped, lora_A.to(x.dtype)) * scale
         if weight is None:
@@ -124,7 +144,7 @@ class _LoRAFunction(torch.autograd.Function):
         if need_B:
             grad_B = (g.t() @ narrow).to(lora_B.dtype)  # (out, r)
         x2 = x.reshape(-1, x.shape[-1])
-        keep2 = None if keep is None else keep.reshape(x2.shape)
+        keep2 = None if keep is None else _multiplier(keep.reshape(x2.shape), x2)  # used twice below
         if need_A:
             dropped = x2 if keep2 is None else _apply_mask(x2, keep2)
             grad_A = (g_narrow.t() @ dropped.to(dt)).to(lora_A.dtype)  # (r, in)
@@ -181,6 +201,7 @@ class LoRAAdapter(nn.Module):
         # train/eval) but forward draws the mask itself and hands it to _LoRAFunction, so that
         # backward can re-apply the mask instead of keeping a dropped copy of x.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mask_site = next(_SITES)  # this adapter's own dropout_mask call (see dropout_mask)
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / r)
         else:
@@ -198,7 +219,7 @@ class LoRAAdapter(nn.Module):
         """
         keep, scale = None, self.scale
         if self.training and isinstance(self.dropout, nn.Dropout):
-            keep = dropout_mask(x, self.dropout.p)
+            keep = dropout_mask(x, self.dropout.p, self.mask_site)
             scale = scale / (1.0 - self.dropout.p)  # inverted dropout's 1/(1-p), on the r-wide side
         return _LoRAFunction.apply(x, weight, bias, self.lora_A, self.lora_B, scale, keep)
 
@@ -329,13 +350,13 @@ class LoRALinear(nn.Module):
                 f"cannot merge adapter {self.active_adapter!r} into a {self.weight.scheme} base: the sum would "
                 "have to be quantized again, losing most of the adapter; use minilora.merge_and_unload(model) "
                 "for plain Linears in the compute dtype, or keep the adapter unmerged")
-        merged = self.adapters[self.active_adapter].merged_weight(self.weight)
-        if safe and not torch.isfinite(merged).all():
+        merged = self.adapters[self.active_adapter].merged_weight(self.weight).to(self.weight.dtype)
+        if safe and not torch.isfinite(merged).all():  # in the weight's dtype: fp16 overflows above 65504
             raise ValueError(
                 f"merging adapter {self.active_adapter!r} gives non-finite weights; the adapter is "
                 "likely diverged (check its training loss), so the layer was left unmerged"
             )
-        self.weight.copy_(merged.to(self.weight.dtype))
+        self.weight.copy_(merged)
         self.merged_adapter = self.active_adapter
 
     @torch.no_grad()

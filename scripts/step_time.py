@@ -7,15 +7,14 @@
 
 The first gives docs/measurements/profile-h200-1b-8x2048.txt (the top kernels of two steps of
 each method); the second the single-step XLA CPU timings of the demo-sized model quoted in
-docs/benchmarks.md (XLA_FLAGS in the environment applies). The step is train.bench's (forward,
-backward, AdamW); the benchmark proper (python -m train.bench) alternates contenders and reports ratios,
+docs/benchmarks.md (XLA_FLAGS in the environment applies). The step is the benchmark's (forward,
+backward, AdamW); the benchmark proper (minilora-bench) alternates contenders and reports ratios,
 this script only looks at one method at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -24,20 +23,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.bench import Shape, Trainer  # noqa: E402
+from bench.models import Shape, Trainer, parse_shape  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda", "xla"), default="cpu")
-    p.add_argument("--shape", default="", help="train.bench Shape overrides, e.g. layers=4,hidden=256")
+    p.add_argument("--shape", default="", help="a named shape (llama-1b, smollm2-135m) and/or Shape overrides, e.g. layers=4,hidden=256")
     p.add_argument("--kinds", default="full,minilora", help="full, minilora, peft (comma-separated)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="also print the top operators of 2 steps")
     args = p.parse_args()
-    shape = dataclasses.replace(Shape(), **{k: int(v) for k, v in
-                                             (item.split("=") for item in args.shape.split(",") if item)})
+    shape = parse_shape(args.shape, Shape())
     if args.device == "xla":
         import torch_xla
 

@@ -1,11 +1,11 @@
-"""The benchmark (train/bench.py) and the structural properties its figures rest on. These tests
+"""The benchmark (the bench package) and the structural properties its figures rest on. These tests
 time nothing: speed and memory are the benchmark's to report, never a test's to assert.
 
 - the unmerged forward and backward never form an out x in tensor, in a whole Llama, with dropout;
 - LoRA dropout 0 runs no dropout op, and dropout p > 0 draws one mask per adapted Linear;
 - switching adapters runs no tensor op and allocates no parameter;
 - the XLA training step reads nothing back to the host except on logging steps (and evaluations);
-- ``python -m train.bench --quick`` runs end to end and writes its JSON and markdown.
+- ``minilora-bench --quick`` runs end to end and writes its JSON and markdown.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import torch
 import minilora
 from conftest import assert_close_to_rounding, make_tokenizer, medical_sentences, tiny_llama, write_jsonl
 from test_layer import OpRecorder
-from train import bench
+from bench import cli
+from bench.inference import bench_switching
+from bench.models import Settings
+from bench.xla import bench_xla
 
 # 3 x 7 = 21 token rows: no activation is shaped like any weight of the tiny Llama (64, 32, 128 wide).
 IDS = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -63,8 +66,8 @@ def test_dropout_zero_runs_no_dropout_op_and_p_draws_one_mask_per_adapted_linear
     model = llama(0.1)
     adapted = len(list(minilora.lora_modules(model)))
     ops = dropout_ops(train_step_ops(model))
-    # One mask per adapted Linear per step, drawn by minilora's own op (on the CPU from 64-bit
-    # random words, never torch's per-element bernoulli_); backward re-applies it, draws none.
+    # One mask per adapted Linear per step, drawn by minilora's own op (from random words, or by
+    # bernoulli_ where MKL runs it); backward re-applies it, draws none.
     assert ops == ["minilora.dropout_mask.default"] * adapted
     model.eval()
     with OpRecorder() as recorder, torch.no_grad():
@@ -74,15 +77,20 @@ def test_dropout_zero_runs_no_dropout_op_and_p_draws_one_mask_per_adapted_linear
 
 @pytest.mark.parametrize("vectorised_bernoulli", [False, True])
 def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised_bernoulli, monkeypatch):
-    # both ways of drawing it: 32-bit uniforms from random words, and bernoulli_ (Intel CPUs, devices)
+    # both ways of drawing it: 16-bit uniforms from random words, and bernoulli_ (Intel CPUs, devices)
     monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
     x = torch.zeros(1000, 1000)
     for p in (0.05, 0.1, 0.5):
         keep = minilora.layer.dropout_mask(x, p)
-        assert keep.dtype == x.dtype and keep.shape == x.shape
-        assert set(keep.unique().tolist()) <= {0.0, 1.0}
-        # a binomial over 10^6 elements: 5 standard deviations
-        assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5
+        assert keep.dtype == torch.bool and keep.shape == x.shape
+        # a binomial over 10^6 elements: 5 standard deviations (p's 16-bit rounding, <= 2^-17, is
+        # 150 times smaller than one)
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    # elements are independent: no pattern within a 64-bit word (the random-word path gives four
+    # elements one word) nor between neighbouring words
+    keep = minilora.layer.dropout_mask(torch.zeros(400_000), 0.5).float().view(-1, 8)
+    pairs = (keep[:, :-1] * keep[:, 1:]).mean(0)  # P(both kept) for neighbours 0-1, ..., 6-7
+    assert (pairs - 0.25).abs().max() < 5 * (0.25 * 0.75 / 50_000) ** 0.5
     torch.manual_seed(3)
     first = minilora.layer.dropout_mask(x, 0.1)
     torch.manual_seed(3)
@@ -90,15 +98,15 @@ def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised
     assert not torch.equal(first, minilora.layer.dropout_mask(x, 0.1))
 
 
-def test_dropout_mask_is_one_byte_per_element_on_gpus_and_in_x_dtype_on_cpu():
+def test_dropout_mask_is_one_byte_per_element_on_cpus_and_gpus():
     # "meta" stands in for a GPU here (any device but CPU and XLA); scripts/gpu_check.py checks
-    # the values and gradients on CUDA itself.
+    # the values and gradients on CUDA itself. XLA keeps x's dtype (its compiler fuses the mask).
     assert minilora.layer.dropout_mask(torch.zeros(8, 16, device="meta", dtype=torch.bfloat16), 0.1).dtype == torch.bool
-    assert minilora.layer.dropout_mask(torch.zeros(8, 16, dtype=torch.bfloat16), 0.1).dtype == torch.bfloat16
+    assert minilora.layer.dropout_mask(torch.zeros(8, 16, dtype=torch.bfloat16), 0.1).dtype == torch.bool
 
 
 # Each CPU path is tested on every machine: bernoulli_ (ATen's MKL kernel on Intel CPUs) and the
-# random-word draw (elsewhere); bool is the mask GPUs draw (see above).
+# random-word draw (elsewhere); bool is the mask CPUs and GPUs draw, float the one XLA draws.
 @pytest.mark.parametrize("vectorised_bernoulli", [False, True])
 @pytest.mark.parametrize("mask_dtype", ["float", "bool"])
 def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, vectorised_bernoulli,
@@ -106,9 +114,9 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
     from torch import nn
 
     monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
-    if mask_dtype == "bool":
+    if mask_dtype == "float":
         draw = minilora.layer.dropout_mask
-        monkeypatch.setattr(minilora.layer, "dropout_mask", lambda x, p: draw(x, p).bool())
+        monkeypatch.setattr(minilora.layer, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
 
     torch.manual_seed(0)
     layer = minilora.LoRALinear(nn.Linear(48, 80))
@@ -136,7 +144,7 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
 
 
 def test_switching_adapters_runs_no_tensor_op_and_allocates_no_parameter():
-    result = bench.bench_switching(bench.Settings(switch_adapters=2, switch_rounds=4))  # the 1B-shaped set
+    result = bench_switching(Settings(switch_adapters=2, switch_rounds=4))  # the 1B-shaped set
     assert result["tensor_ops_during_switch"] == 0
     assert result["parameters_unchanged"]
     assert result["params_per_adapter"] == 11_272_192  # PEFT's count for Llama-3.2-1B, r=16, seven projections
@@ -167,7 +175,7 @@ def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokeniz
 
     require_xla()
     tokenizer_dir, records = text_and_tokenizer
-    result = bench.bench_xla(bench.Settings(xla_updates=9), str(tmp_path), 1, tokenizer_dir, records,
+    result = bench_xla(Settings(xla_updates=9), str(tmp_path), 1, tokenizer_dir, records,
                              compare_eager=False, compare_full=False)
     assert result["compiles_after_warmup"] == 0, result
     assert result["fallbacks_in_step"] == {}, result  # the logged losses and the evaluation only
@@ -178,19 +186,24 @@ def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokeniz
 def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_tokenizer, tmp_path, capsys):
     _, records = text_and_tokenizer
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    code = bench.main(["--quick", "--only", "training,inference,packing", "--rounds", "1", "--threads", "1",
+    code = cli.main(["--quick", "--only", "training,inference,loop,packing", "--rounds", "1", "--threads", "1",
                        "--shape", "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32",
                        "--medquad", records, "--json", str(out), "--markdown", str(md)])
     assert code == 0
     results = json.loads(out.read_text())
     kinds = [(r["kind"], r["dropout"]) for r in results["training"]["cpu"]["rows"]]
-    assert kinds == [("minilora", 0.0), ("peft", 0.0), ("minilora", 0.1), ("peft", 0.1), ("full", 0.0)]
+    assert kinds == [("minilora", 0.0), ("peft", 0.0), ("minilora", 0.05), ("peft", 0.05), ("full", 0.0)]
     for row in results["training"]["cpu"]["rows"]:
         assert len(row["samples"]) == 1 and row["median"] > 0 and row["peak_memory_bytes"] > 0
     assert set(results["inference"]["rows"]) == {"base", "unmerged", "merged"}
     assert results["packing"]["rows"][0]["efficiency"] > 0.9
+    loop = results["loop"]["rows"]
+    assert set(loop) == {"app (chunked loss)", "app (--no-chunked_loss)", "bare loop"}
+    assert all(row["update_seconds"] > 0 and row["peak_rss_bytes"] > 0 for row in loop.values())
     targets = {t["target"]: t for t in results["targets"]}
-    assert targets["minilora / PEFT training step, dropout 0.1"]["value"] is not None
+    assert targets["minilora / PEFT training step, dropout 0.05"]["value"] is not None
+    assert targets["minilora step with dropout 0.05 / without"]["value"] is not None
+    assert targets["the app's update / a bare loop's (eager CPU)"]["value"] is not None
     assert targets["XLA compiles after warm-up"]["value"] is None  # not run here
     text = md.read_text()
     assert "### Targets" in text and "| minilora LoRA, dropout 0 |" in text
@@ -198,7 +211,7 @@ def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_token
 
 
 def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
-    assert bench.main(["--only", "trainig"]) == 2
+    assert cli.main(["--only", "trainig"]) == 2
     assert "unknown section(s) trainig" in capsys.readouterr().err
-    assert bench.main(["--shape", "layers=two"]) == 2
+    assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err

@@ -265,3 +265,77 @@ def test_an_adapter_saved_by_the_installed_peft_loads_without_warnings(tmp_path)
         warnings.simplefilter("error")
         model = minilora.load_adapter(tiny_llama(), tmp_path)
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+
+
+# -- hostile or diverged adapters (issue 18): refused before anything is built --------------------
+
+def _nan_in_lora_b(state):
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key][0, :] = float("nan")
+
+
+@pytest.mark.parametrize("change_weights, change_config, words", [
+    (_nan_in_lora_b, None, "non-finite value(s) (NaN or inf)"),
+    (lambda s: s.update({k: v.to(torch.int8) for k, v in s.items()}), None, "holds torch.int8 values"),
+    (None, lambda c: c.update(r=5_000_000), "shape mismatch"),  # the 1.28 GB allocation the issue saw
+    (None, lambda c: c.update(r=2**62), "shape mismatch"),
+    (None, lambda c: c.update(target_modules="(.*)*x"), "exponential time"),
+    (None, lambda c: c.update(target_modules="(q_proj"), "is not a valid regex"),
+    (None, lambda c: c.update(rank_pattern={"(a+)+": 4}), "exponential time"),
+    (None, lambda c: c.update(target_modules=["q_proj", 7]), "give a list of module-name endings"),
+], ids=["nan-weight", "integer-weight", "huge-rank", "overflowing-rank", "catastrophic-regex", "invalid-regex",
+        "catastrophic-rank-pattern", "non-text-target"])
+def test_a_hostile_or_diverged_adapter_is_refused_before_any_layer_is_built(saved, change_weights, change_config,
+                                                                           words, monkeypatch):
+    if change_weights:
+        rewrite_weights(saved, change_weights)
+    if change_config:
+        rewrite_config(saved, change_config)
+    built = []
+    monkeypatch.setattr(LoRALinear, "add_adapter", lambda self, *a, **k: built.append(a))  # must not be reached
+    model, reference = tiny_llama(), tiny_llama()
+    with pytest.raises(AdapterLoadError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        minilora.load_adapter(model, saved)
+    assert built == []
+    assert_untouched(model, reference)
+
+
+@pytest.mark.parametrize("name", ["with.dot", "", " padded"])
+def test_an_adapter_name_that_cannot_be_a_module_name_is_refused_and_nothing_changes(saved, name):
+    model, reference = tiny_llama(), tiny_llama()
+    with pytest.raises(AdapterLoadError, match="an adapter name is non-empty text without dots"):
+        minilora.load_adapter(model, saved, adapter_name=name)
+    assert_untouched(model, reference)
+
+
+def test_any_failure_after_injection_rolls_the_model_back(saved, monkeypatch):
+    """Even an error nobody anticipated while copying (here a KeyboardInterrupt) leaves the model as it was."""
+    import minilora.checkpoint as checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_copy_strict", interrupted)
+    model, reference = tiny_llama(), tiny_llama()
+    with pytest.raises(KeyboardInterrupt):
+        minilora.load_adapter(model, saved)
+    assert_untouched(model, reference)
+
+
+def test_a_nan_adapter_cannot_reach_a_merged_model(saved):
+    """What minilora-generate --merge runs: load_lora_model(merge=True) stops at the load."""
+    from train.inference import load_lora_model
+
+    rewrite_weights(saved, _nan_in_lora_b)
+    base_dir = saved.parent / "base"
+    tiny_llama().save_pretrained(base_dir)
+    with pytest.raises(AdapterLoadError, match="non-finite"):
+        load_lora_model(str(base_dir), str(saved), merge=True, device="cpu")
+
+
+def test_a_broken_symlink_is_reported_as_one(saved):
+    weights = saved / "adapter_model.safetensors"
+    os.replace(weights, saved / "elsewhere.safetensors")
+    os.symlink(saved / "moved-away.safetensors", weights)
+    with pytest.raises(AdapterLoadError, match="is a symbolic link to .*moved-away.safetensors.*, which does not exist"):
+        minilora.load_adapter(tiny_llama(), saved)

@@ -234,8 +234,26 @@ def test_cli_compares_base_and_adapter_and_writes_json(saved, tmp_path, monkeypa
     assert "perplexity" in out and "accuracy" in out and "Translate 'Hello world' to Spanish" in out
 
 
-def test_cli_rejects_a_bad_question_file_before_loading_a_model(tmp_path):
+def test_cli_rejects_a_bad_question_file_before_loading_a_model(tmp_path, capsys):
     path = tmp_path / "mc.jsonl"
     path.write_text('{"prompt": "Q", "choices": ["a", "b"], "answer": 5}\n')
-    with pytest.raises(ValueError, match="line 1"):
-        main(["--base_model", str(tmp_path / "does-not-exist"), "--mc_file", str(path)])
+    assert main(["--base_model", str(tmp_path / "does-not-exist"), "--mc_file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minilora-eval: error: ") and "line 1" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--torch_dtype", "float99"], "torch_dtype='float99' is not a torch dtype"),
+    (["--adapter", "{other}"], "does not fit this model"),
+    (["--base_model", "{tmp}/no-such-model"], "no-such-model"),
+    (["--max_seq_length", "1", "--dataset_dir", "{tmp}"], "--max_seq_length must be at least 2"),
+], ids=["bogus-dtype", "adapter-for-another-base", "base-missing", "window-of-one"])
+def test_cli_errors_are_one_line_and_exit_2(saved, flags, words, tmp_path, capsys):
+    other = tmp_path / "other-adapter"
+    minilora.save_adapter(minilora.inject(tiny_llama(hidden_size=32, intermediate_size=64), r=2), other)
+    flags = [f.replace("{other}", str(other)).replace("{tmp}", str(tmp_path)) for f in flags]
+    assert main(["--base_model", saved["base"], "--skip_mc", *flags]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("minilora-eval")]  # not transformers' progress bars
+    assert len(lines) == 1 and lines[0].startswith("minilora-eval: error: ") and words in lines[0], err
+    assert "Traceback" not in err

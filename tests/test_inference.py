@@ -242,3 +242,45 @@ def test_cli_refuses_sampling_options_without_do_sample(dirs, capsys):
     with pytest.raises(SystemExit):
         main(["--base_model", dirs["base"], "--prompt", "Hello", "--temperature", "0.7"])
     assert "--do_sample" in capsys.readouterr().err
+
+
+# -- minilora-generate: every bad input is one line and exit 2 (issue 18) --------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--prompt", "Hello", "--torch_dtype", "float99"], "torch_dtype='float99' is not a torch dtype"),
+    (["--prompt", "Hello", "--adapter", "{other}"], "does not fit this model"),
+    (["--prompt", "Hello", "--adapter", "{nan}", "--merge"], "non-finite value(s)"),
+    (["--prompt", "Hello", "--base_model", "{tmp}/no-such-model"], "no-such-model"),
+], ids=["bogus-dtype", "adapter-for-another-base", "nan-adapter-merged", "base-missing"])
+def test_generate_errors_are_one_line_and_exit_2(dirs, flags, words, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-adapter"
+    minilora.save_adapter(minilora.inject(tiny_llama(hidden_size=32, intermediate_size=64), r=2), other)
+    nan = tmp_path / "nan-adapter"
+    os.makedirs(nan)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(os.path.join(dirs["a"], name), "rb") as src, open(nan / name, "wb") as dst:
+            dst.write(src.read())
+    state = load_file(nan / "adapter_model.safetensors")
+    next(v for k, v in state.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(state, nan / "adapter_model.safetensors")
+    flags = [f.replace("{other}", str(other)).replace("{nan}", str(nan)).replace("{tmp}", str(tmp_path)) for f in flags]
+    assert main(["--base_model", dirs["base"], *flags]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("minilora-generate")]  # not progress bars
+    assert len(lines) == 1 and lines[0].startswith("minilora-generate: error: ") and words in lines[0], captured.err
+    assert "Traceback" not in captured.err and "### Generated" not in captured.out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "Hello", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+    (["--prompt", "Hello", "--max_new_tokens", "-3"], "--max_new_tokens must be at least 1, got -3"),
+    (["--prompt_file", "{tmp}/absent.txt"], "absent.txt: no such file"),
+], ids=["empty-prompt", "zero-new-tokens", "negative-new-tokens", "prompt-file-missing"])
+def test_generate_refuses_bad_arguments_before_loading_a_model(flags, words, tmp_path, capsys):
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--base_model", str(tmp_path / "never-loaded"), *flags])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err

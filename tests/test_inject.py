@@ -233,3 +233,120 @@ def test_inject_takes_peft_setting_names_and_names_the_settings_on_a_typo():
         minilora.inject(nn.Sequential(nn.Linear(8, 8)), r=4, alpha=8, lora_alpha=16, target_modules=["0"])
     with pytest.raises(TypeError, match="lora_alpa.*the settings are .*lora_dropout"):
         minilora.inject(nn.Sequential(nn.Linear(8, 8)), r=4, lora_alpa=16, target_modules=["0"])
+
+
+# -- layers LoRA cannot stand in for (issue 14's quantized-layer guard, issue 18 item 4) ------------
+
+class Int8Linear(nn.Linear):
+    """bitsandbytes' Linear8bitLt in miniature: an int8 weight with a scale, and its own forward."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        scale = linear.weight.detach().abs().amax(1, keepdim=True) / 127
+        self.weight = nn.Parameter((linear.weight.detach() / scale).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+class Int8WeightLinear(nn.Linear):
+    """A Linear with nn.Linear's forward but a quantized (uint8) weight, as Linear4bit stores it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.weight = nn.Parameter(torch.zeros(linear.out_features, linear.in_features // 2, dtype=torch.uint8),
+                                   requires_grad=False)
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass whose forward does more than x Wᵀ + b (issue 18 item 4)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def with_layer(cls, where="q_proj"):
+    model = tiny_llama()
+    attention = model.model.layers[1].self_attn
+    setattr(attention, where, cls(getattr(attention, where)) if cls is not ScaledLinear
+            else ScaledLinear(64, getattr(attention, where).out_features, bias=False))
+    return model
+
+
+@pytest.mark.parametrize("cls, words", [
+    (Int8Linear, "Int8Linear, an nn.Linear subclass with its own forward"),
+    (Int8WeightLinear, "Int8WeightLinear whose weight is a torch.uint8 Parameter, not a floating-point tensor"),
+    (ScaledLinear, "ScaledLinear, an nn.Linear subclass with its own forward"),
+], ids=["int8-own-forward", "uint8-weight", "own-forward"])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", r".*\.q_proj"], ids=["list", "all-linear", "regex"])
+def test_a_layer_lora_cannot_stand_in_for_is_refused_at_inject_and_nothing_changes(cls, words, targets):
+    model = with_layer(cls)
+    ids = torch.randint(3, 128, (2, 8))
+    before = model(ids).logits if cls is not Int8WeightLinear else None
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(minilora.UnsupportedLayerError,
+                       match=f"cannot adapt 'model.layers.1.self_attn.q_proj': it is a {words}"):
+        minilora.inject(model, r=4, target_modules=targets)
+    assert not list(minilora.lora_modules(model)) and minilora.adapter_names(model) == []
+    assert [p.requires_grad for p in model.parameters()] == flags
+    if before is not None:
+        assert torch.equal(model(ids).logits, before)
+    # Leaving it out is the way forward, and that works.
+    minilora.inject(model, r=4, target_modules=targets if targets != r".*\.q_proj" else r".*\.v_proj",
+                    exclude_modules=["layers.1.self_attn.q_proj"])
+
+
+def test_the_guard_is_what_made_wrapping_wrong():
+    """Without the guard, a fresh adapter (B = 0) on the subclass already changed the logits."""
+    from minilora.layer import LoRALinear
+
+    layer = ScaledLinear(8, 8)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(LoRALinear(layer)(x), layer(x))
+
+
+def test_an_admitted_linear_type_is_adapted():
+    """A subclass minilora itself supports (its own quantized base) is admitted by class."""
+    from minilora.inject import _ADMITTED_LINEAR_TYPES, admit_linear_type
+
+    class PlainSubclass(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    admit_linear_type(PlainSubclass)
+    try:
+        model = tiny_llama()
+        old = model.model.layers[0].self_attn.q_proj
+        model.model.layers[0].self_attn.q_proj = PlainSubclass(old.in_features, old.out_features, bias=False)
+        minilora.inject(model, r=4, target_modules=["q_proj"])
+        assert len(list(minilora.lora_modules(model))) == 2
+    finally:
+        _ADMITTED_LINEAR_TYPES.discard(PlainSubclass)
+
+
+# -- inject is all or nothing ----------------------------------------------------------------------
+
+def test_a_rank_that_cannot_be_allocated_leaves_the_model_as_it_was():
+    model = minilora.inject(tiny_llama(), r=4, adapter_name="first")
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=r"adapter 'second' could not be built .*the model was left as it was"):
+        minilora.inject(model, r=2**62, adapter_name="second")
+    assert [n for n, _ in model.named_modules()] == names
+    assert minilora.adapter_names(model) == ["first"] and minilora.active_adapter(model) == "first"
+
+
+@pytest.mark.parametrize("name", ["a.b", "", 3])
+def test_an_adapter_name_that_cannot_be_a_module_name_is_refused(name):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="an adapter name is non-empty text without dots"):
+        minilora.inject(model, adapter_name=name)
+    assert not list(minilora.lora_modules(model))
+
+
+def test_a_string_target_that_only_matches_name_endings_says_how_strings_match():
+    with pytest.raises(ValueError, match=r"A string is a regex that must match the whole module name \(such as "
+                                         r"'model.layers.0.self_attn.q_proj'\); for name endings give a list, "
+                                         r"e.g. \['q_proj'\]"):
+        minilora.inject(tiny_llama(), target_modules="q_proj")

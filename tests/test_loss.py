@@ -1,4 +1,7 @@
-"""train/loss.py: the one next-token loss that training, evaluation and chat drift share."""
+"""train/loss.py: the one next-token loss that training, evaluation and chat drift share; the
+chunked linear cross-entropy equals the unfused LM head + cross-entropy (loss and gradients,
+float32 and bfloat16, ignored labels, tied embeddings), and the app's summed NLL takes the chunked
+path only where the model allows it."""
 
 import math
 
@@ -6,7 +9,91 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_close_to_rounding, tiny_llama
+from train import loss as loss_mod
 from train.loss import IGNORE, nll_result, next_token_nll, predicted_tokens
+
+
+def unfused(hidden, weight, labels):
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE, reduction="sum")
+
+
+def loss_and_grads(fn, hidden, weight, labels):
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    loss = fn(hidden, weight, labels)
+    (loss * 0.5).backward()  # an upstream gradient other than 1, as the app's 1 / tokens
+    return loss, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 37, 24, 300  # 37 tokens in chunks of 8: four whole chunks and a ragged one
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.2).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 5, 6, 36]] = IGNORE
+    expected = loss_and_grads(unfused, hidden, weight, labels)
+    got = loss_and_grads(lambda *a: loss_mod.chunked_nll(*a, rows=8), hidden, weight, labels)
+    # Tolerance: the rounding of float32 sums over the vocabulary (log-sum-exp) and the tokens
+    # (the loss); the gradients are GEMMs in ``dtype`` over the vocabulary (hidden's) or the
+    # tokens (the weight's, whose chunks the unfused path sums in one GEMM), so their rounding
+    # is dtype's, over that many terms.
+    assert_close_to_rounding(got[0], expected[0], reduction=v + n)
+    assert_close_to_rounding(got[1], expected[1], reduction=v)
+    assert_close_to_rounding(got[2], expected[2], reduction=n)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
+    assert torch.equal(got[1][[0, 5, 6, 36]], torch.zeros(4, h, dtype=dtype))  # ignored: no gradient
+
+
+def test_chunk_rows_bounds_a_chunks_logits_by_the_hidden_states():
+    assert loss_mod.chunk_rows(4096, 576, 49152) == 64  # SmolLM2, 8 x 512: 86 chunks
+    assert loss_mod.chunk_rows(16384, 2048, 128256) == 512  # Llama-3.2-1B, 8 x 2048
+    assert loss_mod.chunk_rows(5, 64, 100) == 4 and loss_mod.chunk_rows(1, 64, 10**6) == 1
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_apps_summed_nll_is_the_same_chunked_or_not(tied):
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE  # a prompt's tokens carry no loss
+    results = []
+    for chunked in (False, True):
+        model = tiny_llama(vocab_size=100, tie_word_embeddings=tied).train()
+        assert loss_mod.fusable(model)
+        nll = loss_mod.summed_nll(model, ids, labels, chunked=chunked)
+        nll.backward()
+        results.append((nll, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert_close_to_rounding(chunked, plain, reduction=100 + 24)
+    assert plain_grads.keys() == chunked_grads.keys()
+    if tied:  # one shared matrix: the head's gradient and the embedding's meet in it
+        model = tiny_llama(vocab_size=100, tie_word_embeddings=True)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, grad in plain_grads.items():
+        assert_close_to_rounding(chunked_grads[name], grad, reduction=100 + 24 + 64)
+
+
+def test_models_whose_head_is_not_a_plain_linear_take_the_full_logits():
+    model = tiny_llama(vocab_size=100)
+    assert loss_mod.fusable(model)
+
+    class Wrapper(torch.nn.Module):  # as PEFT's or torch_xla's FSDP wrappers: its forward must run,
+        def __init__(self, module):  # though it hands out the model's attributes (head, config)
+            super().__init__()
+            self.module = module
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    assert not loss_mod.fusable(Wrapper(model))
+    model.config.model_type = "gemma2"  # soft-capped logits
+    assert not loss_mod.fusable(model)
+
 
 
 def test_next_token_nll_sums_each_predicted_token_once_and_skips_ignored_labels():

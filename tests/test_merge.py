@@ -157,3 +157,65 @@ def test_merge_and_unload_gives_plain_linears_and_an_ordinary_checkpoint(tmp_pat
     model.save_pretrained(tmp_path)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(reloaded(ids).logits, merged)
+
+
+# -- issue 18: what merge must refuse or handle ----------------------------------------------------
+
+def test_safe_merge_catches_an_fp16_overflow_that_float32_would_not_show():
+    """The check runs in the weight's dtype: 65000 + 1000 is finite in float32 but inf in fp16."""
+    layer = layer_with_trained_b(8, 8, 2, dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.fill_(65000.0)
+        layer.adapters["default"].lora_A.fill_(1.0)
+        layer.adapters["default"].lora_B.fill_(1000.0)  # delta = (rank 2 x 1000 x 1) x scaling 2 = 4000
+    assert torch.isfinite(layer.weight.float() + layer.adapters["default"].delta_weight()).all()
+    w0 = layer.weight.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.weight, w0)
+    model = nn.Sequential()
+    model.add_module("proj", layer)
+    with pytest.raises(ValueError, match="non-finite weights in torch.float16; nothing was merged"):
+        minilora.merge(model, safe=True)
+    assert torch.equal(layer.weight, w0) and not layer.merged
+
+
+def test_merge_inside_disable_adapters_or_a_mixed_batch_is_refused():
+    ids = torch.randint(3, 128, (2, 10))
+    model = randomize_adapters(minilora.inject(tiny_llama(), r=4))
+    with minilora.disable_adapters(model):
+        base = model(ids).logits
+        with pytest.raises(ValueError, match="adapters are disabled here.*Merge after the block"):
+            minilora.merge(model)
+        assert torch.equal(model(ids).logits, base)  # still the base model inside the block
+    with minilora.mixed_batch(model, ["default", None]):
+        with pytest.raises(ValueError, match="a mixed batch is active"):
+            minilora.merge(model)
+    assert not any(m.merged for _, m in minilora.lora_modules(model))
+
+
+def test_merging_a_head_tied_to_the_embeddings_unties_it_and_survives_save_and_reload(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ids = torch.randint(3, 128, (2, 10))
+    model = tiny_llama(tie_word_embeddings=True)
+    embeddings = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embeddings
+    original = embeddings.clone()
+    randomize_adapters(minilora.inject(model, r=4, target_modules=["q_proj", "lm_head"]))
+    unmerged = model(ids).logits
+
+    minilora.merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, original)  # the input embeddings are not rewritten
+    assert (model(ids).logits - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+    minilora.unmerge(model)  # the tie comes back, exactly
+    assert model.lm_head.weight is embeddings and torch.equal(embeddings, original)
+    assert model.config.tie_word_embeddings
+
+    minilora.merge_and_unload(model)
+    merged = model(ids).logits
+    assert (merged - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(ids).logits, merged)
+    assert torch.equal(reloaded.model.embed_tokens.weight, original)

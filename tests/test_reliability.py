@@ -151,19 +151,69 @@ BAD_INPUT = [
     ("model-path-missing", None, ["--model_name", "{tmp}/no-such-model"], "no-such-model: no such directory"),
     ("resume-from-nothing", None, ["--resume_from_checkpoint", "{tmp}/nothing-here"], "no such checkpoint"),
     ("resume-latest-of-nothing", None, ["--resume_from_checkpoint", "latest"], "latest: no checkpoint in"),
+    # issue 18: data that used to be dropped silently or end in a traceback
+    ("half-the-records-lack-text", lambda t: write_jsonl(t / "mixed.jsonl", [{"text": s} for s in medical_sentences(20)]
+                                                         + [{"body": s} for s in medical_sentences(20)]), [],
+     "mixed.jsonl:21: this record has other fields (found: body) than the record at"),
+    ("integer-text", lambda t: write_jsonl(t / "ints.jsonl", [{"text": "fine"}, {"text": 5}] * 3), [],
+     "ints.jsonl:2: 'text' holds int 5; it must be text"),
+    ("zero-byte-file", lambda t: _write(t, "empty.jsonl", b""), [], "empty.jsonl is empty (0 bytes)"),
+    ("deeply-nested-json", lambda t: _write(t, "deep.jsonl", b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}\n"), [],
+     "deep.jsonl:1: JSON nested too deeply to read"),
+    ("validation-takes-everything", lambda t: write_jsonl(t / "two.jsonl", [{"text": s} for s in medical_sentences(2)]),
+     ["--validation_split_percentage", "99"], "--validation_split_percentage 99 of 2 records holds out 2, leaving none"),
+    ("only-test-files", lambda t: os.path.dirname(write_jsonl((t / "d").mkdir() or t / "d" / "test.jsonl",
+                                                              [{"text": "a"}])), [],
+     "no training files; found only test.jsonl"),
+    # settings that used to report what was not measured, or blamed the wrong flag
+    ("max-eval-samples-zero", None, ["--max_eval_samples", "0"], "--max_eval_samples must be positive"),
+    ("epochs-inf", None, ["--num_train_epochs", "inf", "--max_steps", "-1"], "--num_train_epochs must be a finite number"),
+    ("alpha-inf", None, ["--lora_alpha", "inf"], "--lora_alpha must be a finite number, got inf"),
+    ("seq-length-one", None, ["--max_seq_length", "1"], "--max_seq_length must be at least 2"),
+    ("output-dir-empty", None, ["--output_dir", ""], "--output_dir is empty"),
+    ("config-bool-as-other-text", lambda t: _config(t, {"use_lora": "no way"}), ["--config", "{tmp}/c.json"],
+     "use_lora='no way': give true or false"),
+    ("config-device-not-a-choice", lambda t: _config(t, {"device": "gpu"}), ["--config", "{tmp}/c.json"],
+     "device='gpu': choose one of auto, xla, cuda, cpu"),
+    ("config-list-for-a-number", lambda t: _config(t, {"learning_rate": [1e-4]}), ["--config", "{tmp}/c.json"],
+     "learning_rate=[0.0001]: give one number"),
+    # base models that cannot be read
+    ("base-truncated", lambda t: _base_copy(t, lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(1000)),
+     ["--model_name", "{tmp}/base"], "base: its weights could not be read (SafetensorError"),
+    ("base-pickled", lambda t: _base_copy(t, _pickled_weights), ["--model_name", "{tmp}/base"],
+     "base: its weights could not be read (UnpicklingError"),
 ]
+
+
+def _config(tmp, values) -> None:
+    (tmp / "c.json").write_text(json.dumps(values))
+
+
+def _base_copy(tmp, damage) -> None:
+    """A copy of the tiny model (the test sets MINILORA_TEST_MODEL_DIR) as tmp/base, damaged by ``damage(folder)``."""
+    shutil.copytree(os.environ["MINILORA_TEST_MODEL_DIR"], tmp / "base")
+    damage(str(tmp / "base"))
+
+
+def _pickled_weights(folder) -> None:
+    """The weights as a pickle whose loading would run code (here: create a marker file)."""
+    os.remove(os.path.join(folder, "model.safetensors"))
+    torch.save({"model.embed_tokens.weight": Trap(os.path.join(folder, "..", "code-ran"))},
+               os.path.join(folder, "pytorch_model.bin"))
 
 
 @pytest.mark.parametrize("make_data, extra, words", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(make_data, extra, words, tmp_path, tiny_model_dir, data,
-                                                         capsys):
-    path = make_data(tmp_path) if make_data else data
+                                                         capsys, monkeypatch):
+    monkeypatch.setenv("MINILORA_TEST_MODEL_DIR", tiny_model_dir)
+    path = (make_data(tmp_path) if make_data else None) or data
     before = snapshot(tmp_path)
     out = tmp_path / "out"
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     line = cli_error(argv(tiny_model_dir, path, out, *extra), capsys)
     assert words in line
     assert not out.exists() and snapshot(tmp_path) == before  # not even an empty output directory
+    assert not (tmp_path / "code-ran").exists()  # nothing was unpickled
 
 
 def test_an_unwritable_output_directory_is_one_line(tmp_path, tiny_model_dir, data, capsys):
@@ -240,7 +290,28 @@ DAMAGE = [
     ("optimizer-pt-truncated", lambda c, m: open(os.path.join(c, "optimizer.pt"), "r+b").truncate(64), "optimizer.pt was not loaded"),
     ("trainer-state-damaged", lambda c, m: open(os.path.join(c, "trainer_state.json"), "w").write('{"update": '),
      "trainer_state.json is damaged"),
+    ("trainer-state-wrong-shape", lambda c, m: _rewrite_state(c, history=5), "trainer_state.json is damaged"),
+    ("trainer-state-negative", lambda c, m: _rewrite_state(c, micro=-3), "trainer_state.json is damaged"),
+    ("adapter-nan", lambda c, m: _nan_adapter(c), "non-finite value(s) (NaN or inf)"),
 ]
+
+
+def _rewrite_state(ckpt, **changes):
+    path = os.path.join(ckpt, "trainer_state.json")
+    with open(path) as f:
+        state = json.load(f)
+    state.update(changes)
+    with open(path, "w") as f:
+        json.dump(state, f)
+
+
+def _nan_adapter(ckpt):
+    """What a diverged run would have saved, had the run not refused to (issue 18: it was resumed as good)."""
+    from safetensors.torch import save_file
+
+    state = load_file(os.path.join(ckpt, ADAPTER))
+    next(v for k, v in state.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(state, os.path.join(ckpt, ADAPTER))
 
 
 @pytest.mark.parametrize("damage, words", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
@@ -280,6 +351,74 @@ def test_an_output_directory_holding_a_run_is_refused_unless_told(finished, fini
     run(parse_args(argv(tiny_model_dir, data, out, "--overwrite_output_dir", "--max_steps", "1")))
     assert not any(name.startswith("checkpoint-") for name in os.listdir(out))
     assert not (out / "latest").exists()
+
+
+# (id, flags of the resumed run, words): settings that change what the checkpoint means (issue 18)
+CHANGED_ON_RESUME = [
+    ("another-base", ["--model_name", "{tmp}/same-shape-copy"], "the checkpoint was made with --model_name"),
+    ("alpha", ["--lora_alpha", "64"], "made with --lora_alpha 8.0 and this run has 64.0"),
+    ("rank", ["--lora_r", "8"], "made with --lora_r 4 and this run has 8"),
+    ("batch-size", ["--per_device_train_batch_size", "4"], "made with --per_device_train_batch_size 2 and this run has 4"),
+    ("window-length", ["--max_seq_length", "16"], "made with --max_seq_length 32 and this run has 16"),
+    ("data", ["--dataset_dir", "{tmp}/other.jsonl"], "the checkpoint was made with --dataset_dir"),
+]
+
+
+@pytest.mark.parametrize("flags, words", [c[1:] for c in CHANGED_ON_RESUME], ids=[c[0] for c in CHANGED_ON_RESUME])
+def test_a_resume_that_would_change_what_the_checkpoint_means_is_refused(flags, words, finished_run, tiny_model_dir,
+                                                                         data, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    shutil.copytree(tiny_model_dir, tmp_path / "same-shape-copy")  # same shapes: the adapter would load silently
+    write_jsonl(tmp_path / "other.jsonl", [{"text": t} for t in medical_sentences(40, seed=5)])
+    before = snapshot(out)
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    line = cli_error(argv(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", *flags), capsys)
+    assert words in line and "Resume with --" in line
+    assert snapshot(out) == before
+
+
+def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, data, tmp_path, capsys):
+    """issue 18: two runs into one directory both reported success and one run's results were gone."""
+    from train.outputs import LOCK, RunDir
+
+    out = tmp_path / "run"
+    holder = RunDir(str(out))
+    holder.lock()  # what a running minilora-train holds (an flock: the kernel drops it when the holder dies)
+    try:
+        before = snapshot(tmp_path)
+        line = cli_error(argv(tiny_model_dir, data, out), capsys)
+        assert f"--output_dir {out} is in use by another minilora-train run (pid {os.getpid()} on " in line
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.unlock()
+    assert not (out / LOCK).exists()
+    # A lock file left by a killed run holds no lock: the next run takes it over and removes it at the end.
+    (out / LOCK).write_text("pid 999999 on a-dead-host")
+    assert main([str(a) for a in argv(tiny_model_dir, data, out, "--max_steps", "1")]) == 0
+    assert not (out / LOCK).exists() and (out / "train_summary.json").exists()
+
+
+def test_two_real_processes_cannot_hold_one_output_directory(tmp_path):
+    """The lock between processes (the test above holds it from the same process)."""
+    from train.outputs import RunDir
+
+    out = tmp_path / "run"
+    holder = RunDir(str(out))
+    holder.lock()
+    try:
+        proc = child("""
+            import sys
+            from train.outputs import RunDir
+            from train.config import UsageError
+            try:
+                RunDir(sys.argv[1]).lock()
+            except UsageError as e:
+                print(e)
+            """, [out], timeout=120)
+        assert "is in use by another minilora-train run" in proc.stdout, proc.stderr[-2000:]
+    finally:
+        holder.unlock()
 
 
 # -- crashes and preemption -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -101,6 +102,73 @@ def test_config_file_sets_values_and_flags_win(tmp_path):
     path.write_text("learning_rat: 0.001\n")
     with pytest.raises(UsageError, match="unknown settings learning_rat"):
         parse_args(["--config", str(path), "--model_name", "m", "--dataset_dir", "d"])
+
+
+def test_config_file_values_are_typed_as_flags_are(tmp_path):
+    """issue 18: {"use_lora": "false"} kept the string, which is truthy; YAML reads 5e-4 as text."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"use_lora": "false", "bf16": "False", "learning_rate": "5e-4", "lora_r": 8.0,
+                                "lora_target_modules": "q_proj", "max_eval_samples": None}))
+    args = parse_args(["--config", str(path), "--model_name", "m", "--dataset_dir", "d"])
+    assert args.use_lora is False and args.bf16 is False
+    assert args.learning_rate == 5e-4 and type(args.lora_r) is int and args.lora_r == 8
+    assert args.lora_target_modules == ["q_proj"]  # one name, as the flag takes it, not a regex
+    path = tmp_path / "run.yaml"
+    path.write_text("lora_target_modules: all-linear\nlearning_rate: 5e-4\n")  # YAML 1.1 reads 5e-4 as text
+    args = parse_args(["--config", str(path), "--model_name", "m", "--dataset_dir", "d"])
+    assert args.lora_target_modules == "all-linear" and args.learning_rate == 5e-4
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"use_lora": "yes please"}, "use_lora='yes please': give true or false"),
+    ({"use_lora": 1}, "use_lora=1: give true or false"),
+    ({"device": "gpu"}, "device='gpu': choose one of auto, xla, cuda, cpu"),
+    ({"lora_bias": "some"}, "lora_bias='some': choose one of none, all, lora_only"),
+    ({"learning_rate": [1e-4]}, "learning_rate=[0.0001]: give one number"),
+    ({"lora_r": 2.5}, "lora_r=2.5: give a whole number"),
+    ({"lora_r": "eight"}, "lora_r='eight': give a whole number"),
+    ({"per_device_train_batch_size": None}, "per_device_train_batch_size=None: this setting needs a value"),
+    ({"lora_target_modules": [1, 2]}, "give a list of names"),
+    ({"model_name": 5}, "model_name=5: give text"),
+    ({"lora_alpha": "inf"}, "--lora_alpha must be a finite number"),
+])
+def test_config_file_values_of_the_wrong_type_are_refused_naming_the_setting(tmp_path, values, message):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_args(["--config", str(path), "--model_name", "m", "--dataset_dir", "d", "--use_lora"])
+
+
+def test_an_os_error_is_one_line_and_exit_2(capsys):
+    """A full disk while writing (say) the `latest` marker: one line naming what and where, exit 2."""
+    from train.cli import run_command
+
+    def body():
+        raise OSError(28, "No space left on device", "/runs/a/latest.tmp")
+
+    assert run_command("minilora-train", [], body) == 2
+    assert capsys.readouterr().err == "minilora-train: error: No space left on device: /runs/a/latest.tmp\n"
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_the_previous_marker(tmp_path, monkeypatch):
+    from train.outputs import RunDir
+
+    out = RunDir(str(tmp_path / "run"))
+    first = out.begin_checkpoint(1)
+    out.commit_checkpoint(first, 1, keep=0)
+    real_replace = os.replace
+
+    def disk_full(source, target):
+        if target.endswith("latest"):
+            raise OSError(28, "No space left on device", source)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        out.commit_checkpoint(out.begin_checkpoint(2), 2, keep=0)
+    assert (tmp_path / "run" / "latest").read_text().strip() == "checkpoint-1"
+    assert not (tmp_path / "run" / "latest.tmp").exists()
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()  # complete; resumable by its path
 
 
 @pytest.mark.parametrize("flags,message", [

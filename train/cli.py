@@ -6,7 +6,7 @@ import importlib.metadata
 import re
 import sys
 import traceback
-from typing import Optional
+from typing import Callable, Optional
 
 from minilora import AdapterLoadError
 
@@ -44,8 +44,8 @@ def require_app_packages(prog: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
+
+    def train() -> int:
         args = parse_args(argv)
         missing = missing_app_packages()
         if missing:
@@ -63,16 +63,33 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not summary.get("stopped") and device.is_main:  # torchrun: once, from rank 0
                 print_summary(summary)
         return 0
-    except (UsageError, AdapterLoadError) as e:
-        if debug:
+
+    return run_command("minilora-train", argv, train)
+
+
+def run_command(prog: str, argv: list[str], body: Callable[[], int],
+                errors: tuple[type[BaseException], ...] = (UsageError, AdapterLoadError)) -> int:
+    """``body()``, with user errors (``errors``, and OSError: a missing file, a full disk) printed
+    as one line ``<prog>: error: …`` and exit status 2; ``--debug`` in ``argv`` adds the traceback."""
+    try:
+        return body()
+    except errors + (OSError,) as e:
+        if "--debug" in argv:
             traceback.print_exc()
-        # One line: a heading "…:" runs on into its list, list items are joined with "; ".
-        message = re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", str(e).strip()))
-        print(f"minilora-train: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("minilora-train: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException) -> str:
+    """An error message as one line: a heading "…:" runs on into its list, list items are joined with "; "."""
+    if isinstance(error, OSError) and error.strerror:  # "[Errno 28] …" reads worse than what and where
+        text = error.strerror + (f": {error.filename}" if error.filename else "")
+    else:
+        text = str(error).strip() or type(error).__name__
+    return re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", text))
 
 
 def print_summary(summary: dict) -> None:

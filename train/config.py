@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -98,6 +99,10 @@ class TrainArgs:
     seed: int = flag(42, "seed for initialisation, data order and dropout")
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     bf16: bool = flag(False, "keep the base model in bfloat16 (adapters stay float32)")
+    chunked_loss: bool = flag(True, "compute the LM head and the loss over chunks of tokens, never holding the full "
+                                    "logits (less memory; CUDA and CPU, docs/training.md); --no-chunked_loss: the model's full logits")
+    compile: bool = flag(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the "
+                                "first updates compile; XLA always compiles)")
     device: str = flag("auto", "auto (a TPU through XLA when present, else CUDA, else the eager CPU), xla (also XLA's "
                                "CPU device, a development target several times slower than eager), cuda or cpu",
                        choices=("auto", "xla", "cuda", "cpu"))
@@ -134,8 +139,19 @@ class TrainArgs:
 
     def validate(self) -> None:
         """Raise UsageError for settings that cannot work, before anything is loaded."""
+        for f in dataclasses.fields(self):  # inf or nan in any number (--num_train_epochs inf, --lora_alpha inf)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name} must be a finite number, got {value}")
+        if not (self.output_dir or "").strip():
+            raise UsageError("--output_dir is empty; give the directory the run should write into (an empty path "
+                             "would mean the current directory, mixing the run's files with whatever is there)")
         checks = [
             (self.max_seq_length > 0, f"--max_seq_length must be positive, got {self.max_seq_length}"),
+            (self.max_seq_length > 1, f"--max_seq_length must be at least 2 (a window needs one token to predict from "
+                                      f"and one to predict), got {self.max_seq_length}"),
+            (self.max_eval_samples is None or self.max_eval_samples > 0,
+             f"--max_eval_samples must be positive (omit it to evaluate every validation window), got {self.max_eval_samples}"),
             (self.per_device_train_batch_size > 0, f"--per_device_train_batch_size must be positive, got {self.per_device_train_batch_size}"),
             (self.per_device_eval_batch_size > 0, f"--per_device_eval_batch_size must be positive, got {self.per_device_eval_batch_size}"),
             (self.gradient_accumulation_steps > 0, f"--gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}"),
@@ -262,4 +278,52 @@ def read_config_file(path: str) -> dict:
         raise UsageError(f"--config {path}: unknown settings {', '.join(unknown)}")
     if "num_warmup_steps" in values:
         values["warmup_steps"] = values.pop("num_warmup_steps")
-    return values
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    return {name: _typed_setting(fields[name], value, path) for name, value in values.items()}
+
+
+def _typed_setting(f: dataclasses.Field, value, path: str):
+    """A --config value as the flag would give it: its type (a number written as text, such as
+    YAML's 5e-4, becomes the number), its choices, and True/False only as booleans; anything
+    else is a UsageError naming the setting. (argparse applies neither types nor choices to
+    defaults, which is how a config file's values arrive.)"""
+    where = f"--config {path}: {f.name}={value!r}"
+    text = str(f.type)
+    if value is None:
+        if "Optional" in text:
+            return None
+        raise UsageError(f"{where}: this setting needs a value")
+    if f.type in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise UsageError(f"{where}: give true or false (a JSON/YAML boolean, without quotes)")
+    if f.metadata.get("nargs"):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+            raise UsageError(f"{where}: give a list of names such as [\"q_proj\", \"v_proj\"], or \"all-linear\"")
+        return list(items)
+    kind = _type_of(f)
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise UsageError(f"{where}: give one {dict(int='whole number', float='number').get(kind.__name__, 'text value')}")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        try:
+            value = int(value) if isinstance(value, str) else value
+        except ValueError:
+            raise UsageError(f"{where}: give a whole number") from None
+        if not isinstance(value, int):
+            raise UsageError(f"{where}: give a whole number")
+    elif kind is float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: give a number") from None
+    elif not isinstance(value, str):
+        raise UsageError(f"{where}: give text (in quotes)")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UsageError(f"{where}: choose one of {', '.join(choices)}")
+    return value

@@ -135,7 +135,10 @@ def _data_files(root: str, dataset_format: Optional[str]) -> tuple[str, dict[str
             continue  # a test split is not for training or validation
         splits.setdefault(split or "train", []).append(f)
     if "train" not in splits:
-        raise UsageError(f"--dataset_dir {root}: no training files (found only {', '.join(splits)})")
+        found = ", ".join(os.path.relpath(f, root) for f in files[:5])
+        raise UsageError(f"--dataset_dir {root}: no training files; found only {found}, whose names mark them as "
+                         + (", ".join(f"{k} files" for k in splits) or "test files")
+                         + " (a file whose name has none of validation, valid, val, dev, eval or test is for training)")
     return builder, splits
 
 
@@ -153,10 +156,15 @@ def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, stre
         loaded = datasets.DatasetDict({SPLIT_WORDS.get(k, k): v for k, v in loaded.items()})
         return loaded.to_iterable_dataset() if streaming and hasattr(loaded, "to_iterable_dataset") else loaded
     builder, splits = _data_files(root, dataset_format)
+    for files in splits.values():
+        for f in files:
+            if os.path.getsize(f) == 0:
+                raise UsageError(f"{f} is empty (0 bytes); remove it or give a file holding records")
     if builder == "json":
+        kinds = _RecordKinds()  # one for all files: datasets merges their columns, per split and across them
         for files in splits.values():
             for f in files:
-                _check_json_lines(f)
+                _check_json_lines(f, kinds)
     else:
         for files in splits.values():
             for f in files:
@@ -166,7 +174,8 @@ def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, stre
         return datasets.load_dataset(builder, data_files=splits, streaming=streaming,
                                      cache_dir=os.path.join(tmp_dir, "hf-datasets") if tmp_dir else None, **extra)
     except Exception as e:  # datasets wraps parser errors; say which input is at fault
-        raise UsageError(f"--dataset_dir {dataset_dir}: could not read it as {builder}: {str(e).splitlines()[0]}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--dataset_dir {dataset_dir}: could not read it as {builder}: {first}") from None
 
 
 def _check_utf8(path: str) -> None:
@@ -181,17 +190,24 @@ def _check_utf8(path: str) -> None:
                                  "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def _check_json_lines(path: str) -> None:
-    """A malformed line is reported with its file and line number (datasets' own error is not)."""
+def _check_json_lines(path: str, kinds: Optional["_RecordKinds"] = None) -> None:
+    """A malformed line is reported with its file and line number (datasets' own error is not),
+    and so is a record whose fields differ from the file's first usable one: datasets would
+    fill the missing field with null and the record would vanish as if it were empty."""
     _check_utf8(path)
+    kinds = kinds or _RecordKinds()
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows exports) is fine, as for datasets
         head = f.read(1).lstrip()
         f.seek(0)
         if head == "[":  # one JSON array, not JSON lines
             try:
-                json.load(f)
+                records = json.load(f)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path}: JSON nested too deeply to read; records are flat objects") from None
+            for number, value in enumerate(records if isinstance(records, list) else [], 1):
+                kinds.check(value, f"{path}: record {number}")
             return
         for number, line in enumerate(f, 1):
             if line.strip():
@@ -199,8 +215,44 @@ def _check_json_lines(path: str) -> None:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UsageError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise UsageError(f"{path}:{number}: JSON nested too deeply to read; each line is one flat "
+                                     "object such as {\"text\": \"...\"}") from None
                 if not isinstance(value, dict):
                     raise UsageError(f"{path}:{number}: each JSON line must be an object, found {type(value).__name__}")
+                kinds.check(value, f"{path}:{number}")
+
+
+class _RecordKinds:
+    """Every record of a dataset has the fields of the first one that has usable fields ('text', or
+    'question' with 'response'/'answer'), and those fields hold text (or null: an empty record)."""
+
+    def __init__(self):
+        self.kind, self.first = None, None
+        self.unusable = None  # (where, record) of the first record without usable fields
+
+    def check(self, record, where: str) -> None:
+        if not isinstance(record, dict):
+            raise UsageError(f"{where}: each record must be an object, found {type(record).__name__}")
+        kind = "text" if "text" in record else "qa" if "question" in record and any(
+            c in record for c in RESPONSE_FIELDS) else None
+        fields = ("text",) if kind == "text" else ("question", *RESPONSE_FIELDS, "context")
+        for name in fields:
+            value = record.get(name)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{where}: {name!r} holds {type(value).__name__} {json.dumps(value)[:40]}; it must be "
+                                 "text (in quotes) or null")
+        if kind is None:  # fine only if no record has usable fields (then record_kind lists the columns)
+            self.unusable = self.unusable or (where, record)
+        elif self.kind is None:
+            self.kind, self.first = kind, where
+        if self.kind is None or kind == self.kind and self.unusable is None:
+            return
+        bad_where, bad = (where, record) if kind not in (None, self.kind) or self.unusable is None else self.unusable
+        wanted = "a 'text' field" if self.kind == "text" else "'question' and 'response' fields"
+        raise UsageError(f"{bad_where}: this record has other fields (found: {', '.join(bad) or 'none'}) than the "
+                         f"record at {self.first}, which has {wanted}; give every record the same fields (a record "
+                         "without them would be dropped silently)")
 
 
 # -- tokenising and packing ---------------------------------------------------------------------
@@ -292,6 +344,9 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
         n_val = max(1, math.ceil(len(train) * args.validation_split_percentage / 100)) if args.validation_split_percentage > 0 else 0
         if n_val == 0:
             raise UsageError("--validation_split_percentage 0 needs a validation split in --dataset_dir")
+        if n_val >= len(train):
+            raise UsageError(f"--validation_split_percentage {args.validation_split_percentage:g} of {len(train)} "
+                             f"records holds out {n_val}, leaving none to train on; lower it or add a validation file")
         split = train.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
         train, validation = split["train"], split["test"]
     train_windows = packer.pack(train, kind)

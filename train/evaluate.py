@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 import minilora
-from train.cli import require_app_packages
+from train.cli import require_app_packages, run_command
 from train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
 from train.loss import nll_result, next_token_nll, predicted_tokens
@@ -234,50 +234,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "an equation, a translation)")
     parser.add_argument("--max_new_tokens", type=int, default=100, help="for --general_prompts")
     parser.add_argument("--output_json", help="write all results here")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     require_app_packages(parser.prog)
     if args.compare_base and (args.adapter is None or args.merge):
         parser.error("--compare_base needs --adapter and no --merge (a merged model has no base to fall back to)")
 
-    items = None if args.skip_mc else load_multiple_choice(args.mc_file)  # fail on a bad file before loading a model
-    model, tokenizer = model_from_args(args)
-    windows = None
-    if args.dataset_dir:
-        from train.data import load_windows  # the trainer's reader, so evaluation sees the data as training did
+    def evaluate() -> int:
+        for flag in ("max_seq_length", "batch_size", "max_new_tokens", "max_windows"):
+            value = getattr(args, flag)
+            if value is not None and value < (2 if flag == "max_seq_length" else 1):
+                raise ValueError(f"--{flag} must be at least {2 if flag == 'max_seq_length' else 1}, got {value}")
 
-        windows = load_windows(args.dataset_dir, tokenizer, args.max_seq_length, dataset_format=args.dataset_format)
+        items = None if args.skip_mc else load_multiple_choice(args.mc_file)  # fail on a bad file before loading a model
+        model, tokenizer = model_from_args(args)
+        windows = None
+        if args.dataset_dir:
+            from train.data import load_windows  # the trainer's reader, so evaluation sees the data as training did
 
-    label = "merged" if args.merge else ("adapter" if args.adapter else "base")
-    variants = {label: contextlib.nullcontext}
-    if args.compare_base:
-        variants = {"base": lambda: minilora.disable_adapters(model), **variants}
-    if windows is not None:
-        ids, labels = windows.input_ids[:args.max_windows], windows.labels[:args.max_windows]
+            windows = load_windows(args.dataset_dir, tokenizer, args.max_seq_length, dataset_format=args.dataset_format)
 
-    results = {}
-    for name, context in variants.items():
-        with context():
-            result = {}
-            if windows is not None:
-                result["perplexity"] = perplexity(model, ids, labels, args.batch_size)
-            if items is not None:
-                result["multiple_choice"] = score_multiple_choice(model, tokenizer, items, normalize=args.mc_normalize)
-            if args.general_prompts:
-                result["general"] = general_generations(model, tokenizer, max_new_tokens=args.max_new_tokens)
-            results[name] = result
+        label = "merged" if args.merge else ("adapter" if args.adapter else "base")
+        variants = {label: contextlib.nullcontext}
+        if args.compare_base:
+            variants = {"base": lambda: minilora.disable_adapters(model), **variants}
+        if windows is not None:
+            ids, labels = windows.input_ids[:args.max_windows], windows.labels[:args.max_windows]
 
-    report = {"base_model": args.base_model, "adapter": args.adapter, "merged": args.merge,
-              "dataset_dir": args.dataset_dir, "windows": list(ids.shape) if windows is not None else None,
-              "mc_file": None if args.skip_mc else args.mc_file, "mc_normalize": args.mc_normalize,
-              "results": results}
-    print(format_report(report))
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.output_json}")
-    return 0
+        results = {}
+        for name, context in variants.items():
+            with context():
+                result = {}
+                if windows is not None:
+                    result["perplexity"] = perplexity(model, ids, labels, args.batch_size)
+                if items is not None:
+                    result["multiple_choice"] = score_multiple_choice(model, tokenizer, items, normalize=args.mc_normalize)
+                if args.general_prompts:
+                    result["general"] = general_generations(model, tokenizer, max_new_tokens=args.max_new_tokens)
+                results[name] = result
+
+        report = {"base_model": args.base_model, "adapter": args.adapter, "merged": args.merge,
+                  "dataset_dir": args.dataset_dir, "windows": list(ids.shape) if windows is not None else None,
+                  "mc_file": None if args.skip_mc else args.mc_file, "mc_normalize": args.mc_normalize,
+                  "results": results}
+        print(format_report(report))
+        if args.output_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+            print(f"wrote {args.output_json}")
+        return 0
+
+    return run_command("minilora-eval", argv, evaluate, errors=(ValueError,))
 
 
 def format_report(report: dict) -> str:

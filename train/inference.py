@@ -23,7 +23,7 @@ import torch
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .base_model import adapter_defaults, resolve_base
-from .cli import require_app_packages
+from .cli import require_app_packages, run_command
 from .device import move_model, resolve, torch_device
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
@@ -61,7 +61,7 @@ def load_lora_model(base_model_name: str, lora_adapter_path: Optional[str] = Non
             minilora.load_adapter(model, local)
             tokenizer = _tokenizer_in(local)
         if merge:
-            minilora.merge_and_unload(model)
+            minilora.merge_and_unload(model, safe=True)
     elif merge:
         raise ValueError("merge=True needs an adapter to merge; give lora_adapter_path")
     if tokenizer is None:
@@ -315,6 +315,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--huggingface_token", default=None,
                         help="token for gated models; HF_TOKEN in the environment works too and keeps it out of "
                              "the process list")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
 
 
 def model_from_args(args: argparse.Namespace):
@@ -342,15 +343,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--temperature", type=float, help="sampling temperature (with --do_sample)")
     parser.add_argument("--top_p", type=float, help="nucleus sampling mass (with --do_sample)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     require_app_packages(parser.prog)
 
     prompts = list(args.prompts) + list(args.prompt)
     if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            parser.error(f"--prompt_file {args.prompt_file}: no such file")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         parser.error("give at least one prompt (PROMPT, --prompt or --prompt_file)")
+    if any(not p.strip() for p in prompts):
+        parser.error("--prompt is empty; give the text the model should continue")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not args.temperature > 0 or args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error("--temperature must be positive and --top_p in (0, 1]")
     base, trained_chat = adapter_defaults(args.adapter)
     if not (args.base_model or base):
         parser.error("give --base_model, or an --adapter folder whose adapter_config.json names its base")
@@ -358,20 +368,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
         parser.error("--temperature and --top_p only apply when sampling; add --do_sample")
 
-    options = {"do_sample": args.do_sample}
-    options.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
-    torch.manual_seed(args.seed)
-    model, tokenizer = model_from_args(args)
-    for prompt in prompts:  # one at a time: output appears as it is ready
-        if chat:
-            from .chat import chat_prompt
+    def generate() -> int:
+        options = {"do_sample": args.do_sample}
+        options.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
+        torch.manual_seed(args.seed)
+        model, tokenizer = model_from_args(args)
+        for prompt in prompts:  # one at a time: output appears as it is ready
+            if chat:
+                from .chat import chat_prompt
 
-            text = generate_text(model, tokenizer, chat_prompt(tokenizer, prompt), args.max_new_tokens,
-                                 add_special_tokens=False, **options)
-        else:
-            text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **options)
-        print(f"### Prompt\n{prompt}\n### Generated\n{text}\n", flush=True)
-    return 0
+                text = generate_text(model, tokenizer, chat_prompt(tokenizer, prompt), args.max_new_tokens,
+                                     add_special_tokens=False, **options)
+            else:
+                text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **options)
+            print(f"### Prompt\n{prompt}\n### Generated\n{text}\n", flush=True)
+        return 0
+
+    return run_command("minilora-generate", argv, generate, errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 
 import minilora
 
@@ -29,8 +31,10 @@ from . import data, drift
 from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
-from .loss import nll_result, next_token_nll, predicted_tokens
-from .outputs import FINISHED, RunDir, load_safetensors, load_tensors_safely, save_tensors_safely
+from .loss import module_called, nll_result, predicted_tokens
+from .loss import summed_nll as model_nll
+from .outputs import (FINISHED, RunDir, check_resume_settings, load_safetensors, load_tensors_safely, resume_settings,
+                      save_tensors_safely)
 from .report import Reporter, write_report
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
@@ -71,10 +75,15 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
     run_dir = RunDir(args.output_dir, args.tmp_dir)
     try:
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 holds the directory for every rank
+            run_dir.lock()
         return _run(args, run_dir, device, model, tokenizer, general_windows)
     except (UsageError, minilora.AdapterLoadError):
+        run_dir.unlock()
         run_dir.discard_if_unused()
         raise
+    finally:
+        run_dir.unlock()
 
 
 def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, tokenizer,
@@ -113,7 +122,8 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     reporter.start(trainable=trainable, total=total_params, train_windows=plan.train_windows)
 
     def evaluate_all(tag: str) -> dict:
-        results = {name: evaluate(model, windows, args.per_device_eval_batch_size, device, tokenizer.pad_token_id)
+        results = {name: evaluate(model, windows, args.per_device_eval_batch_size, device, tokenizer.pad_token_id,
+                                  args.chunked_loss)
                    for name, windows in eval_sets.items()}
         reporter.eval(pos.update, results, tag)
         return results
@@ -150,7 +160,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         "output_dir": args.output_dir, "use_lora": args.use_lora, "nonfinite_skipped": pos.nonfinite_skipped,
         "adapter_bytes": _size(run_dir.path("adapter_model.safetensors")) if args.use_lora else None,
         "model_bytes": None if args.use_lora else _size(run_dir.path("model.safetensors")),
-        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla,
+        "peak_memory_bytes": device.peak_memory_bytes(), "xla": xla, "compile": device.compile_counts(),
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
@@ -199,6 +209,11 @@ def load_model_and_tokenizer(args: TrainArgs):
             first = first.replace(args.huggingface_token, "<redacted>")
         raise UsageError(f"--model_name {args.model_name}: could not load it ({first}); give a local directory "
                          "saved with save_pretrained, or a hub id with network access") from None
+    except (ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # truncated, or an unsafe pickle
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model_name {args.model_name}: its weights could not be read ({type(e).__name__}: {first}); "
+                         "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, "
+                         "or convert it to safetensors where you trust its source") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -230,7 +245,10 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
             raise UsageError(f"--lora_target_modules: {e}") from None
     if args.gradient_checkpointing:
         device.enable_gradient_checkpointing(model)
-    return device.place(model), tokenizer, train_data
+    model = device.place(model)
+    if args.compile:
+        device.compile(module_called(model, args.chunked_loss))
+    return model, tokenizer, train_data
 
 
 # -- optimizer ----------------------------------------------------------------------------------
@@ -298,9 +316,13 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
         with open(state_file) as f:
             state = json.load(f)
         position = Position(update=int(state["update"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
-                            nonfinite_skipped=state.get("nonfinite_skipped", 0), history=state.get("history", []))
+                            nonfinite_skipped=int(state.get("nonfinite_skipped", 0)), history=state.get("history", []))
+        if min(position.update, position.epoch, position.micro, position.nonfinite_skipped) < 0 \
+                or not isinstance(position.history, list) or not all(isinstance(h, dict) for h in position.history):
+            raise ValueError("negative counters, or a history that is not a list of records")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged ({e!r})") from None
+    check_resume_settings(state.get("settings"), args, path)
     # Safetensors and torch.load(weights_only=True) only: reading a checkpoint runs no code.
     optimizer_state = load_tensors_safely(os.path.join(path, "optimizer.pt"))
     rng_state = load_tensors_safely(os.path.join(path, "rng.pt"))
@@ -347,21 +369,23 @@ def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
     return data.cap_windows(windows, cap)
 
 
-def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device) -> torch.Tensor:
-    """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor."""
-    logits = model(input_ids=ids, attention_mask=device.attention_mask(model, ids), use_cache=False).logits  # (B, L, V)
-    return next_token_nll(logits, labels)
+def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor
+    (``chunked``: the LM head and the loss over chunks of tokens, never the full logits; loss.py)."""
+    # XLA takes the full logits: the chunked loss is measured on eager CPU only so far
+    return model_nll(model, ids, labels, device.attention_mask(model, ids), chunked and not device.is_xla)
 
 
 @torch.no_grad()
-def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_id: int) -> dict:
+def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_id: int,
+             chunked: bool = True) -> dict:
     """Mean token NLL and perplexity over all windows (``loss.nll_result``). One host read at
     the end."""
     was_training = model.training
     model.eval()
     total = device.tensor(0.0)
     for ids, labels in device.loader(data.batches(windows, device.global_batch(batch_size), pad_id)):
-        total = total + summed_nll(model, ids, labels, device)
+        total = total + summed_nll(model, ids, labels, device, chunked)
     device.sync()
     nll = device.sum_over_processes(total).item()  # host sync point (once per evaluation)
     model.train(was_training)
@@ -385,7 +409,7 @@ def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.T
         for ids, labels, denom in device.loader(_micro_batches(train_data, args, plan, pos, update_ends, pad_id)):
             last_in_update, update_tokens = update_ends.popleft()
             with device.no_backward_sync(model, enabled=not last_in_update):  # torchrun: reduce once per update
-                nll = summed_nll(model, ids, labels, device)
+                nll = summed_nll(model, ids, labels, device, args.chunked_loss)
                 (nll / denom).backward()
             update_nll = update_nll + nll.detach()
             pos.micro += 1
@@ -557,7 +581,8 @@ def _save_checkpoint(run_dir: RunDir, model, optimizer, device: Device, pos: Pos
     save_tensors_safely(rng[0] if len(rng) == 1 else {"ranks": rng}, os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
-                   "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history}, f, indent=2)
+                   "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history,
+                   "settings": resume_settings(args)}, f, indent=2)
     run_dir.commit_checkpoint(tmp, pos.update, args.save_total_limit)
 
 

@@ -1,10 +1,22 @@
 """The loss training minimises and evaluation reports: the summed negative log-likelihood of
 each next token, with -100 (``IGNORE``) marking labels that carry none (padding, prompts under
---train_on_responses_only, the first position of every window)."""
+--train_on_responses_only, the first position of every window).
+
+With the LM head and cross-entropy fused over chunks of tokens (``ChunkedLinearCrossEntropy``,
+the app's default) the full (tokens, vocabulary) logits are never held. At SmolLM2's vocabulary
+(49,152) and 8 x 512 tokens the float32 logits are 805 MB, their log-softmax as much again, and
+their gradient as much again; Llama-3.2's 128,256 words at 8 x 2048 make that 8.4 GB each. The
+chunked node computes the head's product, the log-sum-exp and the target logit chunk by chunk,
+keeps one float per token, and in backward recomputes each chunk's logits to form its gradient
+(Liger-Kernel's fused linear cross-entropy and unsloth's chunked loss, in pure torch so that
+XLA, CUDA and the CPU share it).
+"""
+
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +28,8 @@ def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over predicted tokens of -log p(next token), a 0-dim float32 tensor (what training
     minimises and evaluation reports). logits (B, L, V): position t predicts ``labels[:, t + 1]``;
     labels (B, L), -100 where nothing is predicted."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): shift the labels, not copy the logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -35,3 +47,109 @@ def nll_result(nll: float, tokens: int) -> dict:
     except OverflowError:
         perplexity = math.inf
     return {"loss": loss, "perplexity": perplexity, "tokens": tokens}
+
+
+# Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
+# no logit scaling or soft-capping, so the chunked path computes the same loss.
+HEAD_IS_PLAIN_LINEAR = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``sum over rows with label != IGNORE of logsumexp(h Wᵀ) - (h Wᵀ)[label]`` as one autograd
+    node. Shapes: hidden (N, H), weight (V, H), labels (N,) int64; returns a 0-dim float32.
+
+    Logits are computed in hidden's dtype (as the LM head does) and reduced in float32, ``rows``
+    tokens at a time; only hidden, labels and each row's log-sum-exp (N floats) are saved.
+    Backward recomputes each chunk's logits: its softmax minus the one-hot target is the
+    logits' gradient, cast to hidden's dtype as the unfused path's ``.float()`` casts it, then
+    multiplied into hidden's and the weight's gradients. The weight's gradient is accumulated
+    over chunks in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], labels[start:start + rows]
+            logits = F.linear(h, weight).float()  # (n, V)
+            lse[start:start + rows] = chunk_lse = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,)
+            total = total + torch.where(y != IGNORE, chunk_lse - target, 0.0).sum()
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.rows = rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        rows = ctx.rows
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], labels[start:start + rows]
+            g = F.linear(h, weight).float().sub_(lse[start:start + rows, None]).exp_()  # softmax, (n, V)
+            valid = y != IGNORE
+            g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), valid.unsqueeze(1).to(g.dtype).neg())  # - one-hot
+            g.mul_((valid.to(g.dtype) * grad).unsqueeze(1))  # ignored rows: no gradient
+            g = g.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:start + rows] = g @ weight.to(hidden.dtype)  # (n, H)
+            if need_weight:
+                grad_weight += (g.t() @ h).float()  # (V, H)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunk_rows(tokens: int, hidden_size: int, vocab: int) -> int:
+    """Tokens per chunk: a power of two such that a chunk's logits are about as large as the
+    hidden states already held (Liger-Kernel's rule), at least 1 and at most ``tokens``."""
+    chunks = math.ceil(vocab / hidden_size)
+    return max(1, min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / chunks))))))
+
+
+def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                rows: Optional[int] = None) -> torch.Tensor:
+    """Summed NLL of ``labels`` (N,) under logits ``hidden (N, H) @ weight (V, H)ᵀ``, never holding
+    more than ``rows`` tokens' logits (default: chunk_rows)."""
+    rows = rows or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows)
+
+
+def fusable(model) -> bool:
+    """Whether ``model`` lets the loss take its last hidden states and LM head apart: a transformers
+    causal LM itself (not inside a DDP, FSDP or PEFT wrapper, whose forward must run) whose head
+    is a bias-free Linear applied as is, with a plain weight (FSDP2 shards it into a DTensor,
+    gathered only by the head's own forward)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    head = model.get_output_embeddings()
+    return (isinstance(head, torch.nn.Linear) and head.bias is None
+            and getattr(model.config, "model_type", None) in HEAD_IS_PLAIN_LINEAR
+            and type(head.weight.data) is torch.Tensor)
+
+
+def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask=None,
+               chunked: bool = True) -> torch.Tensor:
+    """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32.
+
+    Position t predicts labels[t + 1]; IGNORE labels carry no loss. ``chunked`` (and a model
+    that allows it, see fusable): the LM head and the loss over chunks of tokens; otherwise
+    the model's full (B, L, V) logits, with the labels shifted rather than the logits copied.
+    """
+    if chunked and fusable(model):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(L-1), H)
+        return chunked_nll(hidden, model.get_output_embeddings().weight, labels[:, 1:].reshape(-1))
+    return next_token_nll(model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits, labels)
+
+
+def module_called(model, chunked: bool = True) -> torch.nn.Module:
+    """The module whose forward ``summed_nll`` calls: the decoder for the chunked loss, else the
+    whole model (what --compile compiles; the chunked loss itself stays eager, its chunks are
+    GEMMs already)."""
+    return model.get_decoder() if chunked and fusable(model) else model

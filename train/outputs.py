@@ -8,10 +8,12 @@ the ``latest`` marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from typing import Optional
 
@@ -21,6 +23,7 @@ from .config import UsageError
 
 FINISHED = "train_summary.json"  # written last: its presence means the run finished
 LATEST = "latest"
+LOCK = ".minilora-train.lock"  # exists while a run writes into the directory (see RunDir.lock)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -48,6 +51,53 @@ class RunDir:
                 self.discard_if_unused()
                 raise UsageError(f"--output_dir {url} is not writable ({e.strerror}); pick another directory") from None
 
+    def lock(self) -> None:
+        """Hold the (local) output directory for this process until ``unlock`` or its exit; a
+        second run into the same directory gets a UsageError instead of silently interleaving
+        its checkpoints and results with this one's.
+
+        An flock on ``.minilora-train.lock``: the kernel drops it when the holder dies, however
+        it dies, so a lock file left by a killed run is taken over, never waited for. Remote
+        (fsspec) outputs have no such lock; neither does a system without fcntl (Windows)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        if self.remote or getattr(self, "_lock_fd", None) is not None:
+            return
+        path = self.path(LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UsageError(f"--output_dir {self.url} is in use by another minilora-train run ({holder}); wait "
+                                 "for it to finish or choose another directory") from None
+            try:  # the holder may have released and removed the file between our open and flock
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release ``lock`` (a no-op when not held); the lock file goes with it."""
+        fd = getattr(self, "_lock_fd", None)
+        if fd is None:
+            return
+        self._lock_fd = None
+        try:
+            os.remove(self.path(LOCK))  # removed while still locked: a waiting run re-checks the inode
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
     def discard_if_unused(self) -> None:
         """Remove the folders this RunDir created if nothing was written into them: a run
         refused for bad input leaves no trace."""
@@ -74,11 +124,7 @@ class RunDir:
             self.fs.put(source, target)
 
     def write_json(self, rel: str, value) -> None:
-        tmp = self.path(rel + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, self.path(rel))
+        _write_aside(self.path(rel), json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
         self.publish(rel)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -127,10 +173,7 @@ class RunDir:
                                   "previous checkpoint")
 
     def _write_latest(self, name: str) -> None:
-        tmp = self.path(LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-        os.replace(tmp, self.path(LATEST))
+        _write_aside(self.path(LATEST), name + "\n")
         self.publish(LATEST)
 
     def checkpoints(self) -> list[str]:
@@ -189,6 +232,47 @@ class RunDir:
         return local
 
 
+# Settings that give a checkpoint its meaning: the base and adapter shape its weights fit, and the
+# data order and window boundaries its position (epoch, micro-batch) counts in. Learning rate,
+# steps, logging and saving may change on resume (lowering the learning rate after a divergence
+# is the advice the run itself gives).
+RESUME_SETTINGS = ("model_name", "use_lora", "dataset_dir", "max_seq_length", "per_device_train_batch_size",
+                   "gradient_accumulation_steps", "seed", "validation_split_percentage", "train_on_responses_only",
+                   "streaming_data")
+LORA_RESUME_SETTINGS = ("lora_r", "lora_alpha", "lora_target_modules", "lora_bias", "use_rslora")
+
+
+def resume_settings(args) -> dict:
+    """The settings a checkpoint records so that a resume can check them (see check_resume_settings)."""
+    names = RESUME_SETTINGS + (LORA_RESUME_SETTINGS if args.use_lora else ())
+    settings = {name: getattr(args, name) for name in names}
+    for name in ("model_name", "dataset_dir"):  # one local folder, however it is spelt
+        value = settings[name]
+        if isinstance(value, str) and os.path.exists(value):
+            settings[name] = os.path.realpath(value)
+    if args.use_lora and settings["lora_alpha"] is None:
+        settings["lora_alpha"] = 2 * args.lora_r  # the default, spelt out: 16 given is 16 defaulted
+    if isinstance(settings.get("lora_alpha"), (int, float)):
+        settings["lora_alpha"] = float(settings["lora_alpha"])
+    return settings
+
+
+def check_resume_settings(saved, args, path: str) -> None:
+    """UsageError naming the first setting in which this run differs from the checkpoint at
+    ``path`` (a checkpoint from before settings were recorded is not checked)."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged (settings is not a mapping)")
+    now = resume_settings(args)
+    for name, value in now.items():
+        if name in saved and saved[name] != value:
+            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with --{name} {saved[name]!r} "
+                             f"and this run has {value!r}; resuming would change what the checkpoint means (other "
+                             f"weights or another position in other data). Resume with --{name} {saved[name]!r}, or "
+                             "start a new run in another --output_dir")
+
+
 def save_tensors_safely(obj, path: str) -> None:
     """torch.save for state that only holds tensors and plain Python values, so it loads with
     ``torch.load(weights_only=True)``: no code can run when a checkpoint is read back."""
@@ -217,10 +301,29 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UsageError(f"{path} is missing; the checkpoint is incomplete, resume from another one")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except Exception as e:  # safetensors' own error types for truncated or corrupt files
         raise UsageError(f"{path} is truncated or corrupted and cannot be read ({e}); resume from another "
                          "checkpoint") from None
+    for key, tensor in tensors.items():  # a diverged model must not be resumed as if it were good
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(f"{path}: {key} holds non-finite values (NaN or inf); this checkpoint comes from a "
+                             "diverged run: resume from an earlier checkpoint")
+    return tensors
+
+
+def _write_aside(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place; if writing fails
+    (a full disk), the temporary file is removed and ``path`` keeps its previous content."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _first_missing(path: str) -> Optional[str]:

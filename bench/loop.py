@@ -1,0 +1,103 @@
+"""Section ``loop``: the training app's own loop (``train.loop.run``, eager CPU or CUDA) against a
+bare loop over the same model, batch shape and AdamW: update time and whole-process peak memory,
+the app with its chunked loss and without it (``--no-chunked_loss``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from .models import Settings
+from .timing import ROOT, child_env
+from .xla import save_loop_model, steady_update_seconds
+
+# The app, in a fresh process: its summary and the process's peak RSS.
+APP_CHILD = """
+import json, sys
+from train.config import parse_args
+from train.loop import run
+from bench.timing import proc_status_bytes
+summary = run(parse_args(json.loads(sys.argv[1])))
+print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"]}))
+"""
+
+# The bare loop, in a fresh process: the same model folder, LoRA settings, batch shape, AdamW and
+# learning rate; transformers' own loss (model(labels=)); nothing else.
+BARE_CHILD = """
+import json, statistics, sys, time
+import torch
+import minilora
+from transformers import AutoModelForCausalLM
+from bench.timing import proc_status_bytes
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+torch.manual_seed(spec["seed"])
+model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+minilora.inject(model, r=spec["r"], alpha=2 * spec["r"], dropout=spec["dropout"])
+model.train()
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+ids = torch.randint(0, spec["tokens"], (spec["batch"], spec["seq"]))
+times = []
+for update in range(spec["updates"]):
+    started = time.perf_counter()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - started)
+print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "update_seconds": statistics.median(times[2:])}))
+"""
+
+
+def bench_loop(settings: Settings, workdir: str, threads: int, tokenizer_dir: str, data_file: str,
+               dropout: float = 0.05, r: int = 16) -> dict:
+    """Runs the contenders (the app chunked, the app unchunked, the bare loop) in fresh processes,
+    one after another, ``settings.loop_rounds`` times in rotating order; each figure is the median
+    over rounds."""
+    shape = settings.shape
+    model_dir = save_loop_model(shape, tokenizer_dir, os.path.join(workdir, "loop-model"), settings.seed)
+    updates = settings.loop_updates
+    from transformers import AutoTokenizer
+
+    tokens = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    app_argv = ["--model_name", model_dir, "--dataset_dir", data_file, "--use_lora", "--lora_r", str(r),
+                "--lora_dropout", str(dropout), "--max_seq_length", str(shape.seq),
+                "--per_device_train_batch_size", str(shape.batch), "--per_device_eval_batch_size", str(shape.batch),
+                "--max_steps", str(updates), "--logging_steps", "1", "--device", "cpu", "--report_to", "none",
+                "--save_epoch_percentage", "0", "--general_eval_dataset", "none", "--max_eval_samples",
+                str(shape.batch), "--learning_rate", "1e-4", "--overwrite_output_dir", "--seed", str(settings.seed)]
+    contenders = {"app (chunked loss)": [], "app (--no-chunked_loss)": ["--no-chunked_loss"], "bare loop": None}
+    samples: dict[str, list[dict]] = {name: [] for name in contenders}
+    names = list(contenders)
+    rounds = settings.loop_rounds
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            env = {**child_env(), "OMP_NUM_THREADS": str(threads)}
+            if contenders[name] is None:
+                spec = {"model_dir": model_dir, "r": r, "dropout": dropout, "batch": shape.batch, "seq": shape.seq,
+                        "tokens": tokens, "updates": updates, "threads": threads, "seed": settings.seed}
+                result = _child(BARE_CHILD, spec, env)
+            else:
+                out = os.path.join(workdir, "loop-app")
+                result = _child(APP_CHILD, app_argv + ["--output_dir", out] + contenders[name], env)
+                result["update_seconds"] = steady_update_seconds(os.path.join(out, "metrics.jsonl"))
+            samples[name].append(result)
+    rows = {name: {"update_seconds": statistics.median(s["update_seconds"] for s in runs),
+                   "peak_rss_bytes": statistics.median(s["peak_rss_bytes"] for s in runs),
+                   "samples": runs} for name, runs in samples.items()}
+    bare = rows["bare loop"]
+    for row in rows.values():
+        row["time_vs_bare"] = row["update_seconds"] / bare["update_seconds"]
+        row["rss_vs_bare"] = row["peak_rss_bytes"] / bare["peak_rss_bytes"]
+    return {"rows": rows, "updates": updates, "rounds": rounds, "dropout": dropout, "r": r, "threads": threads,
+            "vocab": max(shape.vocab, tokens)}
+
+
+def _child(script: str, arg, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"a loop-section subprocess failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

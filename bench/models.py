@@ -1,0 +1,146 @@
+"""What the benchmark measures: the Llama shapes, the settings, the contenders' models and step."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import minilora
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama (random weights) and its batch: what the training and inference sections run."""
+
+    layers: int = 6
+    hidden: int = 512
+    intermediate: int = 1376
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 8192
+    batch: int = 4
+    seq: int = 256
+    r: int = 16
+    alpha: int = 32
+    tied: int = 0  # 1: the LM head shares the embedding's weight (Llama-3.2-1B, SmolLM2)
+
+
+# Named shapes for ``--shape NAME[,FIELD=INT...]``, from each model's config.json.
+SHAPES = {
+    # meta-llama/Llama-3.2-1B (head_dim 64 = hidden / heads)
+    "llama-1b": Shape(layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tied=1,
+                      batch=8, seq=2048),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct), the demo's real base (head_dim 64)
+    "smollm2-135m": Shape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=1,
+                          batch=8, seq=128),
+}
+
+
+@dataclass
+class Settings:
+    shape: Shape = field(default_factory=Shape)
+    dropouts: tuple = (0.0, 0.05)  # the app's default dropout
+    rounds: int = 7              # alternated samples per contender (training)
+    warmup: int = 2              # untimed steps per contender first (the first allocates AdamW state)
+    inference_rounds: int = 9
+    memory_steps: int = 2        # steps per contender in its memory subprocess
+    switch_adapters: int = 4     # adapters in the 1B-shaped set
+    switch_rounds: int = 40
+    xla_updates: int = 14        # updates of the XLA / eager loop runs (2 of them warm-up)
+    loop_updates: int = 8        # updates of the app-loop vs bare-loop runs (2 of them warm-up)
+    loop_rounds: int = 2         # runs of each loop contender, in rotating order
+    packing_records: Optional[int] = None  # medquad records to pack (None: all)
+    seed: int = 0
+
+
+QUICK = dict(shape=Shape(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2, vocab=4096, batch=2, seq=128),
+             rounds=3, warmup=1, inference_rounds=5, switch_adapters=2, switch_rounds=10, xla_updates=10,
+             loop_updates=4, loop_rounds=1, packing_records=2000)
+
+
+def parse_shape(text: str, base: Shape) -> Shape:
+    """``NAME`` of SHAPES and/or ``FIELD=INT`` overrides, comma-separated, over ``base``.
+    Raises ValueError with what was expected."""
+    shape, changes = base, {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if "=" not in item:
+            if item not in SHAPES:
+                raise ValueError(f"unknown shape {item!r}; named shapes: {', '.join(SHAPES)}")
+            shape = SHAPES[item]
+            continue
+        key, value = item.split("=", 1)
+        changes[key.strip()] = int(value)
+    try:
+        return dataclasses.replace(shape, **changes)
+    except TypeError as e:
+        fields = ", ".join(f.name for f in dataclasses.fields(Shape))
+        raise ValueError(f"{e} (fields: {fields})") from None
+
+
+# -- models and steps ---------------------------------------------------------------------------
+
+def llama_config(shape: Shape, **overrides):
+    """The one LlamaConfig builder of the benchmark (``overrides``: token ids and the like)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
+                       max_position_embeddings=shape.seq, tie_word_embeddings=bool(shape.tied),
+                       **overrides)
+
+
+def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torch.device, dtype=torch.float32):
+    """``kind``: base (no adapter), minilora, peft or full. The same seed gives every contender
+    the same base weights; LoRA contenders get the same r, alpha, dropout and targets."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    # Built where it runs: a 1B-shaped model's random init takes seconds on a GPU, minutes on a CPU.
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
+    if kind == "minilora":
+        minilora.inject(model, r=shape.r, alpha=shape.alpha, dropout=dropout, target_modules=minilora.LLAMA_TARGETS)
+    elif kind == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=dropout,
+                                                           target_modules=list(minilora.LLAMA_TARGETS), bias="none"))
+    return model.to(device)
+
+class Trainer:
+    """One contender's model, AdamW and batch; ``step()`` is one training update."""
+
+    def __init__(self, kind: str, dropout: float, shape: Shape, seed: int, device: torch.device, dtype=torch.float32):
+        self.model = build_model(kind, dropout, shape, seed, device, dtype).train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=1e-4, weight_decay=0.01)
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)  # (B, L)
+
+    def step(self) -> None:
+        loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def step_flops(kind: str, shape: Shape) -> float:
+    """Model FLOPs of one training step: 2 per multiply-add in forward, twice that again in backward
+    for full fine-tuning (input and weight gradients), once again for LoRA (input gradients only;
+    the adapters' own products are counted too). Attention scores count as in the PaLM paper."""
+    s = shape
+    head = s.hidden // s.heads
+    per_layer = s.hidden * (2 * s.hidden + 2 * s.kv_heads * head) + 3 * s.hidden * s.intermediate
+    dense = s.layers * per_layer + s.vocab * s.hidden  # Linear weights, lm_head included
+    lora = s.layers * s.r * sum(i + o for i, o in [(s.hidden, s.hidden)] * 2 + [(s.hidden, s.kv_heads * head)] * 2
+                                + [(s.hidden, s.intermediate)] * 2 + [(s.intermediate, s.hidden)])
+    tokens = s.batch * s.seq
+    attention = 12 * s.layers * s.hidden * s.seq * tokens  # forward 4·l·h·L per token, backward twice that
+    if kind == "full":
+        return 6 * dense * tokens + attention
+    return 4 * dense * tokens + 6 * lora * tokens + attention
+

@@ -1,0 +1,195 @@
+"""The report: each target with what this run measured, the machine, and the markdown tables."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target of the issue with the figure this run measured (None: not measured)."""
+    rows = []
+
+    def add(name, value, limit, better="lower", note=""):
+        met = None if value is None else (value <= limit if better == "lower" else value >= limit)
+        rows.append({"target": name, "value": value, "limit": limit, "better": better, "met": met, "note": note})
+
+    # The training targets once per device measured (eager CPU, and CUDA where present).
+    for device, training in (results.get("training") or {"cpu": {}}).items():
+        on = "" if device == "cpu" else f" ({device})"
+        step = {(r["kind"], r["dropout"]): r for r in training.get("rows", [])}
+        dropouts = results.get("settings", {}).get("dropouts", ())
+        for p in dropouts:
+            ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
+            add(f"minilora / PEFT training step, dropout {p:g}{on}", ours and theirs and ours["median"] / theirs["median"],
+                1.00 if p == 0 else 0.85)
+        plain = step.get(("minilora", 0.0))
+        for p in (p for p in dropouts if p > 0):
+            ours = step.get(("minilora", p))
+            add(f"minilora step with dropout {p:g} / without{on}", ours and plain and ours["median"] / plain["median"],
+                1.15)
+        # LoRA cannot beat the ratio of the two steps' model FLOPs (forward, input gradients and the
+        # frozen weights' products are shared): the target is the step-time ratio over that floor.
+        full = step.get(("full", 0.0))
+        floor = plain and full and plain["model_gflop_per_step"] / full["model_gflop_per_step"]
+        add(f"(minilora LoRA / full fine-tune step) / model-FLOPs ratio{on}",
+            plain and full and plain["median"] / full["median"] / floor, 1.10 if device == "cpu" else 1.15,
+            note=floor and f"LoRA / full {plain['median'] / full['median']:.3f}; model FLOPs ratio {floor:.3f}")
+        for p in results.get("settings", {}).get("dropouts", ()):
+            ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
+            value = ours and theirs and "peak_memory_bytes" in ours and ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
+            add(f"minilora / PEFT peak training memory, dropout {p:g}{on}", value or None, 1.00)
+    inference = results.get("inference", {}).get("rows")
+    add("merged inference / base forward", inference and inference["merged"]["vs_base"], 1.02,
+        note=inference and f"unmerged / base {inference['unmerged']['vs_base']:.3f}")
+    switching = results.get("switching")
+    add("adapter switch, 1B-shaped set (ms)", switching and switching["set_adapter"]["median"] * 1e3, 1.0,
+        note=switching and (f"the pointer swap alone {switching['pointer_swap']['median'] * 1e3:.3f} ms, one "
+                            f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
+                            f"{switching['tensor_ops_during_switch']} tensor ops"))
+    loop = (results.get("loop") or {}).get("rows")
+    app, plain = loop and loop["app (chunked loss)"], loop and loop["app (--no-chunked_loss)"]
+    add("the app's update / a bare loop's (eager CPU)", app and app["time_vs_bare"], 1.05)
+    add("the app's peak RSS / a bare loop's", app and app["rss_vs_bare"], 1.10)
+    add("the app's peak RSS, chunked loss / full logits", app and app["peak_rss_bytes"] / plain["peak_rss_bytes"], 0.85)
+    add("the app's update, chunked loss / full logits", app and app["update_seconds"] / plain["update_seconds"], 1.02)
+    xla = results.get("xla") or {}
+    add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
+    add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
+    packing = (results.get("packing") or {}).get("rows")
+    add("packing: real tokens / all tokens", packing and min(r["efficiency"] for r in packing), 0.99, better="higher")
+    return rows
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for name in ("torch", "transformers", "peft", "torch_xla"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "versions": versions, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def _mib(value) -> str:
+    return "—" if value is None else f"{value / 2**20:,.0f}"
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Run {results['started']} · `{results['command']}`", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('memory_gib', '?')} GiB"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+             + f" · torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+               f"peft {m['versions']['peft']}, torch_xla {m['versions']['torch_xla']}",
+             f"Load average (1 min) at start {results['load_start']:.2f}, at end {results['load_end']:.2f}; "
+             f"wall time {results['wall_seconds']:.0f} s", ""]
+    for key, training in results.get("training", {}).items():
+        s = results["settings"]["shape"]
+        lines += [f"### Training step, {training['device']} ({training['dtype']}, {training['threads']} threads)", "",
+                  f"Llama {s['layers']} layers, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['heads']} heads, "
+                  f"{s['kv_heads']} KV heads, vocab {s['vocab']}; batch {s['batch']} x {s['seq']} tokens; "
+                  f"LoRA r={s['r']}, alpha={s['alpha']} on the seven projections; AdamW. "
+                  f"Median of {results['settings']['rounds']} alternated steps per contender.", "",
+                  "| contender | step (s) | min–max (s) | vs PEFT (same dropout) | vs full FT | tokens/s | model GFLOP/step "
+                  "| peak memory (MiB) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        by = {(r["kind"], r["dropout"]): r for r in training["rows"]}
+        full = by.get(("full", 0.0))
+        for r in training["rows"]:
+            peft_row = by.get(("peft", r["dropout"])) if r["kind"] != "full" else None
+            vs_peft = f"{r['median'] / peft_row['median']:.3f}" if peft_row else "—"
+            vs_full = f"{r['median'] / full['median']:.3f}" if full else "—"
+            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | {vs_peft} | {vs_full} "
+                         f"| {r['tokens_per_second']:,.0f} | {r['model_gflop_per_step']:.1f} "
+                         f"| {_mib(r.get('peak_memory_bytes'))} |")
+        if "mfu_peak_tflops" in training:
+            lines += ["", "Model FLOPs utilisation (peak %.0f TFLOPS): " % training["mfu_peak_tflops"] + ", ".join(
+                f"{r['label']} {100 * r['mfu']:.1f}%" for r in training["rows"])]
+        if training.get("note"):
+            lines += ["", training["note"]]
+        method = next((r.get("memory_method") for r in training["rows"] if r.get("memory_method")), None)
+        if method:
+            lines += ["", f"Peak memory: {method}."]
+        lines.append("")
+    if "inference" in results:
+        inf = results["inference"]["rows"]
+        lines += ["### Inference (forward, eval, no grad)", "", "| path | forward (s) | vs base |", "|---|---|---|"]
+        for name in ("base", "unmerged", "merged"):
+            lines.append(f"| {name} | {inf[name]['median']:.3f} | {inf[name]['vs_base']:.3f} |")
+        lines.append("")
+    if "switching" in results:
+        sw = results["switching"]
+        lines += ["### Adapter switching (Llama-3.2-1B shape, base on the meta device)", "",
+                  f"{sw['adapters']} adapters x {sw['params_per_adapter']:,d} parameters, {sw['lora_layers']} adapted "
+                  f"Linears, {sw['modules']} modules in the tree.", "",
+                  "| what | median (ms) |", "|---|---|",
+                  f"| minilora.set_adapter(model, name) | {sw['set_adapter']['median'] * 1e3:.3f} |",
+                  f"| one walk of model.modules() to find the adapted Linears | {sw['module_walk']['median'] * 1e3:.3f} |",
+                  f"| the per-layer pointer swap alone | {sw['pointer_swap']['median'] * 1e3:.3f} |", "",
+                  f"Tensor ops run while switching: {sw['tensor_ops_during_switch']}; parameter objects and storages "
+                  f"unchanged: {sw['parameters_unchanged']}.", ""]
+    if "loop" in results:
+        lp, s = results["loop"], results["settings"]["shape"]
+        lines += ["### The training app's loop vs a bare loop (eager CPU)", "",
+                  f"A Llama of the training shape with vocabulary {lp['vocab']:,d}, batch {s['batch']} x {s['seq']}, "
+                  f"LoRA r={lp['r']} dropout {lp['dropout']:g}, AdamW; {lp['updates']} updates (2 warm-up) per run, "
+                  f"each contender in a fresh process, {lp['rounds']} rounds in rotating order, medians. The bare "
+                  "loop is model(labels=).loss.backward(), AdamW.step(), zero_grad(); peak RSS is the whole "
+                  "process's (VmHWM).", "",
+                  "| loop | s/update | vs bare | peak RSS (MiB) | vs bare |", "|---|---|---|---|---|"]
+        for name, row in lp["rows"].items():
+            lines.append(f"| {name} | {row['update_seconds']:.3f} | {row['time_vs_bare']:.3f} | "
+                         f"{_mib(row['peak_rss_bytes'])} | {row['rss_vs_bare']:.3f} |")
+        lines.append("")
+    if "xla" in results:
+        x = results["xla"]
+        if "skipped" in x:
+            lines += ["### XLA loop", "", x["skipped"], ""]
+        else:
+            eager = x.get("eager_update_seconds")
+            eager_cells = "— | —" if eager is None else f"{eager:.3f} | {x['xla_vs_eager']:.2f}"
+            lines += [f"### The training loop on XLA ({x['xla_device']}) vs eager CPU", "",
+                      f"train.loop.run on {x.get('source', 'text')}: a 2-layer Llama (hidden 128), LoRA r=16 dropout 0.1, "
+                      f"4 x 128 tokens, {x['updates']} updates (2 of them warm-up), loss logged every "
+                      f"{x['logging_steps']}.", "",
+                      "| compiles (total) | compiles after warm-up | host reads after warm-up (designed) | "
+                      "aten:: fallbacks in the step | XLA s/update | eager s/update | XLA / eager | XLA tokens/s |",
+                      "|---|---|---|---|---|---|---|---|",
+                      f"| {x['compiles_total']} | {x['compiles_after_warmup']} | "
+                      f"{x['host_fallbacks_after_warmup'].get('aten::_local_scalar_dense', 0)} "
+                      f"({x['designed_host_reads_after_warmup']}) | {sum(x['fallbacks_in_step'].values())} | "
+                      f"{x['xla_update_seconds']:.3f} | {eager_cells} | {x['xla_tokens_per_second']:,.0f} |", ""]
+            if "xla_full_update_seconds" in x:
+                lines += [f"Full fine-tuning through the same loop on XLA: {x['xla_full_update_seconds']:.3f} s/update; "
+                          f"LoRA / full on XLA {x['xla_lora_vs_full']:.2f}.", ""]
+    if "packing" in results:
+        lines += [f"### Packing ({results['packing']['source']})", "",
+                  "| max_seq_length | windows | real tokens | all tokens | real / all |", "|---|---|---|---|---|"]
+        for r in results["packing"]["rows"]:
+            lines.append(f"| {r['max_seq_length']} | {r['windows']:,d} | {r['real_tokens']:,d} | {r['all_tokens']:,d} "
+                         f"| {100 * r['efficiency']:.3f}% |")
+        lines.append("")
+    lines += ["### Targets", "", "| target | measured | target | met | note |", "|---|---|---|---|---|"]
+    for t in results["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}" if isinstance(t["value"], float) else str(t["value"])
+        sign = "≤" if t["better"] == "lower" else "≥"
+        met = "—" if t["met"] is None else "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['target']} | {value} | {sign} {t['limit']} | {met} | {t['note'] or ''} |")
+    return "\n".join(lines) + "\n"
