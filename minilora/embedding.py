@@ -8,13 +8,12 @@ nothing. No dropout: the input is token ids, and PEFT applies none to embeddings
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoRAAdapter, rows_by_adapter
+from .layer import LoRAAdapter, init_adapter_slots, rows_by_adapter
 
 
 class LoRAEmbedding(nn.Module):
@@ -40,12 +39,7 @@ class LoRAEmbedding(nn.Module):
         self.weight = base.weight
         self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
         self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: Optional[str] = None
-        self.merged_adapter: Optional[str] = None
-        self.disabled = False
-        self.row_adapters: Optional[Sequence[Optional[str]]] = None
-        self.train(base.training)
+        init_adapter_slots(self, base)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "kaiming", dtype: torch.dtype = torch.float32) -> LoRAAdapter:

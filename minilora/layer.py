@@ -244,6 +244,19 @@ _DORA_OVER_QUANTIZED = ("DoRA over a quantized base (minilora.quantize) is not s
                         "the float one")
 
 
+def init_adapter_slots(layer: nn.Module, base: nn.Module) -> None:
+    """The adapter bookkeeping every adapted layer (LoRALinear, LoRAEmbedding) starts with."""
+    layer.adapters = nn.ModuleDict()
+    layer.active_adapter = None   # Optional[str]
+    layer.merged_adapter = None   # Optional[str]
+    layer.disabled = False
+    # Per-row adapter names for a mixed batch (see minilora.inject.mixed_batch).
+    layer.row_adapters = None     # Optional[Sequence[Optional[str]]]
+    # A new nn.Module starts in training mode; inherit the replaced module's mode instead, or
+    # adapter dropout would run inside a model the user had put in eval().
+    layer.train(base.training)
+
+
 class LoRALinear(nn.Module):
     """Replaces an ``nn.Linear``: the frozen base ``weight``/``bias`` (the very Parameter objects
     of the Linear it replaces, so state-dict keys do not change) plus named adapters. Over a
@@ -262,15 +275,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: Optional[str] = None
-        self.merged_adapter: Optional[str] = None
-        self.disabled = False
-        # Per-row adapter names for a mixed batch (see minilora.inject.mixed_batch).
-        self.row_adapters: Optional[Sequence[Optional[str]]] = None
-        # A new nn.Module starts in training mode; inherit the Linear's mode instead, or adapter
-        # dropout would run inside a model the user had put in eval().
-        self.train(base.training)
+        init_adapter_slots(self, base)
 
     # -- adapters -----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import weakref
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 
 import torch
 
@@ -41,19 +41,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import minilora  # noqa: E402
+from bench.models import Shape, llama_config, parse_shape  # noqa: E402
 
 
-@dataclass
-class Shape:
-    layers: int = 4
-    hidden: int = 512
-    intermediate: int = 1376
-    heads: int = 8
-    kv_heads: int = 4
-    vocab: int = 8192
-    batch: int = 4
-    seq: int = 256
-    r: int = 16
+# The benchmark package's shape (4 layers here: DoRA's norm makes each step dearer) and its one
+# LlamaConfig builder.
+DEFAULT_SHAPE = Shape(layers=4)
 
 
 CONTENDERS = ("minilora DoRA", "PEFT DoRA", "minilora LoRA")
@@ -61,21 +54,18 @@ CONTENDERS = ("minilora DoRA", "PEFT DoRA", "minilora LoRA")
 
 def build(kind: str, dropout: float, shape: Shape, device: str, dtype: torch.dtype):
     """(model, AdamW) for one contender; the same seed gives every contender the same base."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, max_position_embeddings=max(shape.seq, 256))
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = LlamaForCausalLM(llama_config(shape)).to(device=device, dtype=dtype)
     targets = list(minilora.LLAMA_TARGETS)
     if kind == "PEFT DoRA":
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=shape.r, lora_alpha=2 * shape.r, lora_dropout=dropout,
+        model = peft.get_peft_model(model, peft.LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=dropout,
                                                            target_modules=targets, use_dora=True))
     else:
-        minilora.inject(model, r=shape.r, alpha=2 * shape.r, dropout=dropout, target_modules=targets,
+        minilora.inject(model, r=shape.r, alpha=shape.alpha, dropout=dropout, target_modules=targets,
                         use_dora=kind == "minilora DoRA")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,7 +200,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--shape", default="", help="overrides, e.g. layers=2,hidden=256,seq=128 (fields of Shape)")
+    p.add_argument("--shape", default="", help="a named shape and/or overrides, e.g. layers=2,hidden=256,seq=128 (fields of bench.models.Shape)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="also write the results (every sample included) to this file")
@@ -219,10 +209,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        shape = replace(Shape(), **{k: int(v) for k, v in (item.split("=") for item in args.shape.split(",") if item)})
-    except (TypeError, ValueError) as e:
-        print(f"dora_bench: --shape {args.shape!r}: {e}; give name=integer pairs of {', '.join(asdict(Shape()))}",
-              file=sys.stderr)
+        shape = parse_shape(args.shape, DEFAULT_SHAPE)
+    except ValueError as e:
+        print(f"dora_bench: --shape {args.shape!r}: {e}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     if args.peak_of:

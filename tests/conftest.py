@@ -51,6 +51,17 @@ def randomize_adapters(model, seed: int = 1, std: float = 0.05):
     return model
 
 
+def trained(model, seed: int = 1, std: float = 0.05):
+    """What training does to a model: every trainable tensor (LoRA, DoRA magnitudes, modules_to_save
+    copies) moves by a seeded N(0, std) step. Works on minilora and PEFT models alike."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import minilora
-from conftest import assert_close_to_rounding, randomize_adapters, run_xla, tiny_llama
+from conftest import assert_close_to_rounding, randomize_adapters, run_xla, tiny_llama, trained
 from minilora import AdapterLoadError
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -27,13 +27,7 @@ def peft_dora(dropout=0.0, seed=3):
     """A PEFT DoRA model whose every trainable tensor (A, B, magnitude) has moved, as training moves them."""
     import peft
 
-    model = peft.get_peft_model(tiny_llama(**BASE), peft.LoraConfig(lora_dropout=dropout, **THEIRS))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return trained(peft.get_peft_model(tiny_llama(**BASE), peft.LoraConfig(lora_dropout=dropout, **THEIRS)), seed)
 
 
 def ours_dora(dropout=0.0):

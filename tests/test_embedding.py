@@ -6,20 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 import minilora
-from conftest import tiny_llama
+from conftest import tiny_llama, trained
 from minilora import LoRAEmbedding
 
 IDS = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
-
-
-def trained(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def test_the_adapter_term_is_peft_embedding_formula_and_starts_at_zero():

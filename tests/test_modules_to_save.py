@@ -8,21 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import minilora
-from conftest import tiny_llama
+from conftest import tiny_llama, trained
 from minilora import ModuleToSave
 
 IDS = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-
-
-def trained(model, seed=1):
-    """What training does: every trainable tensor (LoRA and the copies) moves."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 # (tiny_llama fields, modules_to_save, ensure_weight_tying)

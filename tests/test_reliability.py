@@ -247,13 +247,17 @@ def test_secrets_stay_out_of_errors_even_with_debug(tmp_path, tiny_model_dir, da
 
 # -- untrusted or damaged checkpoints: refused in one line, nothing unpickled, nothing changed ----
 
-def _rewrite_config(ckpt, **changes):
-    path = os.path.join(ckpt, "adapter_config.json")
+def _rewrite_json(ckpt, name, **changes):
+    path = os.path.join(ckpt, name)
     with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
+        values = json.load(f)
+    values.update(changes)
     with open(path, "w") as f:
-        json.dump(config, f)
+        json.dump(values, f)
+
+
+def _rewrite_config(ckpt, **changes):
+    _rewrite_json(ckpt, "adapter_config.json", **changes)
 
 
 def _adapter_of_another_base(ckpt):
@@ -297,12 +301,7 @@ DAMAGE = [
 
 
 def _rewrite_state(ckpt, **changes):
-    path = os.path.join(ckpt, "trainer_state.json")
-    with open(path) as f:
-        state = json.load(f)
-    state.update(changes)
-    with open(path, "w") as f:
-        json.dump(state, f)
+    _rewrite_json(ckpt, "trainer_state.json", **changes)
 
 
 def _nan_adapter(ckpt):
@@ -482,7 +481,8 @@ def load_and_arm(args):
             if forwards[0] == 5:  # the first of update 3's two micro-batches: the scheduler says stop
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    model.register_forward_hook(preempt)
+    # the decoder, not the whole model: the chunked loss calls the decoder and the LM head itself
+    model.get_decoder().register_forward_hook(preempt)
     return model, tokenizer
 
 loop.load_model_and_tokenizer = load_and_arm

@@ -321,8 +321,8 @@ from train.cli import main
 rank = os.environ["RANK"]
 draw, load = minilora.layer.dropout_mask, loop.load_model_and_tokenizer
 
-def noted_mask(x, p):
-    keep = draw(x, p)
+def noted_mask(x, p, *site):
+    keep = draw(x, p, *site)
     if "MASKS" in os.environ and not os.path.exists(os.path.join(os.environ["MASKS"], "rank" + rank)):
         with open(os.path.join(os.environ["MASKS"], "rank" + rank), "w") as f:
             f.write(hashlib.sha256(keep.numpy().tobytes()).hexdigest())
@@ -338,7 +338,8 @@ def load_and_arm(args):
             if forwards[0] == 5 and rank == os.environ.get("SIGTERM_RANK"):  # update 3, micro-batch 1 of 2
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    model.register_forward_hook(preempt)
+    # the decoder, not the whole model: the chunked loss calls the decoder and the LM head itself
+    model.get_decoder().register_forward_hook(preempt)
     return model, tokenizer
 
 minilora.layer.dropout_mask = noted_mask  # what LoRAAdapter.forward calls
