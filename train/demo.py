@@ -31,8 +31,8 @@ from .demo_assets import medquad_dataset_dir, read_medquad
 # prompts rather than 60: its greedy probe is the slowest part of a run this short. Any of these that the
 # user gives wins.
 DEMO_LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_top_layers=8, learning_rate=1e-3,
-                 weight_decay=0.01, max_grad_norm=1.0, warmup_steps=4, max_steps=50, max_seq_length=128,
-                 per_device_train_batch_size=8, per_device_eval_batch_size=16, max_eval_samples=48,
+                 weight_decay=0.01, max_grad_norm=1.0, warmup_steps=4, max_steps=45, max_seq_length=128,
+                 per_device_train_batch_size=8, per_device_eval_batch_size=16, max_eval_samples=32,
                  logging_steps=10, eval_steps=0, save_epoch_percentage=0.0, chat_template=True,
                  train_on_responses_only=True, chat_drift_prompts=20)
 ANSWER_TOKENS = 80  # per held-out question and model: enough for the first few sentences
