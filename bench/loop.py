@@ -68,7 +68,8 @@ def bench_loop(settings: Settings, workdir: str, threads: int, tokenizer_dir: st
                 "--max_steps", str(updates), "--logging_steps", "1", "--device", "cpu", "--report_to", "none",
                 "--save_epoch_percentage", "0", "--general_eval_dataset", "none", "--max_eval_samples",
                 str(shape.batch), "--learning_rate", "1e-4", "--overwrite_output_dir", "--seed", str(settings.seed)]
-    contenders = {"app (chunked loss)": [], "app (--no-chunked_loss)": ["--no-chunked_loss"], "bare loop": None}
+    contenders = {"app (chunked loss)": ["--chunked_loss"], "app (--no-chunked_loss)": ["--no-chunked_loss"],
+                   "bare loop": None}
     samples: dict[str, list[dict]] = {name: [] for name in contenders}
     names = list(contenders)
     rounds = settings.loop_rounds

@@ -197,7 +197,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
         more = f" (and {len(unsupported) - 1} more such module(s))" if len(unsupported) > 1 else ""
         raise UnsupportedLayerError(
             f"cannot adapt {name!r}: it is {reason}{more}. minilora adapts plain nn.Linear layers, and refuses "
-            "others rather than adapt them wrongly; load the base unquantized, or leave such modules out with "
+            "others rather than adapt them wrongly; load the base unquantized (minilora.quantize(model, 'nf4') "
+            "then gives a 4-bit base that LoRA trains over), or leave such modules out with "
             "exclude_modules / a narrower target_modules")
     if not chosen:
         raise ValueError(
