@@ -15,12 +15,13 @@ from typing import Optional
 import torch
 
 from . import __doc__ as PACKAGE_DOC
+from .loop import LOOP_ROWS
 from .models import QUICK, SHAPES, Settings, Shape, parse_shape
 from .report import machine, markdown, targets
 from .timing import ROOT
 
 MEDQUAD = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
-SECTIONS = ("training", "inference", "switching", "loop", "xla", "packing")
+SECTIONS = ("training", "speed", "inference", "switching", "loop", "xla", "packing")
 
 
 class UsageError(ValueError):
@@ -34,6 +35,12 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out")
     p.add_argument("--rounds", type=int, help="alternated training steps per contender (default 7, quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps per contender before the rounds (default 2, quick 1)")
+    p.add_argument("--memory-steps", type=int,
+                   help="steps of each training contender's peak-memory subprocess (default 2; 0: no memory column)")
+    p.add_argument("--loop-rows", help=f"the loop section's contenders, comma-separated (default all: {', '.join(LOOP_ROWS)})")
+    p.add_argument("--loop-updates", type=int, help="updates per loop-section run, 2 of them warm-up (default 8, at least 4)")
+    p.add_argument("--loop-rounds", type=int, help="runs of each loop-section contender (default 2)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--json", default="minilora-bench.json", help="where to write every number")
     p.add_argument("--markdown", help="also write the markdown tables here")
@@ -53,8 +60,18 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[Settings, list[str], list[torch.device]]:
     """(settings, sections, training devices) from the command line; UsageError on bad input."""
     settings = Settings(**QUICK) if args.quick else Settings()
-    if args.rounds:
-        settings.rounds = args.rounds
+    for name in ("rounds", "warmup", "memory_steps", "loop_updates", "loop_rounds"):
+        value = getattr(args, name)
+        if value is not None:
+            least = {"rounds": 1, "loop_updates": 4, "loop_rounds": 1}.get(name, 0)
+            if value < least:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: give at least {least}")
+            setattr(settings, name, value)
+    if args.loop_rows:
+        rows = tuple(r.strip() for r in args.loop_rows.split(",") if r.strip())
+        if not rows or set(rows) - set(LOOP_ROWS):
+            raise UsageError(f"--loop-rows {args.loop_rows}: choose from {', '.join(LOOP_ROWS)}")
+        settings.loop_rows = rows
     if args.shape:
         try:
             settings.shape = parse_shape(args.shape, settings.shape)
@@ -80,7 +97,7 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
     from .inference import bench_inference, bench_switching
     from .loop import bench_loop
     from .packing import bench_packing, prepare_text
-    from .training import bench_training
+    from .training import bench_speed, bench_training
     from .xla import bench_xla
 
     results: dict = {}
@@ -92,6 +109,9 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
                 results["training"][device.type] = bench_training(settings, device, args.threads, dtype,
                                                                   args.peak_tflops)
+        if "speed" in chosen:
+            log("minilora's step by precision and depth")
+            results["speed"] = bench_speed(settings, args.threads)
         if "inference" in chosen:
             log("inference")
             results["inference"] = bench_inference(settings, torch.device("cpu"))

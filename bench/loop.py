@@ -1,6 +1,6 @@
 """Section ``loop``: the training app's own loop (``train.loop.run``, eager CPU or CUDA) against a
 bare loop over the same model, batch shape and AdamW: update time and whole-process peak memory,
-the app with its chunked loss and without it (``--no-chunked_loss``)."""
+the app with full logits (its default) and with its chunked loss (``--chunked_loss``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ import subprocess
 import sys
 
 from .models import Settings
+
+# The contenders, by the name Settings.loop_rows (and --loop-rows) uses: (row label, the app's extra
+# arguments, None for the bare loop; extra environment). "app-mmap": the app with glibc's mmap
+# threshold fixed at 64 KiB, so that freed activations go back to the kernel instead of staying in
+# the heap (docs/benchmarks.md, "Where the app's extra memory went"); it measures what that costs.
+MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+LOOP_ROWS = {"app": ("app (full logits, the default)", ["--no-chunked_loss"], {}),
+             "app-chunked": ("app (--chunked_loss)", ["--chunked_loss"], {}),
+             "app-mmap": ("app, MALLOC_MMAP_THRESHOLD_=65536", ["--no-chunked_loss"], MMAP_THRESHOLD),
+             "bare": ("bare loop", None, {})}
 from .timing import ROOT, child_env
 from .xla import save_loop_model, steady_update_seconds
 
@@ -53,9 +63,9 @@ print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "update_seconds"
 
 def bench_loop(settings: Settings, workdir: str, threads: int, tokenizer_dir: str, data_file: str,
                dropout: float = 0.05, r: int = 16) -> dict:
-    """Runs the contenders (the app chunked, the app unchunked, the bare loop) in fresh processes,
-    one after another, ``settings.loop_rounds`` times in rotating order; each figure is the median
-    over rounds."""
+    """Runs the contenders of ``settings.loop_rows`` (see LOOP_ROWS) in fresh processes, one after
+    another, ``settings.loop_rounds`` times in rotating order; each figure is the median over
+    rounds, each ratio to the bare loop (when it ran)."""
     shape = settings.shape
     model_dir = save_loop_model(shape, tokenizer_dir, os.path.join(workdir, "loop-model"), settings.seed)
     updates = settings.loop_updates
@@ -68,32 +78,35 @@ def bench_loop(settings: Settings, workdir: str, threads: int, tokenizer_dir: st
                 "--max_steps", str(updates), "--logging_steps", "1", "--device", "cpu", "--report_to", "none",
                 "--save_epoch_percentage", "0", "--general_eval_dataset", "none", "--max_eval_samples",
                 str(shape.batch), "--learning_rate", "1e-4", "--overwrite_output_dir", "--seed", str(settings.seed)]
-    contenders = {"app (chunked loss)": ["--chunked_loss"], "app (--no-chunked_loss)": ["--no-chunked_loss"],
-                   "bare loop": None}
+    unknown = set(settings.loop_rows) - set(LOOP_ROWS)
+    if unknown:
+        raise ValueError(f"unknown loop row(s) {', '.join(sorted(unknown))}; choose from {', '.join(LOOP_ROWS)}")
+    contenders = {LOOP_ROWS[key][0]: LOOP_ROWS[key][1:] for key in settings.loop_rows}
     samples: dict[str, list[dict]] = {name: [] for name in contenders}
     names = list(contenders)
     rounds = settings.loop_rounds
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            env = {**child_env(), "OMP_NUM_THREADS": str(threads)}
-            if contenders[name] is None:
+            extra, more_env = contenders[name]
+            env = {**child_env(), "OMP_NUM_THREADS": str(threads), **more_env}
+            if extra is None:
                 spec = {"model_dir": model_dir, "r": r, "dropout": dropout, "batch": shape.batch, "seq": shape.seq,
                         "tokens": tokens, "updates": updates, "threads": threads, "seed": settings.seed}
                 result = _child(BARE_CHILD, spec, env)
             else:
                 out = os.path.join(workdir, "loop-app")
-                result = _child(APP_CHILD, app_argv + ["--output_dir", out] + contenders[name], env)
+                result = _child(APP_CHILD, app_argv + ["--output_dir", out] + extra, env)
                 result["update_seconds"] = steady_update_seconds(os.path.join(out, "metrics.jsonl"))
             samples[name].append(result)
     rows = {name: {"update_seconds": statistics.median(s["update_seconds"] for s in runs),
                    "peak_rss_bytes": statistics.median(s["peak_rss_bytes"] for s in runs),
                    "samples": runs} for name, runs in samples.items()}
-    bare = rows["bare loop"]
+    bare = rows.get(LOOP_ROWS["bare"][0])
     for row in rows.values():
-        row["time_vs_bare"] = row["update_seconds"] / bare["update_seconds"]
-        row["rss_vs_bare"] = row["peak_rss_bytes"] / bare["peak_rss_bytes"]
+        row["time_vs_bare"] = bare and row["update_seconds"] / bare["update_seconds"]
+        row["rss_vs_bare"] = bare and row["peak_rss_bytes"] / bare["peak_rss_bytes"]
     return {"rows": rows, "updates": updates, "rounds": rounds, "dropout": dropout, "r": r, "threads": threads,
-            "vocab": max(shape.vocab, tokens)}
+            "vocab": max(shape.vocab, tokens), "batch": shape.batch, "seq": shape.seq}
 
 
 def _child(script: str, arg, env: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
@@ -9,6 +10,7 @@ from typing import Optional
 import torch
 
 import minilora
+import minilora.layer
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Settings:
     xla_updates: int = 14        # updates of the XLA / eager loop runs (2 of them warm-up)
     loop_updates: int = 8        # updates of the app-loop vs bare-loop runs (2 of them warm-up)
     loop_rounds: int = 2         # runs of each loop contender, in rotating order
+    loop_rows: tuple = ("app", "app-chunked", "bare")  # the loop section's contenders (loop.LOOP_ROWS)
     packing_records: Optional[int] = None  # medquad records to pack (None: all)
     seed: int = 0
 
@@ -93,9 +96,12 @@ def llama_config(shape: Shape, **overrides):
                        **overrides)
 
 
-def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torch.device, dtype=torch.float32):
+def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torch.device, dtype=torch.float32,
+                top_layers: int = 0):
     """``kind``: base (no adapter), minilora, peft or full. The same seed gives every contender
-    the same base weights; LoRA contenders get the same r, alpha, dropout and targets."""
+    the same base weights; LoRA contenders get the same r, alpha, dropout and targets.
+    ``top_layers`` > 0: minilora's adapters on the last that many decoder layers only (the app's
+    --lora_top_layers; backward then stops at the lowest adapted layer)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -103,7 +109,9 @@ def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torc
     with torch.device(device):
         model = LlamaForCausalLM(llama_config(shape)).to(dtype)
     if kind == "minilora":
-        minilora.inject(model, r=shape.r, alpha=shape.alpha, dropout=dropout, target_modules=minilora.LLAMA_TARGETS)
+        layers = list(range(shape.layers - top_layers, shape.layers)) if top_layers else None
+        minilora.inject(model, r=shape.r, alpha=shape.alpha, dropout=dropout, target_modules=minilora.LLAMA_TARGETS,
+                        layers_to_transform=layers)
     elif kind == "peft":
         import peft
 
@@ -111,18 +119,55 @@ def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torc
                                                            target_modules=list(minilora.LLAMA_TARGETS), bias="none"))
     return model.to(device)
 
-class Trainer:
-    """One contender's model, AdamW and batch; ``step()`` is one training update."""
+# The two ways minilora draws a dropout mask on a CPU (minilora.layer._draw_keep_mask): "words"
+# (16-bit uniforms from 64-bit random words, where ATen's bernoulli_ is a scalar loop: AMD CPUs)
+# and "bernoulli" (bernoulli_, which ATen hands to MKL on Intel CPUs). None: this machine's own.
+MASK_PATHS = ("words", "bernoulli")
 
-    def __init__(self, kind: str, dropout: float, shape: Shape, seed: int, device: torch.device, dtype=torch.float32):
-        self.model = build_model(kind, dropout, shape, seed, device, dtype).train()
+
+def native_mask_path() -> str:
+    """The mask path minilora takes on this machine's CPU."""
+    return "bernoulli" if minilora.layer._cpu_bernoulli_is_vectorised() else "words"
+
+
+@contextlib.contextmanager
+def mask_path(path: Optional[str]):
+    """Within the block, minilora draws CPU dropout masks by ``path`` (see MASK_PATHS), whatever the
+    CPU; the tests force the paths the same way. On an AMD CPU "bernoulli" is ATen's scalar loop,
+    not MKL's kernel: it runs minilora's Intel code path, at this CPU's bernoulli_ speed."""
+    if path is None:
+        yield
+        return
+    if path not in MASK_PATHS:
+        raise ValueError(f"unknown mask path {path!r}; choose from {', '.join(MASK_PATHS)}")
+    own = minilora.layer._cpu_bernoulli_is_vectorised
+    minilora.layer._cpu_bernoulli_is_vectorised = lambda: path == "bernoulli"
+    try:
+        yield
+    finally:
+        minilora.layer._cpu_bernoulli_is_vectorised = own
+
+
+class Trainer:
+    """One contender's model, AdamW and batch; ``step()`` is one training update.
+
+    ``dtype``: the base's weights (adapters stay float32, as the app keeps them); ``autocast``:
+    bfloat16 autocast over them (CPU or CUDA); ``top_layers``: see build_model; ``mask``: the
+    CPU dropout-mask path (see mask_path)."""
+
+    def __init__(self, kind: str, dropout: float, shape: Shape, seed: int, device: torch.device, dtype=torch.float32,
+                 autocast: bool = False, top_layers: int = 0, mask: Optional[str] = None):
+        self.model = build_model(kind, dropout, shape, seed, device, dtype, top_layers).train()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+        self.mask = mask
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=1e-4, weight_decay=0.01)
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)  # (B, L)
 
     def step(self) -> None:
-        loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
+        with mask_path(self.mask), self.autocast:
+            loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

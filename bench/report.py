@@ -17,29 +17,35 @@ def targets(results: dict) -> list[dict]:
         met = None if value is None else (value <= limit if better == "lower" else value >= limit)
         rows.append({"target": name, "value": value, "limit": limit, "better": better, "met": met, "note": note})
 
-    # The training targets once per device measured (eager CPU, and CUDA where present).
+    # The training targets once per device measured (eager CPU, and CUDA where present); on a CPU the
+    # dropout targets once per mask path of minilora's (each row says which it took).
     for device, training in (results.get("training") or {"cpu": {}}).items():
         on = "" if device == "cpu" else f" ({device})"
-        step = {(r["kind"], r["dropout"]): r for r in training.get("rows", [])}
+        steps = training.get("rows", [])
+        peft = {r["dropout"]: r for r in steps if r["kind"] == "peft"}
+        plain = next((r for r in steps if r["kind"] == "minilora" and r["dropout"] == 0), None)
         dropouts = results.get("settings", {}).get("dropouts", ())
         for p in dropouts:
-            ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
-            add(f"minilora / PEFT training step, dropout {p:g}{on}", ours and theirs and ours["median"] / theirs["median"],
-                1.00 if p == 0 else 0.85)
-        plain = step.get(("minilora", 0.0))
-        for p in (p for p in dropouts if p > 0):
-            ours = step.get(("minilora", p))
-            add(f"minilora step with dropout {p:g} / without{on}", ours and plain and ours["median"] / plain["median"],
-                1.15)
+            ours = [r for r in steps if r["kind"] == "minilora" and r["dropout"] == p] or [None]
+            for row in ours:
+                path = f", {row['mask']} mask" if row and row.get("mask") else ""
+                theirs = peft.get(p)
+                add(f"minilora / PEFT training step, dropout {p:g}{path}{on}",
+                    row and theirs and row["median"] / theirs["median"], 1.00 if p == 0 else 0.85)
+                if p > 0:
+                    add(f"minilora step with dropout {p:g} / without{path}{on}",
+                        row and plain and row["median"] / plain["median"], 1.15)
         # LoRA cannot beat the ratio of the two steps' model FLOPs (forward, input gradients and the
         # frozen weights' products are shared): the target is the step-time ratio over that floor.
-        full = step.get(("full", 0.0))
+        full = next((r for r in steps if r["kind"] == "full"), None)
         floor = plain and full and plain["model_gflop_per_step"] / full["model_gflop_per_step"]
         add(f"(minilora LoRA / full fine-tune step) / model-FLOPs ratio{on}",
             plain and full and plain["median"] / full["median"] / floor, 1.10 if device == "cpu" else 1.15,
             note=floor and f"LoRA / full {plain['median'] / full['median']:.3f}; model FLOPs ratio {floor:.3f}")
-        for p in results.get("settings", {}).get("dropouts", ()):
-            ours, theirs = step.get(("minilora", p)), step.get(("peft", p))
+        for p in dropouts:
+            ours = next((r for r in steps if r["kind"] == "minilora" and r["dropout"] == p
+                         and (r.get("mask") is None or r.get("native_mask"))), None)  # this machine's own path
+            theirs = peft.get(p)
             value = ours and theirs and "peak_memory_bytes" in ours and ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
             add(f"minilora / PEFT peak training memory, dropout {p:g}{on}", value or None, 1.00)
     inference = results.get("inference", {}).get("rows")
@@ -50,12 +56,16 @@ def targets(results: dict) -> list[dict]:
         note=switching and (f"the pointer swap alone {switching['pointer_swap']['median'] * 1e3:.3f} ms, one "
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
-    loop = (results.get("loop") or {}).get("rows")
-    app, plain = loop and loop["app (chunked loss)"], loop and loop["app (--no-chunked_loss)"]
+    loop = (results.get("loop") or {}).get("rows") or {}
+    app, chunked = loop.get("app (full logits, the default)"), loop.get("app (--chunked_loss)")
     add("the app's update / a bare loop's (eager CPU)", app and app["time_vs_bare"], 1.05)
     add("the app's peak RSS / a bare loop's", app and app["rss_vs_bare"], 1.10)
-    add("the app's peak RSS, chunked loss / full logits", app and app["peak_rss_bytes"] / plain["peak_rss_bytes"], 0.85)
-    add("the app's update, chunked loss / full logits", app and app["update_seconds"] / plain["update_seconds"], 1.02)
+    shape = (results.get("loop") or {}).get("seq")
+    at = f" ({results['loop']['batch']} x {shape})" if shape else ""
+    add(f"the app's peak RSS, chunked loss / full logits{at}",
+        app and chunked and chunked["peak_rss_bytes"] / app["peak_rss_bytes"], 0.85)
+    add(f"the app's update, chunked loss / full logits{at}",
+        app and chunked and chunked["update_seconds"] / app["update_seconds"], 1.02)
     xla = results.get("xla") or {}
     add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
     add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
@@ -85,6 +95,10 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def _ratio(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def _mib(value) -> str:
@@ -148,15 +162,27 @@ def markdown(results: dict) -> str:
     if "loop" in results:
         lp, s = results["loop"], results["settings"]["shape"]
         lines += ["### The training app's loop vs a bare loop (eager CPU)", "",
-                  f"A Llama of the training shape with vocabulary {lp['vocab']:,d}, batch {s['batch']} x {s['seq']}, "
+                  f"A Llama of the training shape with vocabulary {lp['vocab']:,d}, batch {lp['batch']} x {lp['seq']}, "
                   f"LoRA r={lp['r']} dropout {lp['dropout']:g}, AdamW; {lp['updates']} updates (2 warm-up) per run, "
                   f"each contender in a fresh process, {lp['rounds']} rounds in rotating order, medians. The bare "
                   "loop is model(labels=).loss.backward(), AdamW.step(), zero_grad(); peak RSS is the whole "
                   "process's (VmHWM).", "",
                   "| loop | s/update | vs bare | peak RSS (MiB) | vs bare |", "|---|---|---|---|---|"]
         for name, row in lp["rows"].items():
-            lines.append(f"| {name} | {row['update_seconds']:.3f} | {row['time_vs_bare']:.3f} | "
-                         f"{_mib(row['peak_rss_bytes'])} | {row['rss_vs_bare']:.3f} |")
+            lines.append(f"| {name} | {row['update_seconds']:.3f} | {_ratio(row['time_vs_bare'])} | "
+                         f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} |")
+        lines.append("")
+    if "speed" in results:
+        sp, s = results["speed"], results["settings"]["shape"]
+        lines += ["### minilora's step by precision and depth (eager CPU)", "",
+                  f"Llama {s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}; batch {s['batch']} x {s['seq']}; "
+                  f"LoRA r={s['r']} on the seven projections, dropout 0, float32 adapters; AdamW; {sp['threads']} "
+                  f"threads; median of {results['settings']['rounds']} alternated steps. Native bfloat16 on this CPU: "
+                  f"{'yes' if sp['bf16_native'] else 'no (bfloat16 is emulated)'}.", "",
+                  "| base weights, adapted layers | step (s) | min–max (s) | vs float32, all layers |", "|---|---|---|---|"]
+        for r in sp["rows"]:
+            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | "
+                         f"{r['vs_float32_all_layers']:.3f} |")
         lines.append("")
     if "xla" in results:
         x = results["xla"]

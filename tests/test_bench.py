@@ -20,7 +20,7 @@ from conftest import assert_close_to_rounding, make_tokenizer, medical_sentences
 from test_layer import OpRecorder
 from bench import cli
 from bench.inference import bench_switching
-from bench.models import Settings
+from bench.models import MASK_PATHS, Settings, mask_path
 from bench.xla import bench_xla
 
 # 3 x 7 = 21 token rows: no activation is shaped like any weight of the tiny Llama (64, 32, 128 wide).
@@ -143,6 +143,25 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
         assert_close_to_rounding(ours, reference, reduction=48 + 80)
 
 
+@pytest.mark.parametrize("path", MASK_PATHS)
+def test_the_benchmarks_mask_path_rows_draw_by_the_path_they_name(path):
+    # The training section times minilora's dropout by both CPU paths on any machine: within
+    # mask_path("bernoulli") the mask is bernoulli_'s draw, within "words" it is not, and the
+    # machine's own choice is back afterwards.
+    own = minilora.layer._cpu_bernoulli_is_vectorised
+    x = torch.zeros(64, 48)
+    with mask_path(path):
+        torch.manual_seed(1)
+        drawn = minilora.layer.dropout_mask(x, 0.25)
+    torch.manual_seed(1)
+    by_bernoulli = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
+    assert torch.equal(drawn, by_bernoulli) == (path == "bernoulli")
+    assert minilora.layer._cpu_bernoulli_is_vectorised is own
+    with pytest.raises(ValueError, match="unknown mask path"):
+        with mask_path("mkl"):
+            pass
+
+
 def test_switching_adapters_runs_no_tensor_op_and_allocates_no_parameter():
     result = bench_switching(Settings(switch_adapters=2, switch_rounds=4))  # the 1B-shaped set
     assert result["tensor_ops_during_switch"] == 0
@@ -184,30 +203,60 @@ def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokeniz
 
 
 def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_tokenizer, tmp_path, capsys):
+    from bench.models import native_mask_path
+
     _, records = text_and_tokenizer
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    code = cli.main(["--quick", "--only", "training,inference,loop,packing", "--rounds", "1", "--threads", "1",
-                       "--shape", "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32",
+    code = cli.main(["--quick", "--only", "training,speed,inference,loop,packing", "--rounds", "1", "--threads", "1",
+                       "--shape", "layers=2,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32",
                        "--medquad", records, "--json", str(out), "--markdown", str(md)])
     assert code == 0
     results = json.loads(out.read_text())
-    kinds = [(r["kind"], r["dropout"]) for r in results["training"]["cpu"]["rows"]]
-    assert kinds == [("minilora", 0.0), ("peft", 0.0), ("minilora", 0.05), ("peft", 0.05), ("full", 0.0)]
+    own = native_mask_path()
+    other = next(m for m in MASK_PATHS if m != own)
+    kinds = [(r["kind"], r["dropout"], r["mask"]) for r in results["training"]["cpu"]["rows"]]
+    assert kinds == [("minilora", 0.0, None), ("peft", 0.0, None), ("minilora", 0.05, own), ("minilora", 0.05, other),
+                     ("peft", 0.05, None), ("full", 0.0, None)]
     for row in results["training"]["cpu"]["rows"]:
         assert len(row["samples"]) == 1 and row["median"] > 0 and row["peak_memory_bytes"] > 0
+    speed = results["speed"]["rows"]
+    assert [(r["weights"], r["autocast_bf16"], r["top_layers"]) for r in speed] == [
+        ("float32", False, 2), ("float32", True, 2), ("bfloat16", False, 2),
+        ("float32", False, 1), ("float32", True, 1), ("bfloat16", False, 1)]
+    assert speed[0]["vs_float32_all_layers"] == 1 and all(r["median"] > 0 for r in speed)
     assert set(results["inference"]["rows"]) == {"base", "unmerged", "merged"}
     assert results["packing"]["rows"][0]["efficiency"] > 0.9
     loop = results["loop"]["rows"]
-    assert set(loop) == {"app (chunked loss)", "app (--no-chunked_loss)", "bare loop"}
+    assert set(loop) == {"app (full logits, the default)", "app (--chunked_loss)", "bare loop"}
     assert all(row["update_seconds"] > 0 and row["peak_rss_bytes"] > 0 for row in loop.values())
     targets = {t["target"]: t for t in results["targets"]}
-    assert targets["minilora / PEFT training step, dropout 0.05"]["value"] is not None
-    assert targets["minilora step with dropout 0.05 / without"]["value"] is not None
+    for path in MASK_PATHS:  # both CPU paths' dropout targets, measured in the same rounds
+        assert targets[f"minilora / PEFT training step, dropout 0.05, {path} mask"]["value"] is not None
+        assert targets[f"minilora step with dropout 0.05 / without, {path} mask"]["value"] is not None
     assert targets["the app's update / a bare loop's (eager CPU)"]["value"] is not None
+    assert targets["the app's peak RSS, chunked loss / full logits (2 x 32)"]["value"] is not None
     assert targets["XLA compiles after warm-up"]["value"] is None  # not run here
     text = md.read_text()
-    assert "### Targets" in text and "| minilora LoRA, dropout 0 |" in text
+    assert "### Targets" in text and "| minilora LoRA, dropout 0 |" in text and "| bfloat16 weights, top 1 layers |" in text
     assert text in capsys.readouterr().out
+
+
+def test_bench_quick_loop_rows_and_no_memory_column(text_and_tokenizer, tmp_path):
+    _, records = text_and_tokenizer
+    out = tmp_path / "bench.json"
+    code = cli.main(["--quick", "--only", "training,loop", "--rounds", "1", "--warmup", "0", "--memory-steps", "0",
+                     "--loop-rows", "app,app-chunked", "--loop-updates", "4", "--threads", "1", "--shape",
+                     "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32,batch=2",
+                     "--medquad", records, "--json", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert not any("peak_memory_bytes" in r for r in results["training"]["cpu"]["rows"])
+    loop = results["loop"]["rows"]
+    assert set(loop) == {"app (full logits, the default)", "app (--chunked_loss)"}
+    assert all(row["time_vs_bare"] is None for row in loop.values())  # no bare loop ran: no ratio to it
+    targets = {t["target"]: t for t in results["targets"]}
+    assert targets["the app's update, chunked loss / full logits (2 x 32)"]["value"] > 0
+    assert targets["the app's update / a bare loop's (eager CPU)"]["value"] is None
 
 
 def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
@@ -215,3 +264,7 @@ def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
     assert "unknown section(s) trainig" in capsys.readouterr().err
     assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
+    assert cli.main(["--loop-rows", "app,bear"]) == 2
+    assert "--loop-rows app,bear: choose from app, app-chunked, app-mmap, bare" in capsys.readouterr().err
+    assert cli.main(["--loop-updates", "3"]) == 2
+    assert "--loop-updates 3: give at least 4" in capsys.readouterr().err
