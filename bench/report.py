@@ -142,6 +142,18 @@ def markdown(results: dict) -> str:
         if method:
             lines += ["", f"Peak memory: {method}."]
         lines.append("")
+    if "speed" in results:
+        sp, s = results["speed"], results["settings"]["shape"]
+        lines += ["### minilora's step by precision and depth (eager CPU)", "",
+                  f"Llama {s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}; batch {s['batch']} x {s['seq']}; "
+                  f"LoRA r={s['r']} on the seven projections, dropout 0, float32 adapters; AdamW; {sp['threads']} "
+                  f"threads; median of {results['settings']['rounds']} alternated steps. Native bfloat16 on this CPU: "
+                  f"{'yes' if sp['bf16_native'] else 'no (bfloat16 is emulated)'}.", "",
+                  "| base weights, adapted layers | step (s) | min–max (s) | vs float32, all layers |", "|---|---|---|---|"]
+        for r in sp["rows"]:
+            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | "
+                         f"{r['vs_float32_all_layers']:.3f} |")
+        lines.append("")
     if "inference" in results:
         inf = results["inference"]["rows"]
         lines += ["### Inference (forward, eval, no grad)", "", "| path | forward (s) | vs base |", "|---|---|---|"]
@@ -171,18 +183,6 @@ def markdown(results: dict) -> str:
         for name, row in lp["rows"].items():
             lines.append(f"| {name} | {row['update_seconds']:.3f} | {_ratio(row['time_vs_bare'])} | "
                          f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} |")
-        lines.append("")
-    if "speed" in results:
-        sp, s = results["speed"], results["settings"]["shape"]
-        lines += ["### minilora's step by precision and depth (eager CPU)", "",
-                  f"Llama {s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}; batch {s['batch']} x {s['seq']}; "
-                  f"LoRA r={s['r']} on the seven projections, dropout 0, float32 adapters; AdamW; {sp['threads']} "
-                  f"threads; median of {results['settings']['rounds']} alternated steps. Native bfloat16 on this CPU: "
-                  f"{'yes' if sp['bf16_native'] else 'no (bfloat16 is emulated)'}.", "",
-                  "| base weights, adapted layers | step (s) | min–max (s) | vs float32, all layers |", "|---|---|---|---|"]
-        for r in sp["rows"]:
-            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | "
-                         f"{r['vs_float32_all_layers']:.3f} |")
         lines.append("")
     if "xla" in results:
         x = results["xla"]
