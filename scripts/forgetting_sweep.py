@@ -264,6 +264,51 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+# -- the tables of docs/forgetting.md -------------------------------------------------------------
+
+def _pm(mean: float, std: float | None, fmt: str) -> str:
+    return format(mean, fmt) + (f" ± {std:{fmt.lstrip('+')}}" if std is not None else "")
+
+
+def tables(results: dict) -> str:
+    """The markdown tables docs/forgetting.md shows, from the JSON (a test holds the two together)."""
+    runs, summary = results["runs"], results["summary"]
+    params = {r["method"]: r["trainable_params"] for r in runs}
+    lines = ["| method | trainable | lr | medical ppl | general ppl | chat drift |", "|---|---|---|---|---|---|"]
+    for method, entry in summary["methods"].items():
+        for p in entry["curve"]:
+            r = next(r for r in runs if r["method"] == method and r["lr"] == p["lr"] and r["seed"] == 0
+                     and r["remedy"] == "none")
+            lines.append(f"| {method} | {params[method]:,} | {p['lr']:g} | {r['final']['medical']:.2f} "
+                         f"({p['medical']:+.1f}%) | {r['final']['general']:.2f} ({p['general']:+.1f}%) | "
+                         f"{p['drift']:+.3f} |")
+    lines += ["", "| method | best lr | seeds | medical change | general change | chat drift | target met |",
+              "|---|---|---|---|---|---|---|"]
+    for method, e in summary["methods"].items():
+        lines.append(f"| {method} | {e['best_lr']:g} | {len(e['seeds'])} | "
+                     f"{_pm(e['best_medical_mean'], e['best_medical_std'], '+.1f')}% | "
+                     f"{_pm(e['best_general_mean'], e['best_general_std'], '+.1f')}% | "
+                     f"{_pm(e['best_drift_mean'], e['best_drift_std'], '+.3f')} | "
+                     f"{'yes' if e['meets_target'] else 'no'} |")
+    methods = list(summary["methods"])
+    lines += ["", "| medical change (full fine-tuning's) | " + " | ".join(methods) + " |",
+              "|---|" + "---|" * len(methods)]
+    for row in summary["matched"]:
+        cells = []
+        for m in methods:
+            d, g = row[m]["drift"], row[m]["general"]
+            cells.append("out of range" if d is None else f"{d:+.3f} / {g:+.1f}%")
+        lines.append(f"| {row['medical']:+.1f}% | " + " | ".join(cells) + " |")
+    lines += ["", "| method, lr | remedy | medical change | general change | chat drift | without the remedy |",
+              "|---|---|---|---|---|---|"]
+    for rem in summary["remedies"]:
+        w = rem["without"]
+        without = "not run" if w is None else f"{w['medical']:+.1f}% / {w['general']:+.1f}% / {w['drift']:+.3f}"
+        lines.append(f"| {rem['method']}, {rem['lr']:g} | {rem['remedy']} | {rem['medical']:+.1f}% | "
+                     f"{rem['general']:+.1f}% | {rem['drift']:+.3f} | {without} |")
+    return "\n".join(lines)
+
+
 # -- the plot -----------------------------------------------------------------------------------
 
 def plot(results: dict, path: str) -> None:
@@ -319,7 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/minilora-forgetting-sweep", help="run directories")
     parser.add_argument("--keep", action="store_true", help="keep each run's directory (adapter or model)")
     parser.add_argument("--rerun", action="store_true", help="run points already in the JSON again")
-    parser.add_argument("--plot_only", action="store_true")
+    parser.add_argument("--plot_only", action="store_true", help="redraw the plot and print the doc's tables")
     args = parser.parse_args(argv)
     if args.updates < 1 or args.eval_windows < 1:
         parser.error("--updates and --eval_windows must be positive")
@@ -334,6 +379,7 @@ def main(argv=None) -> int:
     if args.plot_only:
         save(args.json, results)
         plot(results, png)
+        print(tables(results))
         return 0
     box: list = []
     factory = lambda: Sweep(args.updates, args.eval_windows, args.workdir, args.keep)  # noqa: E731
@@ -352,7 +398,7 @@ def main(argv=None) -> int:
                     args.json, args.rerun, box)
     save(args.json, results)
     plot(results, png)
-    print(json.dumps(results["summary"]["methods"], indent=1))
+    print(tables(results))
     return 0
 
 

@@ -101,3 +101,18 @@ def test_replay_needs_windows_in_memory_and_self_distillation_an_instruct_base(t
         run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "b", "--max_steps", "1",
                                   "--replay_self", "0.1")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_report_names_the_method_that_forgot_less_only_at_comparable_medical_gain():
+    from train.report import _comparison
+
+    lora = {"medical_change_percent": -30.0, "general_change_percent": 2.0, "chat_drift": 0.10}
+    full = {"medical_change_percent": -33.0, "general_change_percent": 4.0, "chat_drift": 0.20}
+    verdict = _comparison(lora, full)
+    assert verdict.startswith("The two adapted comparably")
+    assert "LoRA moved less" in verdict and "LoRA forgot less" in verdict
+    verdict = _comparison({**lora, "chat_drift": 0.3, "general_change_percent": 5.0}, full)
+    assert "moved NOT less" in verdict and "did NOT forget less" in verdict
+    verdict = _comparison({**lora, "medical_change_percent": -50.0}, full)
+    assert "did not adapt comparably" in verdict and "LoRA learned more" in verdict
+    assert "forgot less" not in verdict and "moved less" not in verdict
