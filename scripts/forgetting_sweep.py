@@ -210,13 +210,18 @@ def execute(sweep_factory, results: dict, points: list[Point], path: str, rerun:
 
 # -- summarising --------------------------------------------------------------------------------
 
-def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
-    """y at x on the piecewise-linear curve through (x, y) points sorted by x; None outside it."""
-    curve = sorted(curve)
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
+def at_medical(curve: list[dict], level: float) -> dict | None:
+    """{"drift", "general"} where the method's curve (its runs in learning-rate order, joined by
+    straight lines) passes medical change ``level``; None where it never does (no extrapolation).
+    A curve that passes the level more than once (a learning rate past the best learns less
+    again) is read where it drifted least: the best the method did at that gain."""
+    crossings = []
+    for a, b in zip(curve, curve[1:]):
+        lo, hi = sorted((a["medical"], b["medical"]))
+        if lo <= level <= hi:
+            t = 0.0 if hi == lo else (level - a["medical"]) / (b["medical"] - a["medical"])
+            crossings.append({k: a[k] + t * (b[k] - a[k]) for k in ("drift", "general")})
+    return min(crossings, key=lambda c: c["drift"]) if crossings else None
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -257,9 +262,7 @@ def summarize(runs: list[dict]) -> dict:
         for level in sorted({round(p["medical"], 1) for p in full["curve"]}):
             row = {"medical": level}
             for method, entry in out["methods"].items():
-                drift_curve = [(p["medical"], p["drift"]) for p in entry["curve"]]
-                general_curve = [(p["medical"], p["general"]) for p in entry["curve"]]
-                row[method] = {"drift": interpolate(drift_curve, level), "general": interpolate(general_curve, level)}
+                row[method] = at_medical(entry["curve"], level) or {"drift": None, "general": None}
             out["matched"].append(row)
     return out
 

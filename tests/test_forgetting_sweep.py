@@ -49,7 +49,9 @@ def test_matched_gain_interpolates_each_curve_at_full_fine_tunings_gains():
     full = summary["methods"]["full"]
     assert full["best_lr"] == 1e-5 and full["seeds"] == [0, 1, 2]
     assert full["best_medical_mean"] == pytest.approx(-20.0) and full["best_medical_std"] == pytest.approx(2.0)
-    assert sweep.interpolate([(0, 0), (1, 1)], 2) is None  # never extrapolated
+    curve = [{"medical": m, "drift": d, "general": 0.0} for m, d in ((-10, 0.1), (-30, 0.3), (-20, 0.6))]
+    assert sweep.at_medical(curve, -40) is None  # never extrapolated
+    assert sweep.at_medical(curve, -25)["drift"] == pytest.approx(0.25)  # the lower of two crossings (0.25, 0.45)
 
 
 def test_remedies_are_reported_beside_the_same_run_without_them():
