@@ -461,6 +461,24 @@ def test_quantize_without_an_adapter_is_a_usage_error(tmp_path):
         parse_args([a for a in train_argv("m", "d", tmp_path, "--quantize", "nf4") if a != "--use_lora"])
 
 
+def test_quantize_embeddings_needs_quantize_and_reaches_the_table(tmp_path, tiny_model_dir, tiny_text_file):
+    from train.config import UsageError, parse_args
+    from train.loop import run
+    from transformers import AutoTokenizer
+
+    with pytest.raises(UsageError, match="add --quantize nf4"):
+        parse_args(train_argv("m", "d", tmp_path, "--quantize_embeddings"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tied = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # as Llama-3.2-1B and SmolLM2
+    args = parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "out", "--quantize", "nf4",
+                                 "--quantize_embeddings", "--max_steps", "2", "--general_eval_dataset", "none",
+                                 "--max_eval_samples", "4"))
+    summary = run(args, model=tied, tokenizer=tokenizer)
+    assert isinstance(tied.model.embed_tokens, QuantEmbedding) and summary["updates"] == 2
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # placing the model on its device kept one table
+
+
 QUANTIZED_SPMD_RUN = """
 import json, os, torch, torch_xla
 from conftest import train_argv
@@ -494,10 +512,12 @@ def test_qlora_under_spmd_with_checkpointing_adds_no_compilation_and_shards_the_
     flags = ("--gradient_checkpointing", "--max_steps", "3", "--general_eval_dataset", "none",
              "--max_eval_samples", "4", "--lora_dropout", "0")
     xla = ("--device", "xla", "--spmd", "--per_device_train_batch_size", "2")
-    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "cpu", "--quantize", "nf4", *flags,
+    # the token embedding too (untied here): its row gathers trace into the same graphs every step
+    quantized = ("--quantize", "nf4", "--quantize_embeddings")
+    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "cpu", *quantized, *flags,
                               "--per_device_train_batch_size", "8")))
     results = {}
-    for quantize in (("--quantize", "nf4"), ()):
+    for quantize in (quantized, ()):
         out = tmp_path / ("xla-nf4" if quantize else "xla")
         code = QUANTIZED_SPMD_RUN.format(model=tiny_model_dir, data=tiny_text_file, out=str(out),
                                          flags=[*quantize, *flags, *xla])

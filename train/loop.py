@@ -232,7 +232,7 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.quantize:  # before inject, which then wraps the quantized Linears
         try:
-            minilora.quantize(model, args.quantize)
+            minilora.quantize(model, args.quantize, embeddings=args.quantize_embeddings)
         except ValueError as e:
             raise UsageError(f"--quantize {args.quantize}: {e}") from None
     if args.use_lora:
