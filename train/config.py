@@ -64,6 +64,14 @@ class TrainArgs:
     chat_drift_prompts: Optional[int] = flag(None, "instruct bases (with a chat template): how many of the shipped "
                                                    "everyday prompts the base answers before training, to measure how far "
                                                    "training moved the assistant (chat drift; default: all 60, 0: off)")
+    replay_general: float = flag(0.0, "a remedy for forgetting: this share of the training windows is general English "
+                                      "held apart from the forgetting check's (default: the fortunes it does not score), "
+                                      "in [0, 1); the run's length in tokens stays the same")
+    replay_general_dataset: Optional[str] = flag(None, "general text for --replay_general (its splits other than "
+                                                       "validation; default: the embedded fortunes)")
+    replay_self: float = flag(0.0, "a remedy for forgetting on instruct bases: this share of the training windows is "
+                                   "the base's own answers to everyday instructions held apart from the chat-drift "
+                                   "probe's (self-distillation), in [0, 1)")
     compare_full_finetune: bool = flag(False, "with --use_lora: also run full fine-tuning with the same data, steps "
                                               "and seed, and put both side by side in report.md")
     full_finetune_learning_rate: float = flag(5e-5, "learning rate of the --compare_full_finetune run (full "
@@ -169,6 +177,13 @@ class TrainArgs:
             (self.max_steps > 0 or self.num_train_epochs > 0, "give --num_train_epochs > 0 or --max_steps > 0"),
             (self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got {self.shuffle_buffer_size}"),
             (self.num_workers >= 0, f"--num_workers must not be negative, got {self.num_workers}"),
+            (0 <= self.replay_general < 1, f"--replay_general must be in [0, 1), got {self.replay_general}"),
+            (0 <= self.replay_self < 1, f"--replay_self must be in [0, 1), got {self.replay_self}"),
+            (self.replay_general + self.replay_self < 1,
+             f"--replay_general + --replay_self must stay below 1 (the rest is the medical data), got "
+             f"{self.replay_general + self.replay_self:g}"),
+            (self.replay_general_dataset is None or self.replay_general > 0,
+             "--replay_general_dataset needs --replay_general (the share of training windows it fills)"),
             (self.chat_drift_prompts is None or self.chat_drift_prompts >= 0,
              f"--chat_drift_prompts must not be negative (0 turns chat drift off), got {self.chat_drift_prompts}"),
         ]

@@ -187,3 +187,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Optional[os.Path
 def default_general_validation() -> list[str]:
     """The held-out fortunes: general English that no run trains on, for the forgetting check."""
     return split_holdout(read_fortunes(), GENERAL_VALIDATION_FRACTION, GENERAL_SEED)[1]
+
+
+def default_general_training() -> list[str]:
+    """The other fortunes, disjoint from ``default_general_validation``: general English that
+    --replay_general mixes into training."""
+    return split_holdout(read_fortunes(), GENERAL_VALIDATION_FRACTION, GENERAL_SEED)[0]

@@ -83,11 +83,22 @@ def probe_base(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_ne
                batch_size: int = 20) -> ChatProbe:
     """The base's greedy answers to ``prompts`` (default: the shipped everyday set) and its own
     mean NLL of them. Call it on the model before training, or with its adapters disabled."""
+    prompts = list(load_prompts() if prompts is None else prompts)
+    prompt_ids, answer_ids = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    probe = ChatProbe(prompts, prompt_ids, answer_ids, base_nll=math.nan)
+    probe.base_nll = answer_nll(model, probe)
+    return probe
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                   batch_size: int = 20) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids) per prompt: each prompt through the chat template, and ``model``'s
+    greedy answer to it, up to and including its end-of-turn token, ``max_new_tokens`` at most."""
     if not has_chat_template(tokenizer):
         raise ValueError("chat drift needs an instruct base: this tokenizer has no chat template")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    prompts = list(load_prompts() if prompts is None else prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     configured = getattr(model.generation_config, "eos_token_id", None)  # an id, a list of ids, or None
     stop_ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])}
@@ -107,9 +118,7 @@ def probe_base(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_ne
                     if token in stop_ids:
                         break  # the end of the assistant's turn is part of its behaviour; padding after it is not
                 answer_ids.append(answer)
-    probe = ChatProbe(prompts, prompt_ids, answer_ids, base_nll=math.nan)
-    probe.base_nll = answer_nll(model, probe)
-    return probe
+    return prompt_ids, answer_ids
 
 
 @torch.no_grad()

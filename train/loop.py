@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 import minilora
 
-from . import data, drift
+from . import data, drift, replay
 from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
@@ -48,6 +48,7 @@ def train_and_report(args: TrainArgs, device: Optional[Device] = None, **kwargs)
     """``run``, then (with --compare_full_finetune) full fine-tuning with the same data, steps
     and seed into ``<output_dir>/full_finetune``, then the forgetting report of both."""
     device = device or Device.start(args)
+    kwargs.setdefault("base_cache", {})  # the full fine-tuning run starts from the same base: measure it once
     summary = run(args, device=device, **kwargs)
     if summary.get("stopped"):
         return summary
@@ -67,17 +68,22 @@ def train_and_report(args: TrainArgs, device: Optional[Device] = None, **kwargs)
 
 
 def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[data.Windows] = None,
-        device: Optional[Device] = None) -> dict:
+        device: Optional[Device] = None, base_cache: Optional[dict] = None) -> dict:
     """Train per ``args`` (on ``device``, default the one ``args`` names); returns the summary
     that is also written to train_summary.json. Bad settings or input raise UsageError (or
     AdapterLoadError) before anything is written, and an output directory this call created is
-    removed again."""
+    removed again.
+
+    ``base_cache``: a dict shared by runs in one process that start from the same base (the
+    --compare_full_finetune run, a sweep): what a run measures of the base before training (its
+    evaluation, its chat answers) is measured once and reused while model, evaluation windows and
+    prompts are the same (see ``_base_key``)."""
     args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
     run_dir = RunDir(args.output_dir, args.tmp_dir)
     try:
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 holds the directory for every rank
             run_dir.lock()
-        return _run(args, run_dir, device, model, tokenizer, general_windows)
+        return _run(args, run_dir, device, model, tokenizer, general_windows, base_cache)
     except (UsageError, minilora.AdapterLoadError):
         run_dir.unlock()
         run_dir.discard_if_unused()
@@ -87,14 +93,14 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
 
 
 def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, tokenizer,
-         general_windows: Optional[data.Windows]) -> dict:
+         general_windows: Optional[data.Windows], base_cache: Optional[dict]) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
     _check_output_dir(args, run_dir)
     device = device or Device.start(args)
 
     # model init (and the data, tokenised with the model's tokenizer)
-    model, tokenizer, train_data = _model_and_data(args, device, model, tokenizer)
+    model, tokenizer, train_data = _model_and_data(args, device, model, tokenizer, run_dir, base_cache)
     trainable, total_params = minilora.count_parameters(model)
     if trainable == 0:
         raise UsageError("nothing to train: no parameter requires grad")
@@ -106,16 +112,25 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     pos = Position()
     if args.resume_from_checkpoint:
         pos = _restore(run_dir.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
-    # chat drift (instruct bases): the base's own answers to everyday prompts, taken before training
-    probe, no_drift = drift.probe_for_run(args, model, tokenizer, run_dir, device)
-    bare_model = model  # generation and drift scoring run on the model, not its DDP wrapper
-    model = device.wrap(model, optimizer)
-
-    # evaluation sets and reporting
+    # evaluation sets
     eval_sets = {"validation": train_data.validation}
     general = general_windows if general_windows is not None else general_eval_windows(args, tokenizer)
     if general is not None:
         eval_sets["general"] = general
+    base_key = _base_key(args, eval_sets)
+    cached = (base_cache or {}).get(base_key) if not args.resume_from_checkpoint else None
+
+    # chat drift (instruct bases): the base's own answers to everyday prompts, taken before training
+    if cached is not None:
+        probe, no_drift = cached["probe"], cached["no_drift"]
+        if probe is not None and device.is_main:
+            run_dir.write_json(drift.PROBE_FILE, dataclasses.asdict(probe))  # for a resume of this run
+    else:
+        probe, no_drift = drift.probe_for_run(args, model, tokenizer, run_dir, device)
+    bare_model = model  # generation and drift scoring run on the model, not its DDP wrapper
+    model = device.wrap(model, optimizer)
+
+    # reporting
     if not args.resume_from_checkpoint and device.is_main:
         run_dir.clear_previous_run()  # --overwrite_output_dir: an old run's checkpoints must never be resumed from
     reporter = Reporter(args, run_dir, device, plan.total_updates, start_update=pos.update, history=pos.history)
@@ -129,9 +144,15 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         return results
 
     base_eval = pos.history[0]["eval"] if pos.history and "eval" in pos.history[0] else None
+    if base_eval is None and cached is not None:
+        base_eval = cached["eval"]
+        reporter.eval(pos.update, base_eval, "base")
+        pos.history.append({"update": 0, "eval": base_eval})
     if base_eval is None:
         base_eval = evaluate_all("base")
         pos.history.append({"update": 0, "eval": base_eval})
+    if base_cache is not None and not args.resume_from_checkpoint:
+        base_cache[base_key] = {"eval": base_eval, "probe": probe, "no_drift": no_drift}
 
     # training loop
     def save_checkpoint() -> None:
@@ -165,6 +186,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
         "learning_rate": args.learning_rate, "chat_drift": chat,
+        "replay": {"general": args.replay_general, "self": args.replay_self},
     }
     reporter.finish(summary)
     if device.is_main:
@@ -219,15 +241,19 @@ def load_model_and_tokenizer(args: TrainArgs):
     return model, tokenizer
 
 
-def _model_and_data(args: TrainArgs, device: Device, model, tokenizer):
+def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, run_dir: RunDir,
+                    base_cache: Optional[dict] = None):
     """(model, tokenizer, TrainData): the base (``model`` or --model_name) with the LoRA adapter
-    injected (--use_lora) and gradient checkpointing set up, on the device in training mode."""
+    injected (--use_lora) and gradient checkpointing set up, on the device in training mode; the
+    training windows with the replay that --replay_general / --replay_self ask for."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args)
     if args.max_seq_length > getattr(model.config, "max_position_embeddings", args.max_seq_length):
         raise UsageError(f"--max_seq_length {args.max_seq_length} exceeds the model's maximum of "
                          f"{model.config.max_position_embeddings} positions")
     train_data = data.prepare_data(args, tokenizer)
+    # before quantize and inject: self-distillation replays the base's own answers
+    train_data = replay.with_replay(args, train_data, model, tokenizer, run_dir, device.is_main, base_cache)
     if args.streaming_data and args.max_steps <= 0:
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.quantize:  # before inject, which then wraps the quantized Linears
@@ -353,6 +379,20 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+
+def _base_key(args: TrainArgs, eval_sets: dict) -> tuple:
+    """What the base's measurements before training depend on: the base as loaded, the evaluation
+    windows themselves (a digest of their tokens and labels) and the drift probe's prompts."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(eval_sets):
+        digest.update(name.encode())
+        digest.update(eval_sets[name].input_ids.numpy().tobytes())
+        digest.update(eval_sets[name].labels.numpy().tobytes())
+    return (args.model_name, args.quantize, args.bf16, args.chat_drift_prompts, args.per_device_eval_batch_size,
+            args.chunked_loss, digest.hexdigest())
+
 
 def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
     """General-English text for the forgetting check: --general_eval_dataset, or by default the

@@ -238,7 +238,7 @@ class RunDir:
 # is the advice the run itself gives).
 RESUME_SETTINGS = ("model_name", "use_lora", "dataset_dir", "max_seq_length", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "seed", "validation_split_percentage", "train_on_responses_only",
-                   "streaming_data")
+                   "streaming_data", "replay_general", "replay_general_dataset", "replay_self")
 LORA_RESUME_SETTINGS = ("lora_r", "lora_alpha", "lora_target_modules", "lora_bias", "use_rslora")
 
 

@@ -1,0 +1,118 @@
+"""Remedies for forgetting (train/replay.py): general text and the base's own chat answers mixed
+into the training windows, and a base measured once for runs that share it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_llama, train_argv
+from train import data, drift, replay
+from train.config import UsageError, parse_args
+from train.demo_assets import default_general_training, default_general_validation
+from train.loop import run, train_and_report
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def instruct_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("instruct-base")
+    tokenizer = make_tokenizer(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    return path
+
+
+def test_replay_text_is_held_apart_from_what_the_forgetting_check_scores():
+    distill = drift.load_prompts(replay.DISTILL_PROMPTS_FILE)
+    probe = drift.load_prompts()
+    assert len(distill) >= 100 and len(set(distill)) == len(distill)
+    assert not set(distill) & set(probe)
+    training, validation = default_general_training(), default_general_validation()
+    assert len(training) > 10 * len(validation) and not set(training) & set(validation)
+
+
+def windows(n: int, value: int) -> data.Windows:
+    return data.Windows(torch.full((n, 4), value), torch.full((n, 4), value))
+
+
+def test_mix_gives_each_pool_its_share_of_the_whole_and_repeats_a_small_pool():
+    medical, general, own = windows(60, 0), windows(1000, 1), windows(7, 2)
+    mixed = replay.mix(medical, [(general, 0.1), (own, 0.25)], seed=0)
+    counts = torch.bincount(mixed.input_ids[:, 0], minlength=3).tolist()
+    assert counts == [60, 9, 23]  # 60 * 0.1 / 0.65 and 60 * 0.25 / 0.65, rounded
+    assert torch.equal(mixed.input_ids[:60], medical.input_ids)
+    # the first pass over a small pool takes every window once before any repeats
+    rows = torch.arange(7).unsqueeze(1).expand(7, 4)
+    mixed = replay.mix(medical, [(data.Windows(rows, rows), 0.25)], seed=1)
+    taken = mixed.input_ids[60:, 0].tolist()
+    assert len(taken) == 20 and sorted(taken[:7]) == list(range(7))
+    with pytest.raises(UsageError, match="below 1"):
+        replay.mix(medical, [(general, 0.5), (own, 0.5)], seed=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replay_general", "1"], r"--replay_general must be in \[0, 1\)"),
+    (["--replay_self", "-0.1"], r"--replay_self must be in \[0, 1\)"),
+    (["--replay_general", "0.6", "--replay_self", "0.5"], "must stay below 1"),
+    (["--replay_general_dataset", "/tmp"], "needs --replay_general"),
+])
+def test_bad_replay_settings_are_refused_in_one_line(flags, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["--model_name", "x", "--dataset_dir", str(tmp_path), *flags])
+
+
+def test_a_run_with_both_remedies_trains_on_the_mixed_windows(instruct_dir, tiny_text_file, tmp_path, monkeypatch):
+    probes = []
+    original = drift.probe_base
+    monkeypatch.setattr(drift, "probe_base", lambda *a, **k: probes.append(1) or original(*a, **k))
+    out = tmp_path / "run"
+    argv = train_argv(instruct_dir, tiny_text_file, out, "--max_steps", "2", "--chat_drift_prompts", "3",
+                      "--replay_general", "0.2", "--replay_self", "0.2", "--compare_full_finetune",
+                      "--full_finetune_learning_rate", "1e-3")
+    plain = run(parse_args(train_argv(instruct_dir, tiny_text_file, tmp_path / "plain", "--max_steps", "1",
+                                      "--chat_drift_prompts", "0", "--general_eval_dataset", "none")))
+    summary = train_and_report(parse_args(argv))
+    assert summary["replay"] == {"general": 0.2, "self": 0.2}
+    medical = plain["train_windows"]
+    assert summary["train_windows"] == medical + 2 * round(medical * 0.2 / 0.6)
+    answers = json.loads((out / replay.SELF_ANSWERS_FILE).read_text())
+    assert len(answers) == len(drift.load_prompts(replay.DISTILL_PROMPTS_FILE))
+    assert all(1 <= len(a) <= replay.DISTILL_ANSWER_TOKENS for _, a in answers)
+    # the full fine-tuning run starts from the same base: its evaluation and chat answers are reused
+    full = summary["full_finetune"]
+    assert len(probes) == 1 and full["base"] == summary["base"]
+    assert full["chat_drift"]["base_nll"] == summary["chat_drift"]["base_nll"]
+    assert json.loads((out / "full_finetune" / drift.PROBE_FILE).read_text()) == json.loads(
+        (out / drift.PROBE_FILE).read_text())
+
+
+def test_replay_needs_windows_in_memory_and_self_distillation_an_instruct_base(tiny_model_dir, tiny_text_file, tmp_path):
+    with pytest.raises(UsageError, match="not --streaming_data"):
+        run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "a", "--max_steps", "1",
+                                  "--streaming_data", "--replay_general", "0.1")))
+    with pytest.raises(UsageError, match="needs an instruct base"):
+        run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "b", "--max_steps", "1",
+                                  "--replay_self", "0.1")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_report_names_the_method_that_forgot_less_only_at_comparable_medical_gain():
+    from train.report import _comparison
+
+    lora = {"medical_change_percent": -30.0, "general_change_percent": 2.0, "chat_drift": 0.10}
+    full = {"medical_change_percent": -33.0, "general_change_percent": 4.0, "chat_drift": 0.20}
+    verdict = _comparison(lora, full)
+    assert verdict.startswith("The two adapted comparably")
+    assert "LoRA moved less" in verdict and "LoRA forgot less" in verdict
+    verdict = _comparison({**lora, "chat_drift": 0.3, "general_change_percent": 5.0}, full)
+    assert "moved NOT less" in verdict and "did NOT forget less" in verdict
+    verdict = _comparison({**lora, "medical_change_percent": -50.0}, full)
+    assert "did not adapt comparably" in verdict and "LoRA learned more" in verdict
+    assert "forgot less" not in verdict and "moved less" not in verdict
