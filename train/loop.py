@@ -390,7 +390,8 @@ def _base_key(args: TrainArgs, eval_sets: dict) -> tuple:
         digest.update(name.encode())
         digest.update(eval_sets[name].input_ids.numpy().tobytes())
         digest.update(eval_sets[name].labels.numpy().tobytes())
-    return (args.model_name, args.quantize, args.bf16, args.chat_drift_prompts, args.per_device_eval_batch_size,
+    return (args.model_name, args.quantize, args.quantize_embeddings, args.bf16, args.chat_drift_prompts,
+            args.per_device_eval_batch_size,
             args.chunked_loss, digest.hexdigest())
 
 
