@@ -38,8 +38,8 @@ SCHEMES = ("nf4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' choices
 SCALE_BLOCK = 256  # double quantization's block of block scales (bitsandbytes and the paper)
 # The most weight elements dequantized at once: a larger weight (a quantized LM head, an 8B MLP) is
-# multiplied tile by tile, so that the float transient (10 bytes an element: float32 values and the
-# compute-dtype copy) stays at one Llama-3.2-1B MLP projection's, 8192 x 2048 (168 MB).
+# multiplied tile by tile, so that the float transient (6 bytes an element in bf16: float32 values and
+# the compute-dtype copy) stays at one Llama-3.2-1B MLP projection's, 8192 x 2048 (101 MB).
 # docs/benchmarks.md has the time it costs.
 TILE_ELEMENTS = 1 << 24
 
@@ -203,7 +203,7 @@ class QuantizedWeight(nn.Module):
             codes = _take(self.codes.view(out, in_ // 2), rows)  # (R, in / 2)
             values = self.pair_code.index_select(0, codes.reshape(-1).to(torch.int32))  # (R · in / 2, 2)
             blocks = index.unsqueeze(1) * per_row + torch.arange(per_row, device=self.device)  # (R, in / bs)
-            scaled = values.view(-1, per_row, self.blocksize) * self._block_scales(blocks).unsqueeze(2)
+            scaled = values.view(-1, per_row, self.blocksize).mul_(self._block_scales(blocks).unsqueeze(2))  # in place
             return scaled.view(-1, in_).to(dtype)
         # Rows that start inside a block: look each element up by its flat index (an (R, in) index;
         # hidden sizes that are multiples of the block size never come here).
