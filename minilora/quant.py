@@ -40,7 +40,7 @@ SCALE_BLOCK = 256  # double quantization's block of block scales (bitsandbytes a
 # The most weight elements dequantized at once: a larger weight (a quantized LM head, an 8B MLP) is
 # multiplied tile by tile, so that the float transient (6 bytes an element in bf16: float32 values and
 # the compute-dtype copy) stays at one Llama-3.2-1B MLP projection's, 8192 x 2048 (101 MB).
-# docs/benchmarks.md has the time it costs.
+# docs/library.md says why this size; what it costs in time is still to be measured (docs/benchmarks.md).
 TILE_ELEMENTS = 1 << 24
 
 # bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")): quantiles of N(0, 1) scaled to
