@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
 from .layer import LoRAAdapter, init_adapter_slots, rows_by_adapter
 
 
@@ -28,17 +29,19 @@ class LoRAEmbedding(nn.Module):
     # The names PEFT gives these tensors on disk (no ".weight": PEFT holds them in a ParameterDict).
     PEFT_NAMES = ("lora_embedding_A", "lora_embedding_B")
 
-    def __init__(self, base: nn.Embedding):
+    def __init__(self, base: nn.Module):
         super().__init__()
-        if type(base) is not nn.Embedding:
+        if type(base) not in (nn.Embedding, quant.QuantEmbedding):
             # A subclass may change the lookup (Gemma scales its embeddings) in ways the adapter
             # term would have to follow; refuse rather than silently drop that.
-            raise TypeError(f"LoRAEmbedding wraps nn.Embedding itself, got {type(base).__name__}; "
-                            "leave this module out of target_modules")
+            raise TypeError(f"LoRAEmbedding wraps nn.Embedding itself (or the QuantEmbedding minilora.quantize puts "
+                            f"in its place), got {type(base).__name__}; leave this module out of target_modules")
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.weight = base.weight
-        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
-        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.padding_idx = base.padding_idx
+        # A quantized table has only the defaults (quantize refuses max_norm, the rest acts on gradients)
+        self.max_norm, self.norm_type = getattr(base, "max_norm", None), getattr(base, "norm_type", 2.0)
+        self.scale_grad_by_freq, self.sparse = getattr(base, "scale_grad_by_freq", False), getattr(base, "sparse", False)
         init_adapter_slots(self, base)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -67,7 +70,14 @@ class LoRAEmbedding(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    @property
+    def quantized(self) -> bool:
+        """Whether the table is stored quantized (a quant.QuantizedWeight)."""
+        return isinstance(self.weight, quant.QuantizedWeight)
+
+    def _lookup(self, ids: torch.Tensor, table) -> torch.Tensor:
+        if isinstance(table, quant.QuantizedWeight):  # the looked-up rows dequantized, never the table
+            return quant.embedding(ids, table, self.padding_idx)
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
 
@@ -99,6 +109,11 @@ class LoRAEmbedding(nn.Module):
         embedding_dim) is formed in float32 and the sum cast to the weight's dtype once."""
         if self.merged_adapter is not None or self.active_adapter is None:
             return
+        if self.quantized:
+            raise quant.QuantizedBaseError(
+                f"cannot merge adapter {self.active_adapter!r} into a {self.weight.scheme} table: the sum would have to "
+                "be quantized again, losing most of the adapter; use minilora.merge_and_unload(model) for a plain "
+                "nn.Embedding in the compute dtype, or keep the adapter unmerged")
         merged = self.weight.float() + self.delta_weight(self.active_adapter)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {self.active_adapter!r} gives non-finite weights; the adapter is "
@@ -118,8 +133,11 @@ class LoRAEmbedding(nn.Module):
         """(num_embeddings, embedding_dim) float32: (B·A·scaling)ᵀ, on the weight's device."""
         return self.adapters[name].delta_weight().t().to(self.weight.device)
 
-    def to_embedding(self) -> nn.Embedding:
-        """A plain nn.Embedding sharing this layer's weight (merge first to keep the adapter)."""
+    def to_embedding(self) -> nn.Module:
+        """A plain nn.Embedding sharing this layer's weight (merge first to keep the adapter); over a
+        quantized table, the quant.QuantEmbedding it wrapped (the same QuantizedWeight)."""
+        if self.quantized:
+            return quant.QuantEmbedding(self.weight, self.padding_idx).train(self.training)
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
                                  self.norm_type, self.scale_grad_by_freq, self.sparse, device="meta")
         embedding.weight = self.weight

@@ -15,13 +15,15 @@ from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .layer import _DORA_OVER_QUANTIZED, LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
-from .quant import QuantizedWeight, QuantLinear
+from .quant import QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear
 
 # The layers that hold LoRA adapters.
 LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 # What LoRA adapts as a Linear: nn.Linear, a Linear over a quantized weight (minilora.quantize),
 # and LoRALinear layers that already hold another adapter.
 LINEARS = (nn.Linear, QuantLinear, LoRALinear)
+# What LoRA adapts as an embedding: likewise, plain, quantized (minilora.quantize(..., embeddings=True)) or adapted.
+EMBEDDINGS = (nn.Embedding, QuantEmbedding, LoRAEmbedding)
 
 
 class UnsupportedLayerError(ValueError):
@@ -79,7 +81,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     targets = find_targets(model, config)
     if getattr(config, "use_dora", False) and any(isinstance(getattr(m, "weight", None), QuantizedWeight)
                                                   for _, m in targets):
-        raise ValueError(_DORA_OVER_QUANTIZED)  # before any layer changes
+        raise QuantizedBaseError(_DORA_OVER_QUANTIZED)  # before any layer changes
     copies = find_modules_to_save(model, config, [n for n, _ in targets]) if config.modules_to_save else []
     known = adapter_names(model)
     if adapter_name in known:
@@ -87,7 +89,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
                          f"adapter_name or call minilora.delete_adapter(model, {adapter_name!r}) first")
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("the model has a merged adapter; call minilora.unmerge(model) before adding another")
-    embeddings = [n for n, m in targets if isinstance(m, (nn.Embedding, LoRAEmbedding))]
+    embeddings = [n for n, m in targets if isinstance(m, EMBEDDINGS)]
     if config.use_dora and embeddings:
         raise ValueError(f"use_dora=True: minilora has DoRA for Linear layers only, and target_modules selects the "
                          f"embedding {embeddings[0]!r}; leave it out of target_modules or use plain LoRA")
@@ -98,7 +100,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
             if isinstance(module, LORA_LAYERS):
                 layer = module
             else:
-                layer = replace_module(model, name, LoRAEmbedding(module) if isinstance(module, nn.Embedding)
+                layer = replace_module(model, name, LoRAEmbedding(module) if isinstance(module, EMBEDDINGS)
                                        else LoRALinear(module))
                 replaced.append((name, module))
             layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
@@ -180,7 +182,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
         for name, module in model.named_modules():
             if not name or inside_adapters(name) or not config.selects(name):
                 continue
-            if not isinstance(module, LINEARS + (nn.Embedding, LoRAEmbedding)):
+            if not isinstance(module, LINEARS + EMBEDDINGS):
                 raise ValueError(
                     f"target_modules={config.target_modules!r} matched {name!r}, a "
                     f"{type(module).__name__}; LoRA here replaces nn.Linear and nn.Embedding modules only. "

@@ -102,9 +102,10 @@ def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> t
 
 class _LoRAFunction(torch.autograd.Function):
     """``x Wᵀ + b + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` as one autograd node (``W = None``: the adapter
-    term alone; W a quant.QuantizedWeight: dequantized here and again in backward, so only its
-    codes are kept in between). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale (1,), keep like x (its
-    dtype or bool).
+    term alone; W a plain tensor: used as it is, as nn.Linear would; W a quant.QuantizedWeight:
+    dequantized here and again in backward, tile by tile above quant.TILE_ELEMENTS, so only its
+    codes are kept in between). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale
+    (1,), keep like x (its dtype or bool).
 
     What it saves over composing torch ops: the adapter term is added inside the base GEMM's
     output (``addmm_``) rather than as a separate (..., out) sum, and in backward the adapter's
@@ -123,7 +124,7 @@ class _LoRAFunction(torch.autograd.Function):
             narrow = narrow.to(x.dtype)
             out = F.linear(narrow, lora_B.to(x.dtype))  # (N, out)
         else:
-            out = F.linear(x2, quant.dense(weight, x.dtype), bias)  # (N, out)
+            out = quant.base_linear(x2, weight, bias)  # (N, out); a plain weight goes to F.linear as it is
             narrow = narrow.to(out.dtype)
             out.addmm_(narrow, lora_B.to(out.dtype).t())
         ctx.quantized = weight if isinstance(weight, quant.QuantizedWeight) else None
@@ -153,7 +154,7 @@ class _LoRAFunction(torch.autograd.Function):
             if keep2 is not None:
                 grad_x = _apply_mask(grad_x, keep2, inplace=True)
             if weight is not None:
-                grad_x.addmm_(g, quant.dense(weight, dt))
+                grad_x = quant.add_input_grad(grad_x, g, weight)
             grad_x = grad_x.to(x.dtype).view(x.shape)
         if need_w:  # only when the base weight itself trains
             grad_w = (g.t() @ x2.to(dt)).to(weight.dtype)
@@ -284,7 +285,7 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         if use_dora and self.quantized:
-            raise ValueError(_DORA_OVER_QUANTIZED)
+            raise quant.QuantizedBaseError(_DORA_OVER_QUANTIZED)
         if use_dora:
             from .dora import DoRAAdapter  # dora.py builds on this module, so it cannot be imported at the top
             adapter = DoRAAdapter(self.weight, r, alpha, dropout, use_rslora, init, dtype=dtype)
@@ -351,7 +352,7 @@ class LoRALinear(nn.Module):
         if self.merged_adapter is not None or self.active_adapter is None:
             return
         if self.quantized:
-            raise ValueError(
+            raise quant.QuantizedBaseError(
                 f"cannot merge adapter {self.active_adapter!r} into a {self.weight.scheme} base: the sum would "
                 "have to be quantized again, losing most of the adapter; use minilora.merge_and_unload(model) "
                 "for plain Linears in the compute dtype, or keep the adapter unmerged")

@@ -33,7 +33,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     quantized = next((name for name, m in lora_modules(model)
                       if isinstance(m.weight, quant.QuantizedWeight) and m.active_adapter), None)
     if quantized is not None:
-        raise ValueError(f"{quantized} has a quantized base: merging would quantize the sum again, losing most of "
+        raise quant.QuantizedBaseError(f"{quantized} has a quantized base: merging would quantize the sum again, losing most of "
                          "the adapter; use minilora.merge_and_unload(model) for plain Linears in the compute dtype")
     _refuse_tied_embedding_merge(model, layers)
     pending = [m for m in layers if not m.merged and m.active_adapter is not None]
@@ -123,7 +123,8 @@ def _refuse_tied_embedding_merge(model: nn.Module, layers) -> None:
     which the unmerged model never did."""
     for layer in layers:
         if isinstance(layer, LoRAEmbedding) and not layer.merged and layer.active_adapter is not None:
-            sharers = [n for n, p in model.named_parameters(remove_duplicate=False) if p is layer.weight]
+            # a Parameter, or a quantized table (merge_and_unload checks before dequantizing it)
+            sharers = [f"{n}.{attr}" for n, _, attr in quant.weight_holders(model).get(id(layer.weight), [])]
             if len(sharers) > 1:
                 raise ValueError(f"cannot merge the embedding adapter: its weight is tied ({', '.join(sharers)}), so "
                                  "merging would change the output head as well; keep the adapter unmerged, or "

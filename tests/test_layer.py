@@ -87,6 +87,25 @@ def test_float32_base_with_float32_input_returns_float32():
     assert layer(torch.randn(2, 48)).dtype == torch.float32
 
 
+def test_a_plain_base_weight_follows_nn_linear_dtype_rules_and_is_never_cast_by_the_layer():
+    base, layer = lora_linear(bias=False)  # float32 base and adapter; no bias, which would refuse bf16 by itself
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    # Without autocast nn.Linear refuses a bf16 input to a float32 weight; so does the layer that
+    # replaces it (rather than silently making a bf16 copy of the weight in every forward).
+    with pytest.raises(RuntimeError) as plain:
+        base(x)
+    with pytest.raises(RuntimeError) as adapted:
+        layer(x)
+    assert type(adapted.value) is type(plain.value)
+    # Under autocast the base GEMM is autocast's, as for nn.Linear: same dtype and same bits with a fresh
+    # adapter, and gradients reach the adapter through the backward's own cast.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = base(x.float()), layer(x.float())
+    assert out.dtype == expected.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.dtype == torch.float32
+
+
 class OpRecorder(TorchDispatchMode):
     """Records (op name, output tensor) of every aten op that runs, forward and backward."""
 

@@ -1,6 +1,7 @@
 """minilora/quant.py: NF4 and int8 frozen bases (QLoRA), their layout, their error bounds (from
 the code books' spacing), LoRA over them, merging, saving, and the training app's --quantize."""
 
+import copy
 import json
 import os
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import minilora
-from minilora.quant import NF4_CODE, SCALE_BLOCK, QuantizedWeight, QuantLinear, dynamic_code
+from minilora.quant import (NF4_CODE, SCALE_BLOCK, QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear,
+                            dynamic_code, weight_bytes)
 from conftest import assert_close_to_rounding, randomize_adapters, run_xla, tiny_llama, train_argv
 
 NF4 = torch.tensor(NF4_CODE)
@@ -147,9 +149,9 @@ def test_quant_linear_computes_through_the_dequantized_weight_and_saves_no_float
     assert base.bias.grad is not None  # a bias that requires grad still gets one
 
 
-def dequantized_base(quantized: nn.Module):
+def dequantized_base(quantized: nn.Module, **config):
     """A plain tiny Llama (no adapters) holding ``quantized``'s base weights, dequantized."""
-    plain = tiny_llama()
+    plain = tiny_llama(**config)
     missing, _ = plain.load_state_dict(minilora.dequantize(quantized).state_dict(), strict=False)
     assert not missing
     return plain
@@ -175,7 +177,6 @@ def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_weights(sch
     loss.backward()
     grads = {n: p.grad.clone() for n, p in minilora.lora_parameters(model)}
 
-    import copy
     plain = minilora.dequantize(copy.deepcopy(model))  # LoRA over dense weights: the reference path
     plain.train()
     plain_loss = plain(ids, labels=ids).loss
@@ -289,6 +290,168 @@ def test_weight_bytes_of_the_llama_3_2_1b_shape_on_the_meta_device():
     assert weight_bytes(model) == codes + sum(p.numel() for p in model.parameters()) * 2
 
 
+# -- rows and tiles: an embedding lookup, a large head ---------------------------------------------
+
+@pytest.mark.parametrize("scheme, double_quant, shape", [
+    ("nf4", True, (37, 128)), ("nf4", False, (37, 128)),  # rows of whole blocks
+    ("nf4", True, (37, 83)), ("nf4", False, (37, 83)),    # rows starting inside a block, odd sizes
+    ("int8", False, (37, 83)),
+])
+def test_dequantized_rows_are_the_whole_weight_rows_bit_for_bit(scheme, double_quant, shape):
+    q = QuantizedWeight(odd_weight(shape, dtype=torch.bfloat16), scheme, double_quant=double_quant)
+    whole = q.dequantize()
+    ids = torch.tensor([36, 0, 5, 5, 17])  # repeats and both ends
+    assert torch.equal(q.dequantize_rows(ids), whole[ids])
+    assert torch.equal(q.dequantize_rows(slice(3, 29), torch.float32), q.dequantize(torch.float32)[3:29])
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_weight_above_the_tile_size_is_quantized_and_multiplied_tile_by_tile_never_whole(scheme, monkeypatch):
+    w = odd_weight((37, 128))
+    whole = QuantizedWeight(w, scheme)
+    monkeypatch.setattr(minilora.quant, "TILE_ELEMENTS", 640)  # 10 blocks of 64: 5 rows a tile
+    tiled = QuantizedWeight(w, scheme)
+    assert len(tiled.row_tiles()) == 8 and max(t.stop - t.start for t in tiled.row_tiles()) * 128 <= 640
+    assert all(torch.equal(a, b) for a, b in zip(tiled.state_dict().values(), whole.state_dict().values()))
+    dense = whole.dequantize()
+
+    def refuse(*_):
+        raise AssertionError("the whole weight was dequantized")
+    monkeypatch.setattr(QuantizedWeight, "dequantize", refuse)
+    x = torch.randn(3, 4, 128, requires_grad=True)
+    out = QuantLinear(tiled)(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert_close_to_rounding(out, x @ dense.t(), reduction=128)
+    assert_close_to_rounding(x.grad, g @ dense, reduction=37)
+
+
+def test_embeddings_true_stores_the_tied_table_once_and_looks_up_rows_only(monkeypatch):
+    model = tiny_llama(tie_word_embeddings=True).to(torch.bfloat16)
+    table = model.model.embed_tokens.weight
+    reference = minilora.quantize(tiny_llama(tie_word_embeddings=True).to(torch.bfloat16), "nf4")
+    minilora.quantize(model, "nf4", embeddings=True)
+    embed, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert head.weight is embed.weight and embed.weight.dtype == torch.bfloat16  # one copy, the compute dtype kept
+    assert torch.equal(embed.weight.codes, QuantizedWeight(table, "nf4").codes)
+    # bytes: the table's codes and scales once, where the float model had its bf16 table once
+    assert weight_bytes(model) == weight_bytes(reference) - table.numel() * 2 + embed.weight.nbytes()
+    assert "lm_head.weight.codes" in model.state_dict()  # both keys, as the float model had
+    ids = torch.randint(0, 128, (2, 12))
+    expected = dequantized_base(copy.deepcopy(model), tie_word_embeddings=True).to(torch.bfloat16)(ids).logits
+    assert_close_to_rounding(model(ids).logits, expected, reduction=64 * 2)
+    rows = embed.weight.dequantize()[ids]  # (2, 12, 64)
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda *_: pytest.fail("a lookup dequantized the table"))
+    assert torch.equal(embed(ids), rows)
+
+
+def test_embeddings_true_on_an_untied_model_leaves_the_head_alone_and_dequantize_reties_a_tied_one():
+    untied = minilora.quantize(tiny_llama(), "nf4", embeddings=True)
+    assert isinstance(untied.model.embed_tokens, QuantEmbedding) and type(untied.lm_head) is nn.Linear
+    tied = minilora.dequantize(minilora.quantize(tiny_llama(tie_word_embeddings=True), "int8", embeddings=True))
+    assert type(tied.model.embed_tokens) is nn.Embedding and tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_on_a_quantized_embedding_trains_saves_and_unloads(tied, tmp_path):
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = minilora.quantize(tiny_llama(tie_word_embeddings=tied), "nf4", embeddings=True)
+    randomize_adapters(minilora.inject(model, r=4, target_modules=["q_proj", "embed_tokens"]))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, minilora.LoRAEmbedding) and layer.quantized
+    assert not tied or model.lm_head.weight is layer.weight
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    plain = minilora.dequantize(copy.deepcopy(model))  # the same adapters over the dequantized table
+    plain.train()
+    plain_loss = plain(ids, labels=ids).loss
+    plain_loss.backward()
+    assert_close_to_rounding(loss, plain_loss, reduction=128 * 2)
+    for (name, p), (_, q) in zip(minilora.lora_parameters(model), minilora.lora_parameters(plain)):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert_close_to_rounding(p.grad, q.grad, reduction=24 * 128)
+    minilora.save_adapter(model, str(tmp_path))
+    loaded = minilora.load_adapter(dequantized_base(minilora.quantize(tiny_llama(tie_word_embeddings=tied), "nf4",
+                                                                      embeddings=True), tie_word_embeddings=tied),
+                                   str(tmp_path))
+    model.eval()
+    expected = model(ids).logits
+    assert_close_to_rounding(loaded(ids).logits, expected, reduction=128 * 4)
+    with pytest.raises(QuantizedBaseError, match="merge_and_unload"):
+        minilora.merge(model)
+    if tied:  # merging would change the head too: refused before the table is dequantized
+        with pytest.raises(ValueError, match="tied"):
+            minilora.merge_and_unload(model)
+        assert model.model.embed_tokens.quantized and model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        minilora.merge_and_unload(model)
+        assert type(model.model.embed_tokens) is nn.Embedding and not minilora.quant.quantized_layers(model)
+        assert_close_to_rounding(model(ids).logits, expected, reduction=128 * 4)
+
+
+def test_quantizing_after_inject_keeps_the_embedding_adapter_and_the_tie():
+    model = minilora.inject(tiny_llama(tie_word_embeddings=True), r=4, target_modules=["q_proj", "embed_tokens"])
+    minilora.quantize(model, "nf4", embeddings=True)
+    assert model.model.embed_tokens.quantized and "default" in model.model.embed_tokens.adapters
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("order", ["quantize-then-inject", "inject-then-quantize"])
+def test_modules_to_save_over_a_quantized_table_is_refused_and_changes_nothing(order):
+    model = tiny_llama(tie_word_embeddings=True)
+    if order == "quantize-then-inject":
+        minilora.quantize(model, "nf4", embeddings=True)
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(QuantizedBaseError, match="cannot be trained in full"):
+            minilora.inject(model, r=4, modules_to_save=["embed_tokens"])
+        assert not list(minilora.lora_modules(model))
+    else:
+        minilora.inject(model, r=4, modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(QuantizedBaseError, match="modules_to_save"):
+            minilora.quantize(model, "nf4", embeddings=True)
+        assert not minilora.quant.quantized_layers(model)
+    assert list(model.state_dict()) == list(before)
+
+
+@pytest.mark.parametrize("build, kwargs, error, message", [
+    (lambda: tiny_llama(), dict(embeddings=True, exclude_modules=["embed_tokens"]), ValueError, "no nn.Embedding"),
+    (lambda: tiny_llama(tie_word_embeddings=True), dict(target_modules=["q_proj", "lm_head"]), QuantizedBaseError,
+     "embeddings=True"),
+    (lambda: _with_max_norm(tiny_llama()), dict(embeddings=True), QuantizedBaseError, "max_norm"),
+])
+def test_embedding_settings_that_cannot_be_quantized_raise_and_change_nothing(build, kwargs, error, message):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        minilora.quantize(model, "nf4", **kwargs)
+    assert not minilora.quant.quantized_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _with_max_norm(model):
+    model.model.embed_tokens.max_norm = 1.0
+    return model
+
+
+def test_weight_bytes_of_the_llama_3_2_1b_shape_with_its_embedding_quantized():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    bf16 = weight_bytes(model)
+    minilora.quantize(model, "nf4", embeddings=True)
+    layers = minilora.quant.quantized_layers(model)
+    assert len(layers) == 16 * 7 + 1 and model.lm_head.weight is model.model.embed_tokens.weight
+    codes = sum(n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4 for n in (m.shape.numel() for _, m in layers))
+    norms = sum(p.numel() for p in model.parameters()) * 2  # what stays bf16: the RMSNorm weights
+    assert weight_bytes(model) == codes + norms and weight_bytes(model) / bf16 < 0.30
+
+
 # -- the training app: --quantize ------------------------------------------------------------------
 
 def test_quantize_without_an_adapter_is_a_usage_error(tmp_path):
@@ -296,6 +459,24 @@ def test_quantize_without_an_adapter_is_a_usage_error(tmp_path):
 
     with pytest.raises(UsageError, match="add --use_lora"):
         parse_args([a for a in train_argv("m", "d", tmp_path, "--quantize", "nf4") if a != "--use_lora"])
+
+
+def test_quantize_embeddings_needs_quantize_and_reaches_the_table(tmp_path, tiny_model_dir, tiny_text_file):
+    from train.config import UsageError, parse_args
+    from train.loop import run
+    from transformers import AutoTokenizer
+
+    with pytest.raises(UsageError, match="add --quantize nf4"):
+        parse_args(train_argv("m", "d", tmp_path, "--quantize_embeddings"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tied = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # as Llama-3.2-1B and SmolLM2
+    args = parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "out", "--quantize", "nf4",
+                                 "--quantize_embeddings", "--max_steps", "2", "--general_eval_dataset", "none",
+                                 "--max_eval_samples", "4"))
+    summary = run(args, model=tied, tokenizer=tokenizer)
+    assert isinstance(tied.model.embed_tokens, QuantEmbedding) and summary["updates"] == 2
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # placing the model on its device kept one table
 
 
 QUANTIZED_SPMD_RUN = """
@@ -331,10 +512,12 @@ def test_qlora_under_spmd_with_checkpointing_adds_no_compilation_and_shards_the_
     flags = ("--gradient_checkpointing", "--max_steps", "3", "--general_eval_dataset", "none",
              "--max_eval_samples", "4", "--lora_dropout", "0")
     xla = ("--device", "xla", "--spmd", "--per_device_train_batch_size", "2")
-    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "cpu", "--quantize", "nf4", *flags,
+    # the token embedding too (untied here): its row gathers trace into the same graphs every step
+    quantized = ("--quantize", "nf4", "--quantize_embeddings")
+    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "cpu", *quantized, *flags,
                               "--per_device_train_batch_size", "8")))
     results = {}
-    for quantize in (("--quantize", "nf4"), ()):
+    for quantize in (quantized, ()):
         out = tmp_path / ("xla-nf4" if quantize else "xla")
         code = QUANTIZED_SPMD_RUN.format(model=tiny_model_dir, data=tiny_text_file, out=str(out),
                                          flags=[*quantize, *flags, *xla])

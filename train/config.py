@@ -89,6 +89,8 @@ class TrainArgs:
     quantize: Optional[str] = flag(None, "QLoRA: store the frozen base's Linear weights (all but the LM head) as nf4 "
                                          "(4-bit, block 64, double-quantized scales) or int8 (per-row scales), "
                                          "dequantized one layer at a time (docs/library.md)", choices=("nf4", "int8"))
+    quantize_embeddings: bool = flag(False, "with --quantize: the token embedding too, and an LM head tied to it "
+                                            "(one quantized table); QLoRA keeps both in the compute dtype")
     lora_top_layers: Optional[int] = flag(None, "adapt only the last N decoder layers (PEFT's layers_to_transform); "
                                                "backward then stops below them, which saves time (default: all layers)")
     # -- optimisation ----------------------------------------------------------------------
@@ -195,6 +197,9 @@ class TrainArgs:
         if self.quantize and not (self.use_lora or self.is_demo):
             checks.append((False, f"--quantize {self.quantize} freezes the base in {self.quantize}, so only an adapter "
                                   "can train: add --use_lora (full fine-tuning needs the float weights)"))
+        if self.quantize_embeddings and not self.quantize:
+            checks.append((False, "--quantize_embeddings quantizes the token embedding along with the Linears: "
+                                  "add --quantize nf4 (or int8)"))
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)

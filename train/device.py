@@ -70,7 +70,16 @@ def move_model(model: torch.nn.Module, device: Union[str, torch.device]) -> torc
     """
     model.to(device)
     config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+    # A table quantized with minilora.quantize(..., embeddings=True) is one module of buffers that
+    # the embedding and the head both hold: ``.to`` moves it once and it stays shared, and
+    # transformers' tie_weights, which looks for a Parameter there, would fail on it.
+    from minilora.quant import QuantizedWeight
+
+    try:
+        quantized_table = isinstance(getattr(model.get_input_embeddings(), "weight", None), QuantizedWeight)
+    except (AttributeError, NotImplementedError):  # no get_input_embeddings: nothing of ours to keep
+        quantized_table = False
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights") and not quantized_table:
         model.tie_weights()
     return model
 

@@ -258,7 +258,7 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, run_dir: 
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.quantize:  # before inject, which then wraps the quantized Linears
         try:
-            minilora.quantize(model, args.quantize)
+            minilora.quantize(model, args.quantize, embeddings=args.quantize_embeddings)
         except ValueError as e:
             raise UsageError(f"--quantize {args.quantize}: {e}") from None
     if args.use_lora:
@@ -390,7 +390,8 @@ def _base_key(args: TrainArgs, eval_sets: dict) -> tuple:
         digest.update(name.encode())
         digest.update(eval_sets[name].input_ids.numpy().tobytes())
         digest.update(eval_sets[name].labels.numpy().tobytes())
-    return (args.model_name, args.quantize, args.bf16, args.chat_drift_prompts, args.per_device_eval_batch_size,
+    return (args.model_name, args.quantize, args.quantize_embeddings, args.bf16, args.chat_drift_prompts,
+            args.per_device_eval_batch_size,
             args.chunked_loss, digest.hexdigest())
 
 
