@@ -268,16 +268,20 @@ def test_quantizing_twice_is_refused():
         minilora.quantize(model, "int8")
 
 
+def llama_1b_on_meta():
+    """The Llama-3.2-1B shape (the benchmark's "llama-1b", its config.json) in bf16 on the meta device."""
+    from transformers import LlamaForCausalLM
+
+    from bench.models import SHAPES, llama_config
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(llama_config(SHAPES["llama-1b"])).to(torch.bfloat16)
+
+
 def test_weight_bytes_of_the_llama_3_2_1b_shape_on_the_meta_device():
     # The Llama-3.2-1B shape (its config.json), quantized with no weights allocated: the buffers'
     # shapes alone give the bytes.
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from minilora.quant import weight_bytes
-
-    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = llama_1b_on_meta()
     bf16 = weight_bytes(model)
     assert bf16 == sum(p.numel() for p in model.parameters()) * 2  # the tied head counted once
     minilora.quantize(model, "nf4")
@@ -437,12 +441,7 @@ def _with_max_norm(model):
 
 
 def test_weight_bytes_of_the_llama_3_2_1b_shape_with_its_embedding_quantized():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = llama_1b_on_meta()
     bf16 = weight_bytes(model)
     minilora.quantize(model, "nf4", embeddings=True)
     layers = minilora.quant.quantized_layers(model)
