@@ -53,7 +53,7 @@ def self_distillation_pool(args, model, tokenizer, run_dir, is_main: bool,
     """Windows of the base's own answers to the distillation prompts (loss on the answers only).
     A resumed run reads the answers its first start wrote; ``base_cache`` keeps them across runs
     in one process that start from the same base (a sweep)."""
-    key = ("self_distillation", args.model_name, args.quantize, args.bf16)
+    key = ("self_distillation", args.model_name, args.bf16)  # answered before --quantize: it does not change them
     if args.resume_from_checkpoint and run_dir.exists(SELF_ANSWERS_FILE):
         with open(run_dir.path(SELF_ANSWERS_FILE)) as f:
             pairs = json.load(f)
