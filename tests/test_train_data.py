@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import medical_sentences, train_argv, write_jsonl
+from conftest import ROOT, medical_sentences, train_argv, write_jsonl
 from train.config import UsageError, parse_args
 from train.data import IGNORE, Packer, batches, load_records, load_windows, prepare_data
 
@@ -135,6 +138,96 @@ def test_streaming_reads_the_same_kind_of_windows(tmp_path, tokenizer, tiny_mode
     assert summary["updates"] == 5
     with pytest.raises(UsageError, match="--max_steps"):
         run(parse_args(train_argv(tiny_model_dir, path, tmp_path / "out2", "--streaming_data")))
+
+
+# -- local JSON (lines) and text: read without `datasets`, as `datasets` reads them ---------------
+
+def _datasets_rows(builder, data_files):
+    """What datasets.load_dataset gives for these files (the reader used before): {split: (columns, rows)}."""
+    import datasets
+
+    extra = {"sample_by": "paragraph"} if builder == "text" else {}
+    loaded = datasets.load_dataset(builder, data_files=data_files, **extra)
+    return {split: (part.column_names, part[0:len(part)]) for split, part in loaded.items()}
+
+
+def _qa(n, seed, context_from=None):
+    """Question/answer records; from record ``context_from`` on (None: never) with a context."""
+    return [{"question": s.split(" ")[0] + "?", "answer": s,
+             **({"context": "adult"} if context_from is not None and i >= context_from else {})}
+            for i, s in enumerate(medical_sentences(n, seed=seed))]
+
+
+def _write_inputs(kind, tmp_path):
+    """(path given to --dataset_dir, builder, data_files as datasets takes them)."""
+    if kind == "jsonl-folder":  # 'context' from the 2nd record on, a 2nd training file without it, a validation file
+        write_jsonl(tmp_path / "train_1.jsonl", _qa(30, 1, context_from=1))
+        write_jsonl(tmp_path / "train_2.jsonl", _qa(20, 2))
+        write_jsonl(tmp_path / "validation.jsonl", _qa(6, 3))
+        files = {"train": [str(tmp_path / "train_1.jsonl"), str(tmp_path / "train_2.jsonl")],
+                 "validation": [str(tmp_path / "validation.jsonl")]}
+        return str(tmp_path), "json", files
+    if kind == "json-array":  # one array, fields that only some records have, a byte-order mark
+        records = [{"text": s, **({"source": i} if i % 2 else {})} for i, s in enumerate(medical_sentences(25))]
+        path = tmp_path / "notes.json"
+        path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).encode())
+        return str(path), "json", {"train": [str(path)]}
+    path = tmp_path / "notes.txt"  # Windows line ends, runs of blank lines, a paragraph of spaces, no final newline
+    body = "\r\n\r\n".join(f"{s}\r\nline two" for s in medical_sentences(20)) + "\n\n\n\n  \n\n\nlast"
+    path.write_bytes(body.encode())
+    return str(path), "text", {"train": [str(path)]}
+
+
+@pytest.mark.parametrize("kind", ["jsonl-folder", "json-array", "text"])
+def test_local_json_and_text_give_the_rows_datasets_gave(kind, tmp_path):
+    path, builder, files = _write_inputs(kind, tmp_path)
+    records = load_records(path)
+    assert {split: (part.column_names, part[0:len(part)]) for split, part in records.items()} == \
+        _datasets_rows(builder, files)
+
+
+def test_the_held_out_records_are_the_ones_datasets_held_out():
+    import datasets
+
+    from train.data import Records
+
+    texts = medical_sentences(53)
+    for seed, n in ((42, 3), (7, 20), (123456, 1)):
+        split = Records({"text": texts, "n": list(range(53))}).train_test_split(test_size=n, seed=seed)
+        expected = datasets.Dataset.from_dict({"text": texts, "n": list(range(53))}).train_test_split(test_size=n, seed=seed)
+        for part in ("train", "test"):
+            assert split[part][0:len(split[part])] == expected[part][0:len(expected[part])]
+
+
+def test_the_app_on_json_lines_never_imports_datasets(tiny_model_dir, tmp_path):
+    """`datasets` and pyarrow stay resident once imported (docs/benchmarks.md: +174 MiB before the
+    first update); the common input must not pull them in, anywhere in the app."""
+    data = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in medical_sentences(40)])
+    argv = train_argv(tiny_model_dir, data, tmp_path / "out", "--max_steps", "1", "--general_eval_dataset", "none")
+    script = ("import json, sys\nfrom train.config import parse_args\nfrom train.loop import run\n"
+              "run(parse_args(json.loads(sys.argv[1])))\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'datasets', 'pyarrow', 'pandas'}))")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([str(a) for a in argv])], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_column_only_a_later_file_has_is_merged(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", _qa(10, 1))
+    write_jsonl(tmp_path / "b.jsonl", _qa(10, 2, context_from=0))  # datasets refused a column the first file lacks
+    records = load_records(str(tmp_path))["train"]
+    assert records.column_names == ["question", "answer", "context"]
+    assert records[0:20]["context"] == [None] * 10 + ["adult"] * 10
+    data = prepare_data(args_for(tmp_path), tokenizer)
+    text = tokenizer.decode(torch.cat([data.train.input_ids, data.validation.input_ids]).flatten())
+    assert text.count("### Medical Context:\nadult") == 10 and text.count("### Question:") == 20
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_paragraph(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"\xef\xbb\xbffever\n\ncough\n")
+    assert load_records(str(path))["train"][0:2] == {"text": ["fever", "cough\n"]}
 
 
 def test_batches_keep_one_shape_including_the_last(tokenizer):

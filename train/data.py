@@ -6,6 +6,7 @@ Every batch the loop sees has the same shape, (batch, max_seq_length), the last 
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -144,12 +145,19 @@ def _data_files(root: str, dataset_format: Optional[str]) -> tuple[str, dict[str
 
 def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, streaming: bool = False,
                  tmp_dir: Optional[str] = None, storage_options: Optional[dict] = None):
-    """A datasets (Iterable)DatasetDict with a 'train' split and maybe a 'validation' split."""
-    import datasets
+    """The records by split: {'train': ..., maybe 'validation': ...}.
 
+    JSON, JSON lines and text files, not streamed, are read here (the json module) into
+    ``Records``: the common case, and the cheap one, since the `datasets` library and pyarrow
+    stay resident once imported and here they never are. A folder saved with ``save_to_disk``,
+    parquet and csv files, and every --streaming_data input go through `datasets` (a
+    (Iterable)DatasetDict). Either way the rows, their order, their columns and the held-out
+    split are the same."""
     root = _local_copy(dataset_dir, tmp_dir, storage_options)
     if os.path.isdir(root) and (os.path.exists(os.path.join(root, "dataset_dict.json"))
                                 or os.path.exists(os.path.join(root, "state.json"))):
+        import datasets
+
         loaded = datasets.load_from_disk(root)
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
@@ -160,15 +168,19 @@ def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, stre
         for f in files:
             if os.path.getsize(f) == 0:
                 raise UsageError(f"{f} is empty (0 bytes); remove it or give a file holding records")
+    if builder in ("json", "text") and not streaming:
+        return _read_records(builder, splits)
     if builder == "json":
-        kinds = _RecordKinds()  # one for all files: datasets merges their columns, per split and across them
+        kinds = _RecordKinds()  # one for all files: their columns are merged, per split and across them
         for files in splits.values():
             for f in files:
-                _check_json_lines(f, kinds)
+                collections.deque(_json_records(f, kinds), maxlen=0)  # checks every record, keeps none
     else:
         for files in splits.values():
             for f in files:
                 _check_utf8(f)
+    import datasets
+
     extra = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files=splits, streaming=streaming,
@@ -176,6 +188,66 @@ def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, stre
     except Exception as e:  # datasets wraps parser errors; say which input is at fault
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--dataset_dir {dataset_dir}: could not read it as {builder}: {first}") from None
+
+
+class Records:
+    """One split of records read by this module (``_read_records``): equal-length column lists,
+    with the part of ``datasets.Dataset`` that the rest of this module uses, so both readers'
+    splits go through the same code."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    @property
+    def num_rows(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, rows: slice) -> dict[str, list]:
+        """A slice of rows as {column: values}, as ``datasets.Dataset[a:b]`` gives it."""
+        return {name: values[rows] for name, values in self.columns.items()}
+
+    def select(self, indices) -> "Records":
+        return Records({name: [values[i] for i in indices] for name, values in self.columns.items()})
+
+    def train_test_split(self, test_size: int, seed: int) -> dict[str, "Records"]:
+        """``test_size`` records held out at random: the records, in the order, that
+        ``datasets.Dataset.train_test_split(test_size=test_size, seed=seed)`` picks (the same
+        numpy permutation), so a run holds out the same validation whichever reader read it."""
+        permutation = np.random.default_rng(seed).permutation(len(self))
+        return {"train": self.select(permutation[test_size:]), "test": self.select(permutation[:test_size])}
+
+
+def _read_records(builder: str, splits: dict[str, list[str]]) -> dict[str, Records]:
+    """JSON (lines) or text files by split, read with the json module: the rows `datasets` would
+    give, in the same order. Every split has the columns of every file, in the order they first
+    appear; a record without one holds None there (datasets fills in null the same way, but
+    refuses a column that only a later file has, which is merged here)."""
+    kinds = _RecordKinds()  # one for all files, as for datasets
+    rows = {split: [record for f in files for record in (_json_records(f, kinds) if builder == "json"
+                                                          else _text_records(f))]
+            for split, files in splits.items()}
+    names = list(dict.fromkeys(name for records in rows.values() for record in records for name in record))
+    return {split: Records({name: [record.get(name) for record in records] for name in names})
+            for split, records in rows.items()}
+
+
+def _text_records(path: str) -> Iterator[dict]:
+    """A text file's paragraphs (split at blank lines) as {'text': ...} records, as `datasets`'
+    text reader gives them with sample_by='paragraph': every line end read as a newline, empty
+    paragraphs left out, the rest as they are. A byte-order mark is not text and is dropped
+    (datasets kept it as the first character)."""
+    _check_utf8(path)
+    with open(path, encoding="utf-8-sig") as f:  # universal newlines, as datasets' reader opens it
+        for paragraph in f.read().split("\n\n"):
+            if paragraph:
+                yield {"text": paragraph}
 
 
 def _check_utf8(path: str) -> None:
@@ -190,12 +262,12 @@ def _check_utf8(path: str) -> None:
                                  "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def _check_json_lines(path: str, kinds: Optional["_RecordKinds"] = None) -> None:
-    """A malformed line is reported with its file and line number (datasets' own error is not),
-    and so is a record whose fields differ from the file's first usable one: datasets would
-    fill the missing field with null and the record would vanish as if it were empty."""
+def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
+    """The records of a JSON lines file (or of one JSON array), each checked. A malformed line is
+    reported with its file and line number (datasets' own error is not), and so is a record whose
+    fields differ from the first usable one's: the missing field would be null and the record
+    would vanish as if it were empty."""
     _check_utf8(path)
-    kinds = kinds or _RecordKinds()
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows exports) is fine, as for datasets
         head = f.read(1).lstrip()
         f.seek(0)
@@ -208,6 +280,7 @@ def _check_json_lines(path: str, kinds: Optional["_RecordKinds"] = None) -> None
                 raise UsageError(f"{path}: JSON nested too deeply to read; records are flat objects") from None
             for number, value in enumerate(records if isinstance(records, list) else [], 1):
                 kinds.check(value, f"{path}: record {number}")
+                yield value
             return
         for number, line in enumerate(f, 1):
             if line.strip():
@@ -221,6 +294,7 @@ def _check_json_lines(path: str, kinds: Optional["_RecordKinds"] = None) -> None
                 if not isinstance(value, dict):
                     raise UsageError(f"{path}:{number}: each JSON line must be an object, found {type(value).__name__}")
                 kinds.check(value, f"{path}:{number}")
+                yield value
 
 
 class _RecordKinds:
@@ -347,7 +421,7 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
         if n_val >= len(train):
             raise UsageError(f"--validation_split_percentage {args.validation_split_percentage:g} of {len(train)} "
                              f"records holds out {n_val}, leaving none to train on; lower it or add a validation file")
-        split = train.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+        split = train.train_test_split(test_size=n_val, seed=args.seed)
         train, validation = split["train"], split["test"]
     train_windows = packer.pack(train, kind)
     val_windows = packer.pack(validation, kind)
