@@ -13,12 +13,15 @@ import sys
 from .models import Settings
 
 # The contenders, by the name Settings.loop_rows (and --loop-rows) uses: (row label, the app's extra
-# arguments, None for the bare loop; extra environment). "app-mmap": the app with glibc's mmap
-# threshold fixed at 64 KiB, so that freed activations go back to the kernel instead of staying in
-# the heap (docs/benchmarks.md, "Where the app's extra memory went"); it measures what that costs.
+# arguments, None for the bare loop; extra environment). "app-notrim": the app without its
+# malloc_trim after each update (train.device.Device.release_freed_host_memory), what it saves
+# and costs; "app-mmap": the app with glibc's mmap threshold fixed at 64 KiB, so that freed
+# activations go back to the kernel on free (docs/benchmarks.md, "Where the app's extra memory
+# went"), the memory-for-time trade the app does not make.
 MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 LOOP_ROWS = {"app": ("app (full logits, the default)", ["--no-chunked_loss"], {}),
              "app-chunked": ("app (--chunked_loss)", ["--chunked_loss"], {}),
+             "app-notrim": ("app, MINILORA_MALLOC_TRIM=0", ["--no-chunked_loss"], {"MINILORA_MALLOC_TRIM": "0"}),
              "app-mmap": ("app, MALLOC_MMAP_THRESHOLD_=65536", ["--no-chunked_loss"], MMAP_THRESHOLD),
              "bare": ("bare loop", None, {})}
 from .timing import ROOT, child_env
@@ -29,9 +32,10 @@ APP_CHILD = """
 import json, sys
 from train.config import parse_args
 from train.loop import run
-from bench.timing import proc_status_bytes
+from bench.timing import proc_status_bytes, usage
 summary = run(parse_args(json.loads(sys.argv[1])))
-print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"]}))
+print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"],
+                  **usage()}))
 """
 
 # The bare loop, in a fresh process: the same model folder, LoRA settings, batch shape, AdamW and
@@ -41,7 +45,7 @@ import json, statistics, sys, time
 import torch
 import minilora
 from transformers import AutoModelForCausalLM
-from bench.timing import proc_status_bytes
+from bench.timing import proc_status_bytes, usage
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(spec["seed"])
@@ -57,7 +61,8 @@ for update in range(spec["updates"]):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - started)
-print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "update_seconds": statistics.median(times[2:])}))
+print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "update_seconds": statistics.median(times[2:]),
+                  **usage()}))
 """
 
 
@@ -100,6 +105,9 @@ def bench_loop(settings: Settings, workdir: str, threads: int, tokenizer_dir: st
             samples[name].append(result)
     rows = {name: {"update_seconds": statistics.median(s["update_seconds"] for s in runs),
                    "peak_rss_bytes": statistics.median(s["peak_rss_bytes"] for s in runs),
+                   # the whole process's (start-up included): what the allocator's page faults cost
+                   "system_seconds": statistics.median(s["system_seconds"] for s in runs),
+                   "minor_faults": statistics.median(s["minor_faults"] for s in runs),
                    "samples": runs} for name, runs in samples.items()}
     bare = rows.get(LOOP_ROWS["bare"][0])
     for row in rows.values():

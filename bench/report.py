@@ -178,11 +178,14 @@ def markdown(results: dict) -> str:
                   f"LoRA r={lp['r']} dropout {lp['dropout']:g}, AdamW; {lp['updates']} updates (2 warm-up) per run, "
                   f"each contender in a fresh process, {lp['rounds']} rounds in rotating order, medians. The bare "
                   "loop is model(labels=).loss.backward(), AdamW.step(), zero_grad(); peak RSS is the whole "
-                  "process's (VmHWM).", "",
-                  "| loop | s/update | vs bare | peak RSS (MiB) | vs bare |", "|---|---|---|---|---|"]
+                  "process's (VmHWM); system CPU seconds and minor page faults are the whole process's "
+                  "(getrusage), start-up included.", "",
+                  "| loop | s/update | vs bare | peak RSS (MiB) | vs bare | system CPU s | minor faults |",
+                  "|---|---|---|---|---|---|---|"]
         for name, row in lp["rows"].items():
             lines.append(f"| {name} | {row['update_seconds']:.3f} | {_ratio(row['time_vs_bare'])} | "
-                         f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} |")
+                         f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} | "
+                         f"{row['system_seconds']:.1f} | {row['minor_faults']:,.0f} |")
         lines.append("")
     if "xla" in results:
         x = results["xla"]

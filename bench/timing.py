@@ -88,6 +88,15 @@ def proc_status_bytes(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
+def usage() -> dict:
+    """This process's CPU seconds (user, system) and minor page faults so far (getrusage): what a
+    change to the allocator costs, read where the machine's load makes wall time unreliable."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_seconds": r.ru_utime, "system_seconds": r.ru_stime, "minor_faults": r.ru_minflt}
+
+
 def child_env() -> dict:
     """The environment of the benchmark's subprocesses: this checkout's code first."""
     return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -123,6 +123,29 @@ def test_gradient_accumulation_4x1_equals_2x2(tiny_model_dir, tiny_text_file, tm
         torch.testing.assert_close(one[key], two[key], atol=1e-6, rtol=1e-5)
 
 
+def test_the_cpu_loop_trims_the_heap_once_per_update_where_glibc_is_the_c_library(tiny_model_dir, tiny_text_file,
+                                                                                  tmp_path, monkeypatch):
+    """malloc_trim(0) after every optimizer update (not every micro-batch) keeps freed activations
+    from staying resident (docs/benchmarks.md, "Where the app's extra memory went")."""
+    import platform
+    import sys
+
+    from train import device
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert (device._glibc_malloc_trim() is not None) == glibc
+    if glibc:
+        assert device._glibc_malloc_trim()(0) in (0, 1)  # 1: memory was released, 0: none was
+    monkeypatch.setenv("MINILORA_MALLOC_TRIM", "0")
+    assert device._glibc_malloc_trim() is None
+
+    calls = []
+    monkeypatch.setattr(device, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 0)
+    run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "run", "--per_device_train_batch_size", "2",
+                              "--gradient_accumulation_steps", "2", "--max_steps", "3")))
+    assert calls == [0, 0, 0]
+
+
 def run_and_adapter(model_dir, data, out, *extra) -> dict:
     run(parse_args(train_argv(model_dir, data, out, *extra)))
     return adapter(out)

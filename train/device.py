@@ -8,11 +8,13 @@ Python values that stay the same from step to step let XLA reuse its compiled gr
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import os
+import sys
 import time
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -251,6 +253,22 @@ class Device:
         reduces them across processes. Elsewhere nothing."""
         return self.layout.no_backward_sync(model, enabled)
 
+    def release_freed_host_memory(self) -> None:
+        """After each optimizer update on the CPU: glibc's ``malloc_trim(0)``, which hands the free
+        pages inside the heap back to the kernel.
+
+        An update's activations are freed by its end, but glibc raises its mmap threshold to the
+        largest block freed so far (up to 32 MiB), so from the second update on every activation
+        is carved from the heap, where freed blocks stay resident and, fragmented, raised the
+        app's peak well above a bare loop's (docs/benchmarks.md, "Where the app's extra memory
+        went"). Trimming once an update keeps that heap (freed blocks are reused within the next
+        update as before; a fixed mmap threshold instead maps and faults in every activation
+        anew) and gives back only the pages nobody holds. Nothing on XLA and CUDA (activations
+        are not in the host heap) or where the C library is not glibc; ``MINILORA_MALLOC_TRIM=0``
+        turns it off."""
+        if self.kind == "cpu" and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
     def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
@@ -367,6 +385,24 @@ class Device:
         import torch_xla.debug.metrics as met
 
         return {name: met.counter_value(name) for name in met.counter_names() if name.startswith("aten::")}
+
+
+def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, or None where the C library is another (musl, macOS, Windows) or
+    ``MINILORA_MALLOC_TRIM=0`` says not to trim (Device.release_freed_host_memory)."""
+    if not sys.platform.startswith("linux") or os.environ.get("MINILORA_MALLOC_TRIM", "1") == "0":
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        libc.gnu_get_libc_version  # glibc's own symbol: musl has malloc but no such function
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
 
 
 class _Reiterable:
