@@ -13,15 +13,14 @@ import sys
 from .models import Settings
 
 # The contenders, by the name Settings.loop_rows (and --loop-rows) uses: (row label, the app's extra
-# arguments, None for the bare loop; extra environment). "app-notrim": the app without its
-# malloc_trim after each update (train.device.Device.release_freed_host_memory), what it saves
-# and costs; "app-mmap": the app with glibc's mmap threshold fixed at 64 KiB, so that freed
-# activations go back to the kernel on free (docs/benchmarks.md, "Where the app's extra memory
-# went"), the memory-for-time trade the app does not make.
+# arguments, None for the bare loop; extra environment). Two memory-for-time trades the app leaves
+# to the user (docs/benchmarks.md, "Where the app's extra memory went"): "app-trim", glibc's
+# malloc_trim(0) after each update (MINILORA_MALLOC_TRIM=1, train.device); "app-mmap", glibc's mmap
+# threshold fixed at 64 KiB, so that every freed activation goes back to the kernel on free.
 MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 LOOP_ROWS = {"app": ("app (full logits, the default)", ["--no-chunked_loss"], {}),
              "app-chunked": ("app (--chunked_loss)", ["--chunked_loss"], {}),
-             "app-notrim": ("app, MINILORA_MALLOC_TRIM=0", ["--no-chunked_loss"], {"MINILORA_MALLOC_TRIM": "0"}),
+             "app-trim": ("app, MINILORA_MALLOC_TRIM=1", ["--no-chunked_loss"], {"MINILORA_MALLOC_TRIM": "1"}),
              "app-mmap": ("app, MALLOC_MMAP_THRESHOLD_=65536", ["--no-chunked_loss"], MMAP_THRESHOLD),
              "bare": ("bare loop", None, {})}
 from .timing import ROOT, child_env

@@ -14,8 +14,8 @@
 #   docs/measurements/perf-steps-smollm2-cpu.json   training + speed sections at 8 x 128: minilora
 #       vs PEFT at dropout 0 and 0.05 (minilora by both mask paths), full fine-tuning (LoRA / full
 #       vs the FLOPs ratio), and minilora at float32 / bf16 autocast / bf16 weights, all layers / top 8
-#   docs/measurements/perf-loop-smollm2-cpu.json    the app's loop (full logits; without its
-#       malloc_trim per update; with glibc's mmap threshold fixed at 64 KiB) vs a bare loop, 8 x 128
+#   docs/measurements/perf-loop-smollm2-cpu.json    the app's loop (full logits; with
+#       MINILORA_MALLOC_TRIM=1; with glibc's mmap threshold fixed at 64 KiB) vs a bare loop, 8 x 128
 #   docs/measurements/perf-chunked-smollm2-8x512-cpu.json   the app with the chunked loss vs full logits, 8 x 512
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ OUT=docs/measurements
 bench() { "$PYTHON" -m bench --shape "$1" --threads 2 "${@:3}" --json "$OUT/$2.json" --markdown "$OUT/$2.md"; }
 
 bench smollm2-135m perf-steps-smollm2-cpu --only training,speed --rounds 4 --warmup 1 --memory-steps 0
-bench smollm2-135m perf-loop-smollm2-cpu --only loop --loop-rows app,app-notrim,app-mmap,bare --loop-updates 5 --loop-rounds 2
+bench smollm2-135m perf-loop-smollm2-cpu --only loop --loop-rows app,app-trim,app-mmap,bare --loop-updates 5 --loop-rounds 2
 bench smollm2-135m,seq=512 perf-chunked-smollm2-8x512-cpu --only loop --loop-rows app,app-chunked \
     --loop-updates 4 --loop-rounds 1
 echo "done: $OUT/perf-*.json"

@@ -265,6 +265,6 @@ def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
     assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
     assert cli.main(["--loop-rows", "app,bear"]) == 2
-    assert "--loop-rows app,bear: choose from app, app-chunked, app-notrim, app-mmap, bare" in capsys.readouterr().err
+    assert "--loop-rows app,bear: choose from app, app-chunked, app-trim, app-mmap, bare" in capsys.readouterr().err
     assert cli.main(["--loop-updates", "3"]) == 2
     assert "--loop-updates 3: give at least 4" in capsys.readouterr().err

@@ -123,21 +123,22 @@ def test_gradient_accumulation_4x1_equals_2x2(tiny_model_dir, tiny_text_file, tm
         torch.testing.assert_close(one[key], two[key], atol=1e-6, rtol=1e-5)
 
 
-def test_the_cpu_loop_trims_the_heap_once_per_update_where_glibc_is_the_c_library(tiny_model_dir, tiny_text_file,
-                                                                                  tmp_path, monkeypatch):
-    """malloc_trim(0) after every optimizer update (not every micro-batch) keeps freed activations
-    from staying resident (docs/benchmarks.md, "Where the app's extra memory went")."""
+def test_malloc_trim_after_every_update_when_asked_and_where_glibc_is_the_c_library(tiny_model_dir, tiny_text_file,
+                                                                                     tmp_path, monkeypatch):
+    """MINILORA_MALLOC_TRIM=1: malloc_trim(0) after every optimizer update (not every micro-batch),
+    the memory-for-time trade of docs/benchmarks.md; off unless asked for."""
     import platform
     import sys
 
     from train import device
 
+    monkeypatch.delenv("MINILORA_MALLOC_TRIM", raising=False)
+    assert device._glibc_malloc_trim() is None  # the default: no trim
+    monkeypatch.setenv("MINILORA_MALLOC_TRIM", "1")
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert (device._glibc_malloc_trim() is not None) == glibc
     if glibc:
         assert device._glibc_malloc_trim()(0) in (0, 1)  # 1: memory was released, 0: none was
-    monkeypatch.setenv("MINILORA_MALLOC_TRIM", "0")
-    assert device._glibc_malloc_trim() is None
 
     calls = []
     monkeypatch.setattr(device, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 0)

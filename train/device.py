@@ -254,18 +254,17 @@ class Device:
         return self.layout.no_backward_sync(model, enabled)
 
     def release_freed_host_memory(self) -> None:
-        """After each optimizer update on the CPU: glibc's ``malloc_trim(0)``, which hands the free
-        pages inside the heap back to the kernel.
+        """With ``MINILORA_MALLOC_TRIM=1``, after each optimizer update on the CPU: glibc's
+        ``malloc_trim(0)``, which hands the free pages inside the heap back to the kernel.
 
         An update's activations are freed by its end, but glibc raises its mmap threshold to the
         largest block freed so far (up to 32 MiB), so from the second update on every activation
-        is carved from the heap, where freed blocks stay resident and, fragmented, raised the
-        app's peak well above a bare loop's (docs/benchmarks.md, "Where the app's extra memory
-        went"). Trimming once an update keeps that heap (freed blocks are reused within the next
-        update as before; a fixed mmap threshold instead maps and faults in every activation
-        anew) and gives back only the pages nobody holds. Nothing on XLA and CUDA (activations
-        are not in the host heap) or where the C library is not glibc; ``MINILORA_MALLOC_TRIM=0``
-        turns it off."""
+        is carved from the heap, where freed blocks stay resident and, fragmented anew in every
+        update, raise the app's peak above a bare loop's. Trimming returns them, but the next
+        update faults in again the pages it reuses, which costs time, so it is a memory-for-time
+        trade the user chooses (docs/benchmarks.md, "Where the app's extra memory went"). Nothing
+        on XLA and CUDA (activations are not in the host heap) or where the C library is not
+        glibc."""
         if self.kind == "cpu" and _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
 
@@ -388,9 +387,10 @@ class Device:
 
 
 def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
-    """glibc's ``malloc_trim``, or None where the C library is another (musl, macOS, Windows) or
-    ``MINILORA_MALLOC_TRIM=0`` says not to trim (Device.release_freed_host_memory)."""
-    if not sys.platform.startswith("linux") or os.environ.get("MINILORA_MALLOC_TRIM", "1") == "0":
+    """glibc's ``malloc_trim`` where ``MINILORA_MALLOC_TRIM=1`` asks for it (see
+    Device.release_freed_host_memory); None otherwise, and where the C library is another (musl,
+    macOS, Windows)."""
+    if not sys.platform.startswith("linux") or os.environ.get("MINILORA_MALLOC_TRIM", "0") != "1":
         return None
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on

@@ -462,7 +462,7 @@ def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.T
             update_nll = torch.zeros_like(update_nll)
             optimizer.zero_grad(set_to_none=True)
             device.sync()  # end of the compiled step
-            device.release_freed_host_memory()  # eager CPU: the freed activations' pages back to the kernel
+            device.release_freed_host_memory()  # MINILORA_MALLOC_TRIM=1, eager CPU: freed pages back to the kernel
             pos.update += 1
             tokens_since_log += update_tokens
 
