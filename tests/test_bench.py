@@ -107,10 +107,13 @@ def test_dropout_mask_is_one_byte_per_element_on_cpus_and_gpus():
 
 # Each CPU path is tested on every machine: bernoulli_ (ATen's MKL kernel on Intel CPUs) and the
 # random-word draw (elsewhere); bool is the mask CPUs and GPUs draw, float the one XLA draws.
+# x_grad False: the input needs no gradient (the first layer's projections over a frozen
+# embedding), so backward applies the mask to x alone, writing into its converted copy.
 @pytest.mark.parametrize("vectorised_bernoulli", [False, True])
-@pytest.mark.parametrize("mask_dtype", ["float", "bool"])
-def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, vectorised_bernoulli,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("mask_dtype,dtype,x_grad", [("float", torch.float32, True), ("bool", torch.float32, True),
+                                                     ("bool", torch.float32, False), ("bool", torch.bfloat16, True)])
+def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, dtype, x_grad,
+                                                                       vectorised_bernoulli, monkeypatch):
     from torch import nn
 
     monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
@@ -119,28 +122,49 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
         monkeypatch.setattr(minilora.layer, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
 
     torch.manual_seed(0)
-    layer = minilora.LoRALinear(nn.Linear(48, 80))
+    layer = minilora.LoRALinear(nn.Linear(48, 80).to(dtype))
     layer.weight.requires_grad_(False)
     adapter = layer.add_adapter("default", 4, 8.0, dropout=0.25)
     layer.active_adapter = "default"
     with torch.no_grad():
         adapter.lora_B.normal_()
-    x = torch.randn(2, 5, 48, requires_grad=True)
+    x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=x_grad)
     torch.manual_seed(7)
-    layer.train()(x).square().sum().backward()
-    got = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
+    layer.train()(x).float().square().sum().backward()
+    got = (adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone()) + ((x.grad.clone(),) if x_grad else ())
 
     torch.manual_seed(7)
     keep = minilora.layer.dropout_mask(x, 0.25)  # the same draw the layer made
     assert keep.dtype == (torch.bool if mask_dtype == "bool" else x.dtype)
     x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
     a, b = adapter.lora_A, adapter.lora_B
-    y = nn.functional.linear(x, layer.weight, layer.bias) + (x * keep / 0.75) @ a.T @ b.T * adapter.scaling
+    xf = x.float()  # the reference in float32, from the same (rounded) inputs
+    y = nn.functional.linear(xf, layer.weight.float(), layer.bias.float()) + (xf * keep / 0.75) @ a.T @ b.T * adapter.scaling
     y.square().sum().backward()
-    # The same arithmetic in another order: the fused node adds the adapter inside the base GEMM.
-    # Its longest sums run over the 48 inputs plus the 80 outputs (x's gradient), in float32.
-    for ours, reference in zip(got, (x.grad, a.grad, b.grad)):
-        assert_close_to_rounding(ours, reference, reduction=48 + 80)
+    for ours, reference in zip(got, (a.grad, b.grad) + ((x.grad,) if x_grad else ())):
+        if dtype == torch.float32:
+            # The same arithmetic in another order: the fused node adds the adapter inside the base
+            # GEMM. Its longest sums run over the 48 inputs plus the 80 outputs (x's gradient).
+            assert_close_to_rounding(ours, reference, reduction=48 + 80)
+        else:
+            # bfloat16 GEMMs accumulate in float32 and round their results: the fused node rounds
+            # each intermediate (the r-wide product, the output, the gradients' products) to
+            # bfloat16 once, at most 6 roundings along any path, each within bfloat16's eps of the
+            # largest value. A wrong mask moves a quarter of the terms.
+            eps = torch.finfo(dtype).eps
+            scale = reference.abs().max().item()
+            torch.testing.assert_close(ours.float(), reference.float(), rtol=6 * eps, atol=6 * eps * scale)
+
+
+@pytest.mark.parametrize("threshold", [-2**15, -2**15 + 1, -29491, -29490, -1, 0, 1, 12345, 2**15 - 2, 2**15 - 1])
+def test_the_random_word_masks_comparison_is_exact_for_every_16_bit_value(threshold):
+    # _at_least halves both sides to stay inside int16; every one of the 65,536 values must still
+    # compare as the plain comparison does, at odd and even thresholds and at both ends.
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(256, 256)
+    kept = minilora.layer._at_least(every, threshold)
+    assert kept.dtype == torch.bool
+    assert torch.equal(kept, every >= threshold)
+    assert torch.equal(kept.view(torch.int8), (every >= threshold).to(torch.int8))  # its bytes are 0 or 1
 
 
 @pytest.mark.parametrize("path", MASK_PATHS)
