@@ -20,6 +20,7 @@ MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 LOOP_ROWS = {"app": ("app (full logits, the default)", ["--no-chunked_loss"], {}),
              "app-chunked": ("app (--chunked_loss)", ["--chunked_loss"], {}),
              "app-mmap": ("app, MALLOC_MMAP_THRESHOLD_=65536", ["--no-chunked_loss"], MMAP_THRESHOLD),
+             "app-compile": ("app (--compile)", ["--no-chunked_loss", "--compile"], {}),
              "bare": ("bare loop", None, {})}
 from .timing import ROOT, child_env
 from .xla import save_loop_model, steady_update_seconds
@@ -31,7 +32,8 @@ from train.config import parse_args
 from train.loop import run
 from bench.timing import proc_status_bytes
 summary = run(parse_args(json.loads(sys.argv[1])))
-print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"]}))
+print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"],
+                  "compile": summary.get("compile")}))
 """
 
 # The bare loop, in a fresh process: the same model folder, LoRA settings, batch shape, AdamW and

@@ -66,6 +66,11 @@ def targets(results: dict) -> list[dict]:
         app and chunked and chunked["peak_rss_bytes"] / app["peak_rss_bytes"], 0.85)
     add(f"the app's update, chunked loss / full logits{at}",
         app and chunked and chunked["update_seconds"] / app["update_seconds"], 1.02)
+    compiled = loop.get("app (--compile)")
+    counts = compiled and _compile_counts(compiled)
+    add(f"the app with --compile: compiles after warm-up{at}", counts and counts["compiles_after_warmup"], 0,
+        note=counts and (f"update, --compile / eager {compiled['update_seconds'] / app['update_seconds']:.3f}; " if app else "")
+        + f"warm-up {counts['warmup_seconds']:.0f} s, {counts['compiles_during_warmup']} compiles")
     xla = results.get("xla") or {}
     add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
     add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
@@ -184,6 +189,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {row['update_seconds']:.3f} | {_ratio(row['time_vs_bare'])} | "
                          f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} |")
         lines.append("")
+        for name, row in lp["rows"].items():
+            counts = _compile_counts(row)
+            if counts:
+                lines += [f"{name}: warm-up {counts['warmup_seconds']:.0f} s (the base evaluation and the first "
+                          f"updates, {counts['compiles_during_warmup']} graphs compiled), "
+                          f"{counts['compiles_after_warmup']} compiles after it (the worst run).", ""]
     if "xla" in results:
         x = results["xla"]
         if "skipped" in x:
@@ -219,3 +230,14 @@ def markdown(results: dict) -> str:
         met = "—" if t["met"] is None else "yes" if t["met"] else "**no**"
         lines.append(f"| {t['target']} | {value} | {sign} {t['limit']} | {met} | {t['note'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _compile_counts(row: dict) -> dict:
+    """A --compile loop row's warm-up (median seconds over its runs) and compiles (the most any run
+    made); {} for a row that did not compile."""
+    runs = [r["compile"] for r in row.get("samples", []) if r.get("compile")]
+    if not runs:
+        return {}
+    return {"warmup_seconds": sorted(r["warmup_seconds"] for r in runs)[len(runs) // 2],
+            "compiles_during_warmup": max(r["compiles_during_warmup"] for r in runs),
+            "compiles_after_warmup": max(r["compiles_after_warmup"] for r in runs)}

@@ -3,7 +3,7 @@
 # "Speed on two CPU cores", in one go. Run it on a quiet machine (nothing else running): the figures
 # are times, and under load they mean nothing.
 #
-# Estimated wall time on a quiet 2-core AMD EPYC: about 13 minutes (training and speed sections
+# Estimated wall time on a quiet 2-core AMD EPYC: about 13 minutes plus the --compile run's warm-up (training and speed sections
 # ~5 min, the loop at 8 x 128 ~4 min, the chunked loss at 8 x 512 ~4.5 min). The estimate comes
 # from the per-step times of the last quiet runs (4.7 s per float32 LoRA step at 8 x 128, 1.5x
 # that with the chunked loss, about 4.5x at 8 x 512) and the app's start-up; the smoke runs of
@@ -17,6 +17,9 @@
 #   docs/measurements/perf-loop-smollm2-cpu.json    the app's loop (full logits; and with glibc's mmap
 #       threshold fixed at 64 KiB) vs a bare loop, 8 x 128
 #   docs/measurements/perf-chunked-smollm2-8x512-cpu.json   the app with the chunked loss vs full logits, 8 x 512
+#   docs/measurements/perf-compile-smollm2-cpu.json   the app with --compile (inductor) vs eager, 8 x 128: update
+#       time, the warm-up (compiling the 30-layer model's training graph: ~5-8 min estimated from 58 s at 4
+#       layers on the loaded machine) and compiles after it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -27,4 +30,5 @@ bench smollm2-135m perf-steps-smollm2-cpu --only training,speed --rounds 4 --war
 bench smollm2-135m perf-loop-smollm2-cpu --only loop --loop-rows app,app-mmap,bare --loop-updates 5 --loop-rounds 2
 bench smollm2-135m,seq=512 perf-chunked-smollm2-8x512-cpu --only loop --loop-rows app,app-chunked \
     --loop-updates 4 --loop-rounds 1
+bench smollm2-135m perf-compile-smollm2-cpu --only loop --loop-rows app,app-compile --loop-updates 5 --loop-rounds 1
 echo "done: $OUT/perf-*.json"

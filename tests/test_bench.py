@@ -289,6 +289,26 @@ def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
     assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
     assert cli.main(["--loop-rows", "app,bear"]) == 2
-    assert "--loop-rows app,bear: choose from app, app-chunked, app-mmap, bare" in capsys.readouterr().err
+    assert "--loop-rows app,bear: choose from app, app-chunked, app-mmap, app-compile, bare" in capsys.readouterr().err
     assert cli.main(["--loop-updates", "3"]) == 2
     assert "--loop-updates 3: give at least 4" in capsys.readouterr().err
+
+
+def test_the_compile_loop_row_reports_its_warm_up_and_the_most_compiles_any_run_made_after_it():
+    # The loop section's --compile row keeps each run's compile counts (train.loop.run's summary);
+    # the report takes the median warm-up and the worst run's compiles after warm-up.
+    from bench import report
+
+    def runs(*counts):
+        return [{"compile": {"warmup_seconds": w, "compiles_during_warmup": d, "compiles_after_warmup": a}}
+                for w, d, a in counts]
+
+    rows = {"app (full logits, the default)": {"update_seconds": 2.0, "time_vs_bare": None, "rss_vs_bare": None,
+                                               "samples": [{}, {}]},
+            "app (--compile)": {"update_seconds": 1.5, "samples": runs((300.0, 2, 0), (280.0, 2, 1), (290.0, 2, 0))}}
+    results = {"loop": {"rows": rows, "batch": 8, "seq": 128}}
+    target = next(t for t in report.targets(results) if "--compile" in t["target"])
+    assert (target["value"], target["met"]) == (1, False)
+    assert target["note"] == "update, --compile / eager 0.750; warm-up 290 s, 2 compiles"
+    assert report._compile_counts(rows["app (full logits, the default)"]) == {}
+
