@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from .loop import LOOP_ROWS
+
 
 def targets(results: dict) -> list[dict]:
     """Each target of the issue with the figure this run measured (None: not measured)."""
@@ -57,16 +59,16 @@ def targets(results: dict) -> list[dict]:
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
     loop = (results.get("loop") or {}).get("rows") or {}
-    app, chunked = loop.get("app (full logits, the default)"), loop.get("app (--chunked_loss)")
+    app, full = loop.get(LOOP_ROWS["app"][0]), loop.get(LOOP_ROWS["app-full"][0])
     add("the app's update / a bare loop's (eager CPU)", app and app["time_vs_bare"], 1.05)
     add("the app's peak RSS / a bare loop's", app and app["rss_vs_bare"], 1.10)
     shape = (results.get("loop") or {}).get("seq")
     at = f" ({results['loop']['batch']} x {shape})" if shape else ""
     add(f"the app's peak RSS, chunked loss / full logits{at}",
-        app and chunked and chunked["peak_rss_bytes"] / app["peak_rss_bytes"], 0.85)
+        app and full and app["peak_rss_bytes"] / full["peak_rss_bytes"], 0.85)
     add(f"the app's update, chunked loss / full logits{at}",
-        app and chunked and chunked["update_seconds"] / app["update_seconds"], 1.02)
-    compiled = loop.get("app (--compile)")
+        app and full and app["update_seconds"] / full["update_seconds"], 1.02)
+    compiled = loop.get(LOOP_ROWS["app-compile"][0])
     counts = compiled and _compile_counts(compiled)
     add(f"the app with --compile: compiles after warm-up{at}", counts and counts["compiles_after_warmup"], 0,
         note=counts and (f"update, --compile / eager {compiled['update_seconds'] / app['update_seconds']:.3f}; " if app else "")

@@ -251,7 +251,7 @@ def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_token
     assert set(results["inference"]["rows"]) == {"base", "unmerged", "merged"}
     assert results["packing"]["rows"][0]["efficiency"] > 0.9
     loop = results["loop"]["rows"]
-    assert set(loop) == {"app (full logits, the default)", "app (--chunked_loss)", "bare loop"}
+    assert set(loop) == {"app (the default: chunked loss)", "app, --no-chunked_loss (full logits)", "bare loop"}
     assert all(row["update_seconds"] > 0 and row["peak_rss_bytes"] > 0 for row in loop.values())
     targets = {t["target"]: t for t in results["targets"]}
     for path in MASK_PATHS:  # both CPU paths' dropout targets, measured in the same rounds
@@ -269,14 +269,14 @@ def test_bench_quick_loop_rows_and_no_memory_column(text_and_tokenizer, tmp_path
     _, records = text_and_tokenizer
     out = tmp_path / "bench.json"
     code = cli.main(["--quick", "--only", "training,loop", "--rounds", "1", "--warmup", "0", "--memory-steps", "0",
-                     "--loop-rows", "app,app-chunked", "--loop-updates", "4", "--threads", "1", "--shape",
+                     "--loop-rows", "app,app-full", "--loop-updates", "4", "--threads", "1", "--shape",
                      "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32,batch=2",
                      "--medquad", records, "--json", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
     assert not any("peak_memory_bytes" in r for r in results["training"]["cpu"]["rows"])
     loop = results["loop"]["rows"]
-    assert set(loop) == {"app (full logits, the default)", "app (--chunked_loss)"}
+    assert set(loop) == {"app (the default: chunked loss)", "app, --no-chunked_loss (full logits)"}
     assert all(row["time_vs_bare"] is None for row in loop.values())  # no bare loop ran: no ratio to it
     targets = {t["target"]: t for t in results["targets"]}
     assert targets["the app's update, chunked loss / full logits (2 x 32)"]["value"] > 0
@@ -289,7 +289,7 @@ def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
     assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
     assert cli.main(["--loop-rows", "app,bear"]) == 2
-    assert "--loop-rows app,bear: choose from app, app-chunked, app-mmap, app-compile, bare" in capsys.readouterr().err
+    assert "--loop-rows app,bear: choose from app, app-full, app-mmap, app-compile, bare" in capsys.readouterr().err
     assert cli.main(["--loop-updates", "3"]) == 2
     assert "--loop-updates 3: give at least 4" in capsys.readouterr().err
 
@@ -303,12 +303,12 @@ def test_the_compile_loop_row_reports_its_warm_up_and_the_most_compiles_any_run_
         return [{"compile": {"warmup_seconds": w, "compiles_during_warmup": d, "compiles_after_warmup": a}}
                 for w, d, a in counts]
 
-    rows = {"app (full logits, the default)": {"update_seconds": 2.0, "time_vs_bare": None, "rss_vs_bare": None,
+    rows = {"app (the default: chunked loss)": {"update_seconds": 2.0, "time_vs_bare": None, "rss_vs_bare": None,
                                                "samples": [{}, {}]},
-            "app (--compile)": {"update_seconds": 1.5, "samples": runs((300.0, 2, 0), (280.0, 2, 1), (290.0, 2, 0))}}
+            "app, --compile": {"update_seconds": 1.5, "samples": runs((300.0, 2, 0), (280.0, 2, 1), (290.0, 2, 0))}}
     results = {"loop": {"rows": rows, "batch": 8, "seq": 128}}
     target = next(t for t in report.targets(results) if "--compile" in t["target"])
     assert (target["value"], target["met"]) == (1, False)
     assert target["note"] == "update, --compile / eager 0.750; warm-up 290 s, 2 compiles"
-    assert report._compile_counts(rows["app (full logits, the default)"]) == {}
+    assert report._compile_counts(rows["app (the default: chunked loss)"]) == {}
 
