@@ -54,7 +54,7 @@ class Settings:
     xla_updates: int = 14        # updates of the XLA / eager loop runs (2 of them warm-up)
     loop_updates: int = 8        # updates of the app-loop vs bare-loop runs (2 of them warm-up)
     loop_rounds: int = 2         # runs of each loop contender, in rotating order
-    loop_rows: tuple = ("app", "app-chunked", "bare")  # the loop section's contenders (loop.LOOP_ROWS)
+    loop_rows: tuple = ("app", "app-full", "bare")  # the loop section's contenders (loop.LOOP_ROWS)
     packing_records: Optional[int] = None  # medquad records to pack (None: all)
     seed: int = 0
 

@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from .loop import LOOP_ROWS
+
 
 def targets(results: dict) -> list[dict]:
     """Each target of the issue with the figure this run measured (None: not measured)."""
@@ -57,15 +59,20 @@ def targets(results: dict) -> list[dict]:
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
     loop = (results.get("loop") or {}).get("rows") or {}
-    app, chunked = loop.get("app (full logits, the default)"), loop.get("app (--chunked_loss)")
+    app, full = loop.get(LOOP_ROWS["app"][0]), loop.get(LOOP_ROWS["app-full"][0])
     add("the app's update / a bare loop's (eager CPU)", app and app["time_vs_bare"], 1.05)
     add("the app's peak RSS / a bare loop's", app and app["rss_vs_bare"], 1.10)
     shape = (results.get("loop") or {}).get("seq")
     at = f" ({results['loop']['batch']} x {shape})" if shape else ""
     add(f"the app's peak RSS, chunked loss / full logits{at}",
-        app and chunked and chunked["peak_rss_bytes"] / app["peak_rss_bytes"], 0.85)
+        app and full and app["peak_rss_bytes"] / full["peak_rss_bytes"], 0.85)
     add(f"the app's update, chunked loss / full logits{at}",
-        app and chunked and chunked["update_seconds"] / app["update_seconds"], 1.02)
+        app and full and app["update_seconds"] / full["update_seconds"], 1.02)
+    compiled = loop.get(LOOP_ROWS["app-compile"][0])
+    counts = compiled and _compile_counts(compiled)
+    add(f"the app with --compile: compiles after warm-up{at}", counts and counts["compiles_after_warmup"], 0,
+        note=counts and (f"update, --compile / eager {compiled['update_seconds'] / app['update_seconds']:.3f}; " if app else "")
+        + f"warm-up {counts['warmup_seconds']:.0f} s, {counts['compiles_during_warmup']} compiles")
     xla = results.get("xla") or {}
     add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
     add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
@@ -187,6 +194,12 @@ def markdown(results: dict) -> str:
                          f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} | "
                          f"{row['system_seconds']:.1f} | {row['minor_faults']:,.0f} |")
         lines.append("")
+        for name, row in lp["rows"].items():
+            counts = _compile_counts(row)
+            if counts:
+                lines += [f"{name}: warm-up {counts['warmup_seconds']:.0f} s (the base evaluation and the first "
+                          f"updates, {counts['compiles_during_warmup']} graphs compiled), "
+                          f"{counts['compiles_after_warmup']} compiles after it (the worst run).", ""]
     if "xla" in results:
         x = results["xla"]
         if "skipped" in x:
@@ -222,3 +235,14 @@ def markdown(results: dict) -> str:
         met = "—" if t["met"] is None else "yes" if t["met"] else "**no**"
         lines.append(f"| {t['target']} | {value} | {sign} {t['limit']} | {met} | {t['note'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _compile_counts(row: dict) -> dict:
+    """A --compile loop row's warm-up (median seconds over its runs) and compiles (the most any run
+    made); {} for a row that did not compile."""
+    runs = [r["compile"] for r in row.get("samples", []) if r.get("compile")]
+    if not runs:
+        return {}
+    return {"warmup_seconds": sorted(r["warmup_seconds"] for r in runs)[len(runs) // 2],
+            "compiles_during_warmup": max(r["compiles_during_warmup"] for r in runs),
+            "compiles_after_warmup": max(r["compiles_after_warmup"] for r in runs)}

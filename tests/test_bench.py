@@ -107,10 +107,13 @@ def test_dropout_mask_is_one_byte_per_element_on_cpus_and_gpus():
 
 # Each CPU path is tested on every machine: bernoulli_ (ATen's MKL kernel on Intel CPUs) and the
 # random-word draw (elsewhere); bool is the mask CPUs and GPUs draw, float the one XLA draws.
+# x_grad False: the input needs no gradient (the first layer's projections over a frozen
+# embedding), so backward applies the mask to x alone, writing into its converted copy.
 @pytest.mark.parametrize("vectorised_bernoulli", [False, True])
-@pytest.mark.parametrize("mask_dtype", ["float", "bool"])
-def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, vectorised_bernoulli,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("mask_dtype,dtype,x_grad", [("float", torch.float32, True), ("bool", torch.float32, True),
+                                                     ("bool", torch.float32, False), ("bool", torch.bfloat16, True)])
+def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, dtype, x_grad,
+                                                                       vectorised_bernoulli, monkeypatch):
     from torch import nn
 
     monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
@@ -119,28 +122,49 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
         monkeypatch.setattr(minilora.layer, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
 
     torch.manual_seed(0)
-    layer = minilora.LoRALinear(nn.Linear(48, 80))
+    layer = minilora.LoRALinear(nn.Linear(48, 80).to(dtype))
     layer.weight.requires_grad_(False)
     adapter = layer.add_adapter("default", 4, 8.0, dropout=0.25)
     layer.active_adapter = "default"
     with torch.no_grad():
         adapter.lora_B.normal_()
-    x = torch.randn(2, 5, 48, requires_grad=True)
+    x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=x_grad)
     torch.manual_seed(7)
-    layer.train()(x).square().sum().backward()
-    got = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
+    layer.train()(x).float().square().sum().backward()
+    got = (adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone()) + ((x.grad.clone(),) if x_grad else ())
 
     torch.manual_seed(7)
     keep = minilora.layer.dropout_mask(x, 0.25)  # the same draw the layer made
     assert keep.dtype == (torch.bool if mask_dtype == "bool" else x.dtype)
     x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
     a, b = adapter.lora_A, adapter.lora_B
-    y = nn.functional.linear(x, layer.weight, layer.bias) + (x * keep / 0.75) @ a.T @ b.T * adapter.scaling
+    xf = x.float()  # the reference in float32, from the same (rounded) inputs
+    y = nn.functional.linear(xf, layer.weight.float(), layer.bias.float()) + (xf * keep / 0.75) @ a.T @ b.T * adapter.scaling
     y.square().sum().backward()
-    # The same arithmetic in another order: the fused node adds the adapter inside the base GEMM.
-    # Its longest sums run over the 48 inputs plus the 80 outputs (x's gradient), in float32.
-    for ours, reference in zip(got, (x.grad, a.grad, b.grad)):
-        assert_close_to_rounding(ours, reference, reduction=48 + 80)
+    for ours, reference in zip(got, (a.grad, b.grad) + ((x.grad,) if x_grad else ())):
+        if dtype == torch.float32:
+            # The same arithmetic in another order: the fused node adds the adapter inside the base
+            # GEMM. Its longest sums run over the 48 inputs plus the 80 outputs (x's gradient).
+            assert_close_to_rounding(ours, reference, reduction=48 + 80)
+        else:
+            # bfloat16 GEMMs accumulate in float32 and round their results: the fused node rounds
+            # each intermediate (the r-wide product, the output, the gradients' products) to
+            # bfloat16 once, at most 6 roundings along any path, each within bfloat16's eps of the
+            # largest value. A wrong mask moves a quarter of the terms.
+            eps = torch.finfo(dtype).eps
+            scale = reference.abs().max().item()
+            torch.testing.assert_close(ours.float(), reference.float(), rtol=6 * eps, atol=6 * eps * scale)
+
+
+@pytest.mark.parametrize("threshold", [-2**15, -2**15 + 1, -29491, -29490, -1, 0, 1, 12345, 2**15 - 2, 2**15 - 1])
+def test_the_random_word_masks_comparison_is_exact_for_every_16_bit_value(threshold):
+    # _at_least halves both sides to stay inside int16; every one of the 65,536 values must still
+    # compare as the plain comparison does, at odd and even thresholds and at both ends.
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(256, 256)
+    kept = minilora.layer._at_least(every, threshold)
+    assert kept.dtype == torch.bool
+    assert torch.equal(kept, every >= threshold)
+    assert torch.equal(kept.view(torch.int8), (every >= threshold).to(torch.int8))  # its bytes are 0 or 1
 
 
 @pytest.mark.parametrize("path", MASK_PATHS)
@@ -227,7 +251,7 @@ def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_token
     assert set(results["inference"]["rows"]) == {"base", "unmerged", "merged"}
     assert results["packing"]["rows"][0]["efficiency"] > 0.9
     loop = results["loop"]["rows"]
-    assert set(loop) == {"app (full logits, the default)", "app (--chunked_loss)", "bare loop"}
+    assert set(loop) == {"app (the default: chunked loss)", "app, --no-chunked_loss (full logits)", "bare loop"}
     assert all(row["update_seconds"] > 0 and row["peak_rss_bytes"] > 0 for row in loop.values())
     targets = {t["target"]: t for t in results["targets"]}
     for path in MASK_PATHS:  # both CPU paths' dropout targets, measured in the same rounds
@@ -245,14 +269,14 @@ def test_bench_quick_loop_rows_and_no_memory_column(text_and_tokenizer, tmp_path
     _, records = text_and_tokenizer
     out = tmp_path / "bench.json"
     code = cli.main(["--quick", "--only", "training,loop", "--rounds", "1", "--warmup", "0", "--memory-steps", "0",
-                     "--loop-rows", "app,app-chunked", "--loop-updates", "4", "--threads", "1", "--shape",
+                     "--loop-rows", "app,app-full", "--loop-updates", "4", "--threads", "1", "--shape",
                      "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256,seq=32,batch=2",
                      "--medquad", records, "--json", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
     assert not any("peak_memory_bytes" in r for r in results["training"]["cpu"]["rows"])
     loop = results["loop"]["rows"]
-    assert set(loop) == {"app (full logits, the default)", "app (--chunked_loss)"}
+    assert set(loop) == {"app (the default: chunked loss)", "app, --no-chunked_loss (full logits)"}
     assert all(row["time_vs_bare"] is None for row in loop.values())  # no bare loop ran: no ratio to it
     targets = {t["target"]: t for t in results["targets"]}
     assert targets["the app's update, chunked loss / full logits (2 x 32)"]["value"] > 0
@@ -265,6 +289,26 @@ def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
     assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
     assert cli.main(["--loop-rows", "app,bear"]) == 2
-    assert "--loop-rows app,bear: choose from app, app-chunked, app-trim, app-mmap, bare" in capsys.readouterr().err
+    assert "--loop-rows app,bear: choose from app, app-full, app-trim, app-mmap, app-compile, bare" in capsys.readouterr().err
     assert cli.main(["--loop-updates", "3"]) == 2
     assert "--loop-updates 3: give at least 4" in capsys.readouterr().err
+
+
+def test_the_compile_loop_row_reports_its_warm_up_and_the_most_compiles_any_run_made_after_it():
+    # The loop section's --compile row keeps each run's compile counts (train.loop.run's summary);
+    # the report takes the median warm-up and the worst run's compiles after warm-up.
+    from bench import report
+
+    def runs(*counts):
+        return [{"compile": {"warmup_seconds": w, "compiles_during_warmup": d, "compiles_after_warmup": a}}
+                for w, d, a in counts]
+
+    rows = {"app (the default: chunked loss)": {"update_seconds": 2.0, "time_vs_bare": None, "rss_vs_bare": None,
+                                               "samples": [{}, {}]},
+            "app, --compile": {"update_seconds": 1.5, "samples": runs((300.0, 2, 0), (280.0, 2, 1), (290.0, 2, 0))}}
+    results = {"loop": {"rows": rows, "batch": 8, "seq": 128}}
+    target = next(t for t in report.targets(results) if "--compile" in t["target"])
+    assert (target["value"], target["met"]) == (1, False)
+    assert target["note"] == "update, --compile / eager 0.750; warm-up 290 s, 2 compiles"
+    assert report._compile_counts(rows["app (the default: chunked loss)"]) == {}
+

@@ -47,10 +47,33 @@ def test_chunked_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(dty
     assert torch.equal(got[1][[0, 5, 6, 36]], torch.zeros(4, h, dtype=dtype))  # ignored: no gradient
 
 
+def test_the_chunked_loss_forms_gradients_in_forward_only_when_one_will_be_asked_for():
+    # Forward turns each chunk's logits into their gradient when training; under torch.no_grad
+    # (evaluation) it must compute the loss alone, with no gradient product.
+    from test_layer import OpRecorder
+
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(20, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (20,), generator=g)
+
+    def products(record):  # (GEMMs, scatters of the one-hot)
+        names = [name for name, _ in record.ops]
+        return names.count("aten.mm.default"), names.count("aten.scatter_add_.default")
+
+    with OpRecorder() as evaluating, torch.no_grad():
+        loss = loss_mod.chunked_nll(hidden, weight, labels, rows=8)
+    with OpRecorder() as training:
+        trained = loss_mod.chunked_nll(hidden, weight, labels, rows=8)
+    assert loss.grad_fn is None and torch.equal(loss, trained.detach())
+    assert products(evaluating) == (3, 0)  # 20 tokens in chunks of 8: three chunks' logits, nothing else
+    assert products(training) == (6, 3)  # and each chunk's logit gradient times the weight
+
+
 def test_chunk_rows_bounds_a_chunks_logits_by_the_hidden_states():
-    assert loss_mod.chunk_rows(4096, 576, 49152) == 64  # SmolLM2, 8 x 512: 86 chunks
-    assert loss_mod.chunk_rows(16384, 2048, 128256) == 512  # Llama-3.2-1B, 8 x 2048
-    assert loss_mod.chunk_rows(5, 64, 100) == 4 and loss_mod.chunk_rows(1, 64, 10**6) == 1
+    assert loss_mod.chunk_rows(4096, 576, 49152) == 512  # SmolLM2, 8 x 512: 64 by memory, 512 at least
+    assert loss_mod.chunk_rows(16384, 2048, 128256) == 512  # Llama-3.2-1B, 8 x 2048: 32 chunks
+    assert loss_mod.chunk_rows(65536, 2048, 128256) == 2048  # 8 x 8192: the memory rule's 2,048
+    assert loss_mod.chunk_rows(5, 64, 100) == 5 and loss_mod.chunk_rows(1, 64, 10**6) == 1
 
 
 @pytest.mark.parametrize("tied", [False, True])

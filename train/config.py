@@ -109,9 +109,9 @@ class TrainArgs:
     seed: int = flag(42, "seed for initialisation, data order and dropout")
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     bf16: bool = flag(False, "keep the base model in bfloat16 (adapters stay float32)")
-    chunked_loss: bool = flag(False, "compute the LM head and the loss over chunks of tokens, never holding the full "
-                                     "logits (less memory, more time: docs/training.md; CUDA and CPU); default: the "
-                                     "model's full logits")
+    chunked_loss: bool = flag(True, "compute the LM head and the loss over chunks of tokens, never holding the full "
+                                    "logits (less memory at the same speed: docs/training.md; CUDA and CPU, XLA takes "
+                                    "the full logits); --no-chunked_loss: the model's full logits")
     compile: bool = flag(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the "
                                 "first updates compile; XLA always compiles)")
     device: str = flag("auto", "auto (a TPU through XLA when present, else CUDA, else the eager CPU), xla (also XLA's "
