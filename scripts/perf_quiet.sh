@@ -28,7 +28,7 @@ OUT=docs/measurements
 bench() { "$PYTHON" -m bench --shape "$1" --threads 2 "${@:3}" --json "$OUT/$2.json" --markdown "$OUT/$2.md"; }
 
 bench smollm2-135m perf-steps-smollm2-cpu --only training,speed --rounds 4 --warmup 1 --memory-steps 0
-bench smollm2-135m perf-loop-smollm2-cpu --only loop --loop-rows app,app-trim,app-mmap,bare --loop-updates 5 --loop-rounds 2
+bench smollm2-135m perf-loop-smollm2-cpu --only loop --loop-rows app,app-full,app-trim,bare --loop-updates 5 --loop-rounds 2
 bench smollm2-135m,seq=512 perf-chunked-smollm2-8x512-cpu --only loop --loop-rows app,app-full \
     --loop-updates 4 --loop-rounds 1
 bench smollm2-135m perf-compile-smollm2-cpu --only loop --loop-rows app,app-compile --loop-updates 5 --loop-rounds 1

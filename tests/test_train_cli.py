@@ -185,6 +185,15 @@ def test_bad_settings_are_refused_before_loading_anything(flags, message):
         parse_args(["--model_name", "m", "--dataset_dir", "d", "--use_lora", *flags])
 
 
+@pytest.mark.parametrize("value", ["yes", "true", "2"])
+def test_a_malloc_trim_setting_other_than_0_or_1_is_refused(value, monkeypatch):
+    monkeypatch.setenv("MINILORA_MALLOC_TRIM", value)
+    with pytest.raises(UsageError, match=f"MINILORA_MALLOC_TRIM must be 1 .* or 0 .*, got '{value}'"):
+        parse_args(["--model_name", "m", "--dataset_dir", "d", "--use_lora"])
+    monkeypatch.setenv("MINILORA_MALLOC_TRIM", "1")
+    parse_args(["--model_name", "m", "--dataset_dir", "d", "--use_lora"])
+
+
 def test_cli_error_is_one_line_and_exit_2(tmp_path, tiny_model_dir):
     proc = cli(*train_argv(tiny_model_dir, tmp_path / "absent.jsonl", tmp_path / "out"))
     assert proc.returncode == 2

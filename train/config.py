@@ -186,6 +186,9 @@ class TrainArgs:
              "--replay_general_dataset needs --replay_general (the share of training windows it fills)"),
             (self.chat_drift_prompts is None or self.chat_drift_prompts >= 0,
              f"--chat_drift_prompts must not be negative (0 turns chat drift off), got {self.chat_drift_prompts}"),
+            (os.environ.get("MINILORA_MALLOC_TRIM", "0") in ("", "0", "1"),
+             f"MINILORA_MALLOC_TRIM must be 1 (glibc's malloc_trim after every update on the CPU: less memory, more "
+             f"time) or 0 (the default), got {os.environ.get('MINILORA_MALLOC_TRIM')!r}"),
         ]
         if self.use_lora or self.is_demo:
             checks += [
