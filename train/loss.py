@@ -80,13 +80,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
             logits = F.linear(h, weight).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             valid = y != IGNORE
             target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,)
+            # log-sum-exp as torch.logsumexp computes it (shifted by the row's maximum), but in
+            # the logits' own buffer: no second (n, V) tensor, and the exponentials are the
+            # softmax's numerators the gradient needs
+            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)  # (n, 1)
+            lse = (peak + sums.log()).squeeze(1)
             total = total + torch.where(valid, lse - target, 0.0).sum()
             if not (need_hidden or need_weight):
                 continue
-            g = logits.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in the logits' place
+            g = exps.div_(sums)  # the softmax
             g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), valid.unsqueeze(1).to(g.dtype).neg())  # - one-hot
             g.mul_(valid.unsqueeze(1).to(g.dtype))  # ignored rows: no gradient
             g = g.to(hidden.dtype)
