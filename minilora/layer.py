@@ -48,13 +48,16 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def _at_least(u: torch.Tensor, threshold: int) -> torch.Tensor:
     """``u >= threshold`` for an int16 ``u`` and -2¹⁵ ≤ threshold < 2¹⁵, as bool, by int16
-    arithmetic: ATen's comparison writes its bool result by a slower path on the CPU (0.27 against
-    0.18 ms for a (1024, 576) mask, one thread). u - threshold can overflow int16, so both sides
-    are halved first, rounding down for an even threshold and up for an odd one, which keeps the
-    comparison exact; the halves' difference fits, and its sign bit is the drop flag."""
-    half = u >> 1
-    if threshold % 2:
-        half += u & 1
+    arithmetic in ``u``'s own buffer, which it overwrites (the random words are scratch). ATen's
+    comparison writes its bool result by a slower path on the CPU (0.27 against 0.18 ms for a
+    (1024, 576) mask, one thread), and every new tensor of this size is fresh pages to fault in.
+    u - threshold can overflow int16, so both sides are halved first, rounding down for an even
+    threshold and up for an odd one, which keeps the comparison exact; the halves' difference
+    fits, and its sign bit is the drop flag."""
+    low = u & 1 if threshold % 2 else None
+    half = u.bitwise_right_shift_(1)
+    if low is not None:
+        half += low
     dropped = half.sub_(-(-threshold // 2)).bitwise_right_shift_(15)  # -1 where u < threshold, else 0
     return dropped.to(torch.int8).add_(1).view(torch.bool)
 

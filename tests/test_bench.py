@@ -161,7 +161,7 @@ def test_the_random_word_masks_comparison_is_exact_for_every_16_bit_value(thresh
     # _at_least halves both sides to stay inside int16; every one of the 65,536 values must still
     # compare as the plain comparison does, at odd and even thresholds and at both ends.
     every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(256, 256)
-    kept = minilora.layer._at_least(every, threshold)
+    kept = minilora.layer._at_least(every.clone(), threshold)  # it overwrites its input
     assert kept.dtype == torch.bool
     assert torch.equal(kept, every >= threshold)
     assert torch.equal(kept.view(torch.int8), (every >= threshold).to(torch.int8))  # its bytes are 0 or 1
