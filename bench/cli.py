@@ -49,7 +49,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                    help=f"a named shape ({', '.join(SHAPES)}) and/or Llama and batch overrides, e.g. "
                         f"layers=2,hidden=256,batch=2 (fields: {', '.join(f.name for f in dataclasses.fields(Shape))})")
     p.add_argument("--devices", default="cpu,cuda",
-                   help="devices of the training section, comma-separated (cuda only where present)")
+                   help="devices of the training and loop sections, comma-separated (cuda only where present)")
     p.add_argument("--xla-device", default="CPU", help="PJRT_DEVICE of the XLA section: CPU, or TPU / CUDA where present")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for model FLOPs utilisation")
     p.add_argument("--seed", type=int, default=0)
@@ -125,8 +125,10 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
                 log("packing")
                 results["packing"] = {**bench_packing(tokenizer_dir, data_file, workdir), "source": source}
             if "loop" in chosen:
-                log("the app's loop vs a bare loop")
-                results["loop"] = bench_loop(settings, workdir, args.threads, tokenizer_dir, loop_file)
+                for device in devices:  # "loop" on the CPU, "loop_cuda" on a GPU
+                    log(f"the app's loop vs a bare loop on {device}")
+                    results["loop" if device.type == "cpu" else f"loop_{device.type}"] = bench_loop(
+                        settings, workdir, args.threads, tokenizer_dir, loop_file, device=device.type)
             if "xla" in chosen:
                 log("XLA loop")
                 results["xla"] = bench_xla(settings, workdir, args.threads, tokenizer_dir, loop_file, args.xla_device)

@@ -58,21 +58,9 @@ def targets(results: dict) -> list[dict]:
         note=switching and (f"the pointer swap alone {switching['pointer_swap']['median'] * 1e3:.3f} ms, one "
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
-    loop = (results.get("loop") or {}).get("rows") or {}
-    app, full = loop.get(LOOP_ROWS["app"][0]), loop.get(LOOP_ROWS["app-full"][0])
-    add("the app's update / a bare loop's (eager CPU)", app and app["time_vs_bare"], 1.05)
-    add("the app's peak RSS / a bare loop's", app and app["rss_vs_bare"], 1.10)
-    shape = (results.get("loop") or {}).get("seq")
-    at = f" ({results['loop']['batch']} x {shape})" if shape else ""
-    add(f"the app's peak RSS, chunked loss / full logits{at}",
-        app and full and app["peak_rss_bytes"] / full["peak_rss_bytes"], 0.85)
-    add(f"the app's update, chunked loss / full logits{at}",
-        app and full and app["update_seconds"] / full["update_seconds"], 1.02)
-    compiled = loop.get(LOOP_ROWS["app-compile"][0])
-    counts = compiled and _compile_counts(compiled)
-    add(f"the app with --compile: compiles after warm-up{at}", counts and counts["compiles_after_warmup"], 0,
-        note=counts and (f"update, --compile / eager {compiled['update_seconds'] / app['update_seconds']:.3f}; " if app else "")
-        + f"warm-up {counts['warmup_seconds']:.0f} s, {counts['compiles_during_warmup']} compiles")
+    for key in ("loop", "loop_cuda"):
+        if key in results or key == "loop":  # the CPU's targets are listed even when not measured
+            _loop_targets(add, results.get(key) or {})
     xla = results.get("xla") or {}
     add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
     add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
@@ -178,28 +166,9 @@ def markdown(results: dict) -> str:
                   f"| the per-layer pointer swap alone | {sw['pointer_swap']['median'] * 1e3:.3f} |", "",
                   f"Tensor ops run while switching: {sw['tensor_ops_during_switch']}; parameter objects and storages "
                   f"unchanged: {sw['parameters_unchanged']}.", ""]
-    if "loop" in results:
-        lp, s = results["loop"], results["settings"]["shape"]
-        lines += ["### The training app's loop vs a bare loop (eager CPU)", "",
-                  f"A Llama of the training shape with vocabulary {lp['vocab']:,d}, batch {lp['batch']} x {lp['seq']}, "
-                  f"LoRA r={lp['r']} dropout {lp['dropout']:g}, AdamW; {lp['updates']} updates (2 warm-up) per run, "
-                  f"each contender in a fresh process, {lp['rounds']} rounds in rotating order, medians. The bare "
-                  "loop is model(labels=).loss.backward(), AdamW.step(), zero_grad(); peak RSS is the whole "
-                  "process's (VmHWM); system CPU seconds and minor page faults are the whole process's "
-                  "(getrusage), start-up included.", "",
-                  "| loop | s/update | vs bare | peak RSS (MiB) | vs bare | system CPU s | minor faults |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, row in lp["rows"].items():
-            lines.append(f"| {name} | {row['update_seconds']:.3f} | {_ratio(row['time_vs_bare'])} | "
-                         f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} | "
-                         f"{row['system_seconds']:.1f} | {row['minor_faults']:,.0f} |")
-        lines.append("")
-        for name, row in lp["rows"].items():
-            counts = _compile_counts(row)
-            if counts:
-                lines += [f"{name}: warm-up {counts['warmup_seconds']:.0f} s (the base evaluation and the first "
-                          f"updates, {counts['compiles_during_warmup']} graphs compiled), "
-                          f"{counts['compiles_after_warmup']} compiles after it (the worst run).", ""]
+    for key in ("loop", "loop_cuda"):
+        if key in results:
+            lines += _loop_table(results[key])
     if "xla" in results:
         x = results["xla"]
         if "skipped" in x:
@@ -246,3 +215,56 @@ def _compile_counts(row: dict) -> dict:
     return {"warmup_seconds": sorted(r["warmup_seconds"] for r in runs)[len(runs) // 2],
             "compiles_during_warmup": max(r["compiles_during_warmup"] for r in runs),
             "compiles_after_warmup": max(r["compiles_after_warmup"] for r in runs)}
+
+
+def _loop_targets(add, lp: dict) -> None:
+    """The loop section's targets for one device's results (``lp``: bench_loop's; {} when it did
+    not run): the app against the bare loop, the chunked loss against full logits, --compile."""
+    loop = lp.get("rows") or {}
+    cuda = lp.get("device") == "cuda"
+    on = " (cuda)" if cuda else ""
+    memory = "peak GPU memory" if cuda else "peak RSS"
+    app, full = loop.get(LOOP_ROWS["app"][0]), loop.get(LOOP_ROWS["app-full"][0])
+    add(f"the app's update / a bare loop's{on or ' (eager CPU)'}", app and app["time_vs_bare"], 1.05)
+    add(f"the app's {memory} / a bare loop's{on}", app and app["memory_vs_bare"], 1.10)
+    at = f" ({lp['batch']} x {lp['seq']}){on}" if lp else ""
+    add(f"the app's {memory}, chunked loss / full logits{at}",
+        app and full and app["peak_bytes"] / full["peak_bytes"], 0.80 if cuda else 0.85)
+    add(f"the app's update, chunked loss / full logits{at}",
+        app and full and app["update_seconds"] / full["update_seconds"], 1.02)
+    compiled = loop.get(LOOP_ROWS["app-compile"][0])
+    counts = compiled and _compile_counts(compiled)
+    add(f"the app with --compile: compiles after warm-up{at}", counts and counts["compiles_after_warmup"], 0,
+        note=counts and (f"update, --compile / eager {compiled['update_seconds'] / app['update_seconds']:.3f}; " if app else "")
+        + f"warm-up {counts['warmup_seconds']:.0f} s, {counts['compiles_during_warmup']} compiles")
+
+
+def _loop_table(lp: dict) -> list[str]:
+    """The loop section's markdown for one device's results."""
+    cuda = lp.get("device") == "cuda"
+    where = "CUDA, bfloat16 base" if cuda else "eager CPU"
+    lines = [f"### The training app's loop vs a bare loop ({where})", "",
+             f"A Llama of the training shape with vocabulary {lp['vocab']:,d}, batch {lp['batch']} x {lp['seq']}, "
+             f"LoRA r={lp['r']} dropout {lp['dropout']:g}, AdamW; {lp['updates']} updates (2 warm-up) per run, "
+             f"each contender in a fresh process, {lp['rounds']} rounds in rotating order, medians. The bare "
+             "loop is model(labels=).loss.backward(), AdamW.step(), zero_grad(); peak RSS is the whole "
+             "process's (VmHWM); system CPU seconds and minor page faults are the whole process's "
+             "(getrusage), start-up included." + (" Peak GPU memory is torch.cuda.max_memory_allocated()." if cuda else ""),
+             ""]
+    gpu_head, gpu_rule = ("peak GPU memory (MiB) | vs bare | ", "---|---|") if cuda else ("", "")
+    lines += [f"| loop | s/update | vs bare | {gpu_head}peak RSS (MiB) | vs bare | system CPU s | minor faults |",
+              f"|---|---|---|{gpu_rule}---|---|---|---|"]
+    for name, row in lp["rows"].items():
+        gpu = f"{_mib(row['peak_bytes'])} | {_ratio(row['memory_vs_bare'])} | " if cuda else ""
+        lines.append(f"| {name} | {row['update_seconds']:.3f} | {_ratio(row['time_vs_bare'])} | {gpu}"
+                     f"{_mib(row['peak_rss_bytes'])} | {_ratio(row['rss_vs_bare'])} | "
+                     f"{row['system_seconds']:.1f} | {row['minor_faults']:,.0f} |")
+    lines.append("")
+    for name, row in lp["rows"].items():
+        counts = _compile_counts(row)
+        if counts:
+            lines += [f"{name}: warm-up {counts['warmup_seconds']:.0f} s (the base evaluation and the first "
+                      f"updates, {counts['compiles_during_warmup']} graphs compiled), "
+                      f"{counts['compiles_after_warmup']} compiles after it (the worst run).", ""]
+    return lines
+

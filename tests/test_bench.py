@@ -303,7 +303,7 @@ def test_the_compile_loop_row_reports_its_warm_up_and_the_most_compiles_any_run_
         return [{"compile": {"warmup_seconds": w, "compiles_during_warmup": d, "compiles_after_warmup": a}}
                 for w, d, a in counts]
 
-    rows = {"app (the default: chunked loss)": {"update_seconds": 2.0, "time_vs_bare": None, "rss_vs_bare": None,
+    rows = {"app (the default: chunked loss)": {"update_seconds": 2.0, "time_vs_bare": None, "memory_vs_bare": None,
                                                "samples": [{}, {}]},
             "app, --compile": {"update_seconds": 1.5, "samples": runs((300.0, 2, 0), (280.0, 2, 1), (290.0, 2, 0))}}
     results = {"loop": {"rows": rows, "batch": 8, "seq": 128}}
@@ -311,4 +311,32 @@ def test_the_compile_loop_row_reports_its_warm_up_and_the_most_compiles_any_run_
     assert (target["value"], target["met"]) == (1, False)
     assert target["note"] == "update, --compile / eager 0.750; warm-up 290 s, 2 compiles"
     assert report._compile_counts(rows["app (the default: chunked loss)"]) == {}
+
+
+def test_the_loop_sections_cuda_results_are_judged_by_gpu_memory_against_the_gpu_target():
+    # On CUDA the loop section's memory is the GPU's peak allocation (peak_bytes), its chunked-loss
+    # target 0.80 rather than the CPU's 0.85, and its table gains the GPU columns; the CPU's rows
+    # keep their RSS. (No GPU here: the rows are given, the report's reading of them is tested.)
+    from bench import report
+    from bench.loop import LOOP_ROWS
+
+    def row(seconds, gpu, rss, bare=None):
+        return {"update_seconds": seconds, "peak_bytes": gpu, "peak_rss_bytes": rss, "system_seconds": 1.0,
+                "minor_faults": 10.0, "time_vs_bare": bare and seconds / bare[0],
+                "memory_vs_bare": bare and gpu / bare[1], "rss_vs_bare": bare and rss / bare[2], "samples": [{}]}
+
+    bare = (1.0, 100 * 2**20, 900 * 2**20)
+    loop = {"rows": {LOOP_ROWS["app"][0]: row(0.98, 78 * 2**20, 1000 * 2**20, bare),
+                     LOOP_ROWS["app-full"][0]: row(1.0, 100 * 2**20, 950 * 2**20, bare),
+                     LOOP_ROWS["bare"][0]: row(*bare, bare)},
+            "device": "cuda", "batch": 8, "seq": 2048, "vocab": 128256, "r": 16, "dropout": 0.05, "updates": 5,
+            "rounds": 1}
+    targets = {t["target"]: t for t in report.targets({"loop_cuda": loop})}
+    chunked = targets["the app's peak GPU memory, chunked loss / full logits (8 x 2048) (cuda)"]
+    assert (round(chunked["value"], 2), chunked["limit"], chunked["met"]) == (0.78, 0.80, True)
+    assert targets["the app's peak GPU memory / a bare loop's (cuda)"]["value"] == 0.78
+    assert targets["the app's peak RSS / a bare loop's"]["value"] is None  # the CPU's row: not measured
+    table = "\n".join(report._loop_table(loop))
+    assert "(CUDA, bfloat16 base)" in table and "| peak GPU memory (MiB) | vs bare | peak RSS (MiB) |" in table
+    assert f"| {LOOP_ROWS['app'][0]} | 0.980 | 0.980 | 78 | 0.780 | 1,000 | 1.111 |" in table
 
