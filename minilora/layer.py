@@ -43,23 +43,7 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
     uniform = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2¹⁵, 2¹⁵)
-    return _at_least(uniform, min(round(p * 2**16), 2**16 - 1) - 2**15)
-
-
-def _at_least(u: torch.Tensor, threshold: int) -> torch.Tensor:
-    """``u >= threshold`` for an int16 ``u`` and -2¹⁵ ≤ threshold < 2¹⁵, as bool, by int16
-    arithmetic in ``u``'s own buffer, which it overwrites (the random words are scratch). ATen's
-    comparison writes its bool result by a slower path on the CPU (0.27 against 0.18 ms for a
-    (1024, 576) mask, one thread), and every new tensor of this size is fresh pages to fault in.
-    u - threshold can overflow int16, so both sides are halved first, rounding down for an even
-    threshold and up for an odd one, which keeps the comparison exact; the halves' difference
-    fits, and its sign bit is the drop flag."""
-    low = u & 1 if threshold % 2 else None
-    half = u.bitwise_right_shift_(1)
-    if low is not None:
-        half += low
-    dropped = half.sub_(-(-threshold // 2)).bitwise_right_shift_(15)  # -1 where u < threshold, else 0
-    return dropped.to(torch.int8).add_(1).view(torch.bool)
+    return torch.ge(uniform, min(round(p * 2**16), 2**16 - 1) - 2**15)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,8 +87,9 @@ def _multiplier(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     select, one fused kernel); on the CPU a select, and a multiply by a bool tensor, take ATen's
     slower mixed-dtype paths, so the mask becomes t's dtype (a transient copy; convert once and
     reuse it where it is applied twice). It is converted from its bytes viewed as int8 (0 or 1):
-    ATen converts int8 with vector instructions and bool element by element (0.04 against 0.33
-    ms to float32, 0.08 against 0.59 ms to bfloat16, for a (1024, 576) mask on one thread), except
+    ATen converts int8 with vector instructions and bool element by element (0.06 against 0.49
+    ms to float32, 0.10 against 0.83 ms to bfloat16, for a (1024, 576) mask on one thread:
+    scripts/cpu_probes.py mask), except
     under torch.compile, which fuses the conversion into its own kernel and cannot lower the view."""
     if keep.dtype == torch.bool and t.device.type == "cpu":
         return keep.to(t.dtype) if torch.compiler.is_compiling() else keep.view(torch.int8).to(t.dtype)

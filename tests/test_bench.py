@@ -156,15 +156,33 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
             torch.testing.assert_close(ours.float(), reference.float(), rtol=6 * eps, atol=6 * eps * scale)
 
 
-@pytest.mark.parametrize("threshold", [-2**15, -2**15 + 1, -29491, -29490, -1, 0, 1, 12345, 2**15 - 2, 2**15 - 1])
-def test_the_random_word_masks_comparison_is_exact_for_every_16_bit_value(threshold):
-    # _at_least halves both sides to stay inside int16; every one of the 65,536 values must still
-    # compare as the plain comparison does, at odd and even thresholds and at both ends.
-    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(256, 256)
-    kept = minilora.layer._at_least(every.clone(), threshold)  # it overwrites its input
-    assert kept.dtype == torch.bool
-    assert torch.equal(kept, every >= threshold)
-    assert torch.equal(kept.view(torch.int8), (every >= threshold).to(torch.int8))  # its bytes are 0 or 1
+@pytest.mark.parametrize("vectorised_bernoulli", [False, True])
+def test_the_mask_converts_through_its_bytes_to_exactly_its_float_and_bfloat16_values(vectorised_bernoulli,
+                                                                                      monkeypatch):
+    # _multiplier reads the bool mask's bytes as int8 (vectorised); that is the mask only if every
+    # byte either draw writes is 0 or 1, on both CPU paths.
+    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    x = torch.zeros(300, 257)  # an odd element count: the random-word draw's last word is cut
+    for p in (0.05, 0.5, 0.999):
+        keep = minilora.layer.dropout_mask(x, p)
+        assert set(keep.view(torch.int8).unique().tolist()) <= {0, 1}
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(minilora.layer._multiplier(keep, x.to(dtype)), keep.to(dtype))
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.05, 0.1, 0.5, 0.99999])
+def test_the_random_word_mask_drops_exactly_the_16_bit_uniforms_below_p(p, monkeypatch):
+    # The word path's threshold: element i is dropped when its 16-bit uniform (the words' bytes
+    # read as int16) is below round(p * 2^16) - 2^15, so p' = round(p * 2^16) / 2^16 (at most
+    # 2^16 - 1 of them), within 2^-17 of p.
+    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: False)
+    x = torch.zeros(1000, 77)
+    torch.manual_seed(5)
+    keep = minilora.layer.dropout_mask(x, p)
+    torch.manual_seed(5)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    uniform = words.view(torch.int16)[:x.numel()].view(x.shape).to(torch.int32)
+    assert torch.equal(keep, uniform >= min(round(p * 2**16), 2**16 - 1) - 2**15)
 
 
 @pytest.mark.parametrize("path", MASK_PATHS)

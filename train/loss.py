@@ -115,8 +115,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 # Chunks below this many tokens stream the whole (V, H) head weight through memory for too few
-# rows: at SmolLM2's head on 2 CPU cores, 1,024 tokens took 2.75 s in 16-token chunks, 1.15 s in
-# 128, 0.92 s in 512, against 1.00 s unfused (forward and backward, alternated, 2 threads).
+# rows: at SmolLM2's head on 2 CPU cores, 1,024 tokens took 2.62 s in 16-token chunks, 1.02 s in
+# 128, 0.87 s in 512, against 1.01 s unfused (forward and backward, alternated, 2 threads:
+# scripts/cpu_probes.py loss).
 MIN_CHUNK_ROWS = 512
 
 

@@ -1,0 +1,159 @@
+"""The small CPU measurements behind the choices in minilora/layer.py's dropout mask and
+train/loss.py's chunked loss (docs/benchmarks.md, "SmolLM2's shape on two CPU cores"). Each probe
+alternates its contenders in one process and prints medians; run it on a quiet machine.
+
+    python scripts/cpu_probes.py mask          # converting and drawing a (1024, 576) mask, 1 thread
+    python scripts/cpu_probes.py loss          # chunked_nll by chunk size vs the unfused head + loss
+    python scripts/cpu_probes.py step          # a whole SmolLM2-shaped LoRA step, chunked vs full logits
+
+``loss`` also gives each contender's peak RSS, from a fresh process per contender (``--memory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import minilora  # noqa: E402
+from train.loss import chunked_nll, summed_nll  # noqa: E402
+
+VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's head
+
+
+def medians(contenders: dict, rounds: int) -> dict:
+    """{name: median seconds} of ``rounds`` alternated calls of each contender (after one untimed)."""
+    times = {name: [] for name in contenders}
+    for fn in contenders.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def words_mask(x: torch.Tensor) -> torch.Tensor:
+    from bench.models import mask_path
+
+    with mask_path("words"):  # the AMD path on any CPU
+        return minilora.layer._draw_keep_mask(x, 0.05)
+
+
+def probe_mask() -> dict:
+    """Milliseconds per (1024, 576) mask, one thread: converting the bool mask as minilora did and
+    does (through its int8 bytes), and drawing it from random words."""
+    torch.set_num_threads(1)
+    keep = torch.rand(1024, 576) > 0.05
+    ms = medians({
+        "bool -> float32": lambda: keep.to(torch.float32),
+        "bool as int8 -> float32": lambda: keep.view(torch.int8).to(torch.float32),
+        "bool -> bfloat16": lambda: keep.to(torch.bfloat16),
+        "bool as int8 -> bfloat16": lambda: keep.view(torch.int8).to(torch.bfloat16),
+        "the random-word mask, p = 0.05 (draw and comparison)": lambda: words_mask(keep),
+    }, rounds=80)
+    return {name: seconds * 1e3 for name, seconds in ms.items()}  # milliseconds
+
+
+def loss_contenders(tokens: int, rows: list[int]) -> dict:
+    weight = torch.randn(VOCAB, HIDDEN) * 0.02
+    hidden = torch.randn(tokens, HIDDEN)
+    labels = torch.randint(0, VOCAB, (tokens,))
+
+    def unfused():
+        h = hidden.clone().requires_grad_()
+        F.cross_entropy(F.linear(h, weight).float(), labels, reduction="sum").backward()
+
+    def chunked(n):
+        h = hidden.clone().requires_grad_()
+        chunked_nll(h, weight, labels, n).backward()
+
+    return {"unfused": unfused, **{f"chunks of {n}": (lambda n=n: chunked(n)) for n in rows}}
+
+
+def probe_loss(tokens: list[int], rows: list[int], memory: bool) -> dict:
+    torch.set_num_threads(2)
+    out = {}
+    for n in tokens:
+        seconds = medians(loss_contenders(n, rows), rounds=3)
+        out[n] = {name: {"seconds": s} for name, s in seconds.items()}
+        if memory:  # peak RSS needs a process of its own per contender
+            for name in seconds:
+                proc = subprocess.run([sys.executable, __file__, "loss-memory", str(n), name, *map(str, rows)],
+                                      capture_output=True, text=True, check=True)
+                out[n][name]["peak_rss_mib"] = json.loads(proc.stdout)["peak_rss_mib"]
+    return out
+
+
+def loss_memory(tokens: int, name: str, rows: list[int]) -> dict:
+    """One contender's peak RSS: VmHWM, which starts anew at exec (getrusage's maximum would carry
+    the parent's over)."""
+    from bench.timing import proc_status_bytes
+
+    torch.set_num_threads(2)
+    loss_contenders(tokens, rows)[name]()
+    return {"peak_rss_mib": proc_status_bytes("VmHWM") / 2**20}
+
+
+def probe_step(rounds: int) -> dict:
+    """A LoRA training step (r=16 on the seven projections, dropout 0.05, fused AdamW) at SmolLM2's
+    shape, random weights, 8 x 128 tokens, the loss chunked or over full logits, alternated: wall
+    and process CPU seconds (all threads) per step."""
+    from bench.models import SHAPES, llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(SHAPES["smollm2-135m"]))
+    minilora.inject(model, r=16, alpha=32, dropout=0.05)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ids = torch.randint(0, VOCAB, (8, 128))
+    cpu = {True: [], False: []}
+
+    def step(chunked):
+        started = time.process_time()
+        (summed_nll(model, ids, ids, chunked=chunked) / ids.numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cpu[chunked].append(time.process_time() - started)
+
+    wall = medians({"chunked": lambda: step(True), "full logits": lambda: step(False)}, rounds)
+    return {"chunked": {"seconds": wall["chunked"], "cpu_seconds": statistics.median(cpu[True][1:])},
+            "full logits": {"seconds": wall["full logits"], "cpu_seconds": statistics.median(cpu[False][1:])}}
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "loss-memory":  # the child of probe_loss
+        print(json.dumps(loss_memory(int(sys.argv[2]), sys.argv[3], [int(r) for r in sys.argv[4:]])))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("probe", choices=("mask", "loss", "step"))
+    p.add_argument("--tokens", default="1024,4096", help="loss: token counts, comma-separated")
+    p.add_argument("--rows", default="16,128,256,512,1024", help="loss: chunk sizes, comma-separated")
+    p.add_argument("--memory", action="store_true", help="loss: also each contender's peak RSS (fresh processes)")
+    p.add_argument("--rounds", type=int, default=4, help="step: alternated steps per contender")
+    args = p.parse_args(argv)
+    if args.probe == "mask":
+        result = probe_mask()
+    elif args.probe == "loss":
+        result = probe_loss([int(t) for t in args.tokens.split(",")], [int(r) for r in args.rows.split(",")],
+                            args.memory)
+    else:
+        result = probe_step(args.rounds)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
