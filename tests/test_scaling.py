@@ -344,7 +344,10 @@ def load_and_arm(args):
 
 minilora.layer.dropout_mask = noted_mask  # what LoRAAdapter.forward calls
 loop.load_model_and_tokenizer = load_and_arm
-sys.exit(main(sys.argv[1:]))
+status = main(sys.argv[1:])
+import torch.distributed as dist
+print(f"rank {rank} exits with its process group ended: {not dist.is_initialized()}")
+sys.exit(status)
 """
 
 
@@ -358,8 +361,12 @@ def test_torchrun_ranks_draw_their_own_dropout_masks_stop_together_on_sigterm_an
              "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")
 
     def launch(out, *extra, **env):
-        return torchrun([str(worker), *train_argv(tiny_model_dir, tiny_text_file, out, *flags, *extra)],
+        proc = torchrun([str(worker), *train_argv(tiny_model_dir, tiny_text_file, out, *flags, *extra)],
                         env={"PYTHONPATH": ROOT, **env}, timeout=150)  # about 20 s each; ranks that disagree hang
+        # The command line ends the process group itself, after a barrier, rather than leaving it
+        # to the exit handler: a rank whose gloo threads outlived it once aborted at exit.
+        assert proc.stdout.count("exits with its process group ended: True") == 2
+        return proc
 
     straight = tmp_path / "straight"
     launch(straight, MASKS=str(masks))

@@ -55,11 +55,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             run_demo(args)
         else:
+            from . import distributed
             from .device import Device
             from .loop import train_and_report
 
             device = Device.start(args)
             summary = train_and_report(args, device)
+            distributed.finish()  # torchrun: every rank got here; the process group ends before exit
             if not summary.get("stopped") and device.is_main:  # torchrun: once, from rank 0
                 print_summary(summary)
         return 0

@@ -117,10 +117,43 @@ def _start_process_group(kind: str) -> "Layout":
         if kind == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # Device's "cuda" is now this GPU
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+        _started_here.append(dist.group.WORLD)
+        atexit.register(_destroy_if_alive)  # after an error; a run that ends normally calls finish()
     host_group = _gloo_group() if kind == "cuda" else None
     return Layout("ddp", ways=dist.get_world_size(), processes=dist.get_world_size(), index=dist.get_rank(),
                   host_group=host_group)
+
+
+_started_here: list = []  # the default group, when _start_process_group initialised it
+
+
+def finish() -> None:
+    """End the process group that ``setup`` started, once every rank has got here. The command
+    line calls this after a run that ended normally (finished, or stopped together on SIGTERM);
+    a run that failed leaves it to the exit handler.
+
+    The barrier first: a rank that tore its group down while another still waited on it, or an
+    interpreter that exits with gloo's worker threads still alive, aborts at exit ("terminate
+    called without an active exception") although the run itself completed. A group that the
+    caller started itself is left alone."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (_started_here and dist.is_initialized() and dist.group.WORLD is _started_here[0]):
+        return
+    gc.collect()  # the run's DDP wrapper (its reducer holds the group) goes now, not at interpreter exit
+    dist.barrier()
+    _destroy_if_alive()
+
+
+def _destroy_if_alive() -> None:
+    import torch.distributed as dist
+
+    if _started_here and dist.is_initialized() and dist.group.WORLD is _started_here[0]:
+        dist.destroy_process_group()
+        _gloo_group.cache_clear()
+    _started_here.clear()
 
 
 @functools.lru_cache(maxsize=None)
