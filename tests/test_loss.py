@@ -70,7 +70,7 @@ def test_the_chunked_loss_forms_gradients_in_forward_only_when_one_will_be_asked
 
 
 def test_chunk_rows_bounds_a_chunks_logits_by_the_hidden_states():
-    assert loss_mod.chunk_rows(4096, 576, 49152) == 512  # SmolLM2, 8 x 512: 64 by memory, 512 at least
+    assert loss_mod.chunk_rows(4096, 576, 49152) == 256  # SmolLM2, 8 x 512: 64 by memory, 256 at least
     assert loss_mod.chunk_rows(16384, 2048, 128256) == 512  # Llama-3.2-1B, 8 x 2048: 32 chunks
     assert loss_mod.chunk_rows(65536, 2048, 128256) == 2048  # 8 x 8192: the memory rule's 2,048
     assert loss_mod.chunk_rows(5, 64, 100) == 5 and loss_mod.chunk_rows(1, 64, 10**6) == 1

@@ -116,9 +116,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 # Chunks below this many tokens stream the whole (V, H) head weight through memory for too few
 # rows: at SmolLM2's head on 2 CPU cores, 1,024 tokens took 2.62 s in 16-token chunks, 1.02 s in
-# 128, 0.87 s in 512, against 1.01 s unfused (forward and backward, alternated, 2 threads:
-# scripts/cpu_probes.py loss).
-MIN_CHUNK_ROWS = 512
+# 128, 0.94 s in 256, 0.87 s in 512, against 1.01 s unfused; 4,096 tokens 3.73 s in 256 and 3.50 s
+# in 512 (4.09 s unfused), at 757 against 856 MiB peak RSS (forward and backward, alternated,
+# 2 threads: scripts/cpu_probes.py loss). 256 rather than 512 for the memory: the app's update at
+# 8 x 512 peaked at 0.83 of full logits' RSS instead of 0.85, for the loss probe's 0.23 s more
+# of a 24-s update
+# (docs/benchmarks.md, "SmolLM2's shape on two CPU cores").
+MIN_CHUNK_ROWS = 256
 
 
 def chunk_rows(tokens: int, hidden_size: int, vocab: int) -> int:
