@@ -5,6 +5,7 @@ alternates its contenders in one process and prints medians; run it on a quiet m
     python scripts/cpu_probes.py mask          # converting and drawing a (1024, 576) mask, 1 thread
     python scripts/cpu_probes.py loss          # chunked_nll by chunk size vs the unfused head + loss
     python scripts/cpu_probes.py step          # a whole SmolLM2-shaped LoRA step, chunked vs full logits
+    python scripts/cpu_probes.py xla-loss      # XLA's CPU compiler: the memory it plans for the loss
 
 ``loss`` also gives each contender's peak RSS, from a fresh process per contender (``--memory``).
 """
@@ -12,11 +13,14 @@ alternates its contenders in one process and prints medians; run it on a quiet m
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -133,14 +137,53 @@ def probe_step(rounds: int) -> dict:
             "full logits": {"seconds": wall["full logits"], "cpu_seconds": statistics.median(cpu[False][1:])}}
 
 
+def probe_xla_loss(tokens: int, rows: int) -> dict:
+    """The memory XLA's CPU compiler plans (its buffer assignment's "Total bytes used") for the
+    loss alone, forward and backward, at SmolLM2's head: unfused and chunked, each compiled in a
+    fresh process with PJRT_DEVICE=CPU and its HLO dumped to a temporary folder."""
+    out = {}
+    for name in ("unfused", "chunked"):
+        with tempfile.TemporaryDirectory() as dump:
+            env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": f"--xla_dump_to={dump}"}
+            subprocess.run([sys.executable, __file__, "xla-loss-child", name, str(tokens), str(rows)], env=env,
+                           check=True, capture_output=True, text=True)
+            planned = []
+            for path in glob.glob(os.path.join(dump, "*buffer-assignment.txt")):
+                with open(path) as f:
+                    match = re.search(r"Total bytes used: (\d+)", f.read())
+                planned.append(int(match.group(1)) if match else 0)
+        out[name] = {"planned_mib": max(planned) / 2**20}
+    out["chunked"]["rows"] = rows
+    return {str(tokens): out}
+
+
+def xla_loss_child(name: str, tokens: int, rows: int) -> None:
+    import torch_xla
+
+    device = torch_xla.device()
+    weight = (torch.randn(VOCAB, HIDDEN) * 0.02).to(device)
+    hidden = torch.randn(tokens, HIDDEN).to(device).requires_grad_()
+    labels = torch.randint(0, VOCAB, (tokens,)).to(device)
+    torch_xla.sync()
+    if name == "chunked":
+        loss = chunked_nll(hidden, weight, labels, rows)
+    else:
+        loss = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+    loss.backward()
+    torch_xla.sync()
+
+
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "loss-memory":  # the child of probe_loss
         print(json.dumps(loss_memory(int(sys.argv[2]), sys.argv[3], [int(r) for r in sys.argv[4:]])))
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "xla-loss-child":  # the child of probe_xla_loss
+        xla_loss_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("mask", "loss", "step"))
-    p.add_argument("--tokens", default="1024,4096", help="loss: token counts, comma-separated")
-    p.add_argument("--rows", default="16,128,256,512,1024", help="loss: chunk sizes, comma-separated")
+    p.add_argument("probe", choices=("mask", "loss", "step", "xla-loss"))
+    p.add_argument("--tokens", default="1024,4096", help="loss: token counts, comma-separated (xla-loss: the last)")
+    p.add_argument("--rows", default="16,128,256,512,1024", help="loss: chunk sizes, comma-separated (xla-loss: the last)")
     p.add_argument("--memory", action="store_true", help="loss: also each contender's peak RSS (fresh processes)")
     p.add_argument("--rounds", type=int, default=4, help="step: alternated steps per contender")
     args = p.parse_args(argv)
@@ -149,6 +192,8 @@ def main(argv=None) -> int:
     elif args.probe == "loss":
         result = probe_loss([int(t) for t in args.tokens.split(",")], [int(r) for r in args.rows.split(",")],
                             args.memory)
+    elif args.probe == "xla-loss":
+        result = probe_xla_loss(int(args.tokens.split(",")[-1]), int(args.rows.split(",")[-1]))
     else:
         result = probe_step(args.rounds)
     print(json.dumps(result, indent=1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_to_rounding, tiny_llama
+from conftest import assert_close_to_rounding, run_xla, tiny_llama
 from train import loss as loss_mod
 from train.loss import IGNORE, nll_result, next_token_nll, predicted_tokens
 
@@ -45,6 +45,51 @@ def test_chunked_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(dty
     assert_close_to_rounding(got[2], expected[2], reduction=n)
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
     assert torch.equal(got[1][[0, 5, 6, 36]], torch.zeros(4, h, dtype=dtype))  # ignored: no gradient
+
+
+# Runs in a fresh interpreter with PJRT_DEVICE=CPU (conftest.run_xla): the chunked loss is pure
+# torch, so XLA traces its chunks into the step's graph. Three steps of new values at the same
+# shapes: one compile, no aten:: op falling back to the CPU, and each step's loss and gradients
+# those of the unfused head and cross-entropy computed eagerly.
+XLA_CHUNKED = """
+import json
+import torch, torch_xla
+import torch.nn.functional as F
+import torch_xla.debug.metrics as met
+from train.loss import IGNORE, chunked_nll
+
+device = torch_xla.device()
+g = torch.Generator().manual_seed(0)
+n, h, v = 37, 24, 300
+weight = torch.randn(v, h, generator=g) * 0.2
+steps = []
+for _ in range(3):
+    hidden = torch.randn(n, h, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 5, 36]] = IGNORE
+    x, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+    loss = chunked_nll(x, w, labels.to(device), rows=8)
+    (loss * 0.5).backward()
+    torch_xla.sync()
+    x0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = F.cross_entropy(F.linear(x0, w0), labels, ignore_index=IGNORE, reduction="sum")
+    (expected * 0.5).backward()
+    steps.append([[loss.cpu().item(), expected.item()], [x.grad.cpu().tolist(), x0.grad.tolist()],
+                  [w.grad.cpu().tolist(), w0.grad.tolist()]])
+print(json.dumps({"steps": steps, "compiles": met.metric_data("CompileTime")[0],
+                  "fallbacks": [k for k in met.counter_names() if k.startswith("aten::")]}))
+"""
+
+
+def test_the_chunked_loss_runs_on_xla_in_one_compiled_graph_and_equals_the_unfused_loss():
+    result = run_xla(XLA_CHUNKED)
+    assert result["compiles"] == 1 and result["fallbacks"] == []
+    n, v = 37, 300
+    for (loss, expected_loss), (grad_x, expected_x), (grad_w, expected_w) in result["steps"]:
+        # as on the CPU: float32 sums over the vocabulary and the tokens, in another order
+        assert_close_to_rounding(torch.tensor(loss), torch.tensor(expected_loss), reduction=v + n)
+        assert_close_to_rounding(torch.tensor(grad_x), torch.tensor(expected_x), reduction=v)
+        assert_close_to_rounding(torch.tensor(grad_w), torch.tensor(expected_w), reduction=n)
 
 
 def test_the_chunked_loss_forms_gradients_in_forward_only_when_one_will_be_asked_for():
