@@ -6,6 +6,7 @@ alternates its contenders in one process and prints medians; run it on a quiet m
     python scripts/cpu_probes.py loss          # chunked_nll by chunk size vs the unfused head + loss
     python scripts/cpu_probes.py step          # a whole SmolLM2-shaped LoRA step, chunked vs full logits
     python scripts/cpu_probes.py xla-loss      # XLA's CPU compiler: the memory it plans for the loss
+    python scripts/cpu_probes.py xla-app       # the app's update on XLA's CPU device, chunked vs full logits
 
 ``loss`` also gives each contender's peak RSS, from a fresh process per contender (``--memory``).
 """
@@ -138,39 +139,84 @@ def probe_step(rounds: int) -> dict:
 
 
 def probe_xla_loss(tokens: int, rows: int) -> dict:
-    """The memory XLA's CPU compiler plans (its buffer assignment's "Total bytes used") for the
-    loss alone, forward and backward, at SmolLM2's head: unfused and chunked, each compiled in a
-    fresh process with PJRT_DEVICE=CPU and its HLO dumped to a temporary folder."""
+    """The memory XLA's CPU compiler plans (its buffer assignment's "Total bytes used", the largest
+    over the process's graphs) for the loss alone, forward and backward, at SmolLM2's head, and its
+    time there: unfused and chunked, each in a fresh process with PJRT_DEVICE=CPU and its HLO
+    dumped to a temporary folder."""
     out = {}
     for name in ("unfused", "chunked"):
         with tempfile.TemporaryDirectory() as dump:
             env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": f"--xla_dump_to={dump}"}
-            subprocess.run([sys.executable, __file__, "xla-loss-child", name, str(tokens), str(rows)], env=env,
-                           check=True, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "xla-loss-child", name, str(tokens), str(rows)],
+                                  env=env, check=True, capture_output=True, text=True)
             planned = []
             for path in glob.glob(os.path.join(dump, "*buffer-assignment.txt")):
                 with open(path) as f:
                     match = re.search(r"Total bytes used: (\d+)", f.read())
                 planned.append(int(match.group(1)) if match else 0)
-        out[name] = {"planned_mib": max(planned) / 2**20}
+        out[name] = {"planned_mib": max(planned) / 2**20, **json.loads(proc.stdout.strip().splitlines()[-1])}
     out["chunked"]["rows"] = rows
     return {str(tokens): out}
 
 
-def xla_loss_child(name: str, tokens: int, rows: int) -> None:
+def xla_loss_child(name: str, tokens: int, rows: int) -> dict:
+    """Forward and backward of the loss on XLA's CPU device: the median seconds of 3 calls after a
+    first that compiles (XLA's CPU device is a development target; a TPU's times differ)."""
     import torch_xla
 
     device = torch_xla.device()
     weight = (torch.randn(VOCAB, HIDDEN) * 0.02).to(device)
-    hidden = torch.randn(tokens, HIDDEN).to(device).requires_grad_()
-    labels = torch.randint(0, VOCAB, (tokens,)).to(device)
-    torch_xla.sync()
-    if name == "chunked":
-        loss = chunked_nll(hidden, weight, labels, rows)
-    else:
-        loss = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
-    loss.backward()
-    torch_xla.sync()
+
+    def call():
+        hidden = torch.randn(tokens, HIDDEN).to(device).requires_grad_()
+        labels = torch.randint(0, VOCAB, (tokens,)).to(device)
+        torch_xla.sync()
+        if name == "chunked":
+            loss = chunked_nll(hidden, weight, labels, rows)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+        loss.backward()
+        torch_xla.sync()
+        hidden.grad.cpu()
+
+    return {"seconds": medians({name: call}, rounds=3)[name]}
+
+
+def probe_xla_app(updates: int) -> dict:
+    """The training app (train.loop.run) on XLA's CPU device at SmolLM2's shape, 8 x 128 tokens,
+    random weights, LoRA r=16 dropout 0.05 on the seven projections: --chunked_loss (asked for by
+    name, as XLA needs) against --no-chunked_loss, each in a fresh process, one after the other:
+    steady seconds per update, the process's peak RSS, and compiles after warm-up."""
+    from bench.cli import MEDQUAD
+    from bench.loop import APP_CHILD
+    from bench.models import SHAPES, Settings
+    from bench.packing import prepare_text
+    from bench.timing import child_env
+    from bench.xla import save_loop_model, steady_update_seconds
+
+    shape = SHAPES["smollm2-135m"]
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer_dir, _, data_file, _ = prepare_text(Settings(), MEDQUAD, work)
+        model_dir = save_loop_model(shape, tokenizer_dir, os.path.join(work, "model"), 0)
+        argv = ["--model_name", model_dir, "--dataset_dir", data_file, "--use_lora", "--lora_r", "16",
+                "--lora_dropout", "0.05", "--max_seq_length", str(shape.seq), "--per_device_train_batch_size",
+                str(shape.batch), "--per_device_eval_batch_size", str(shape.batch), "--max_steps", str(updates),
+                "--logging_steps", "1", "--device", "xla", "--report_to", "none", "--save_epoch_percentage", "0",
+                "--general_eval_dataset", "none", "--max_eval_samples", str(shape.batch), "--overwrite_output_dir",
+                "--seed", "0"]
+        for name, flag in (("chunked", "--chunked_loss"), ("full logits", "--no-chunked_loss")):
+            run_dir = os.path.join(work, name.replace(" ", "-"))
+            env = {**child_env(), "PJRT_DEVICE": "CPU", "OMP_NUM_THREADS": "2"}
+            proc = subprocess.run([sys.executable, "-c", APP_CHILD, json.dumps(argv + ["--output_dir", run_dir, flag])],
+                                  capture_output=True, text=True, env=env, check=True)
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            with open(os.path.join(run_dir, "train_summary.json")) as f:
+                summary = json.load(f)
+            out[name] = {"update_seconds": steady_update_seconds(os.path.join(run_dir, "metrics.jsonl")),
+                         "peak_rss_mib": child["peak_rss_bytes"] / 2**20,
+                         "compiles_after_warmup": summary["xla"]["compiles_after_warmup"]}
+    return out
 
 
 def main(argv=None) -> int:
@@ -178,20 +224,23 @@ def main(argv=None) -> int:
         print(json.dumps(loss_memory(int(sys.argv[2]), sys.argv[3], [int(r) for r in sys.argv[4:]])))
         return 0
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "xla-loss-child":  # the child of probe_xla_loss
-        xla_loss_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        print(json.dumps(xla_loss_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("mask", "loss", "step", "xla-loss"))
+    p.add_argument("probe", choices=("mask", "loss", "step", "xla-loss", "xla-app"))
     p.add_argument("--tokens", default="1024,4096", help="loss: token counts, comma-separated (xla-loss: the last)")
     p.add_argument("--rows", default="16,128,256,512,1024", help="loss: chunk sizes, comma-separated (xla-loss: the last)")
     p.add_argument("--memory", action="store_true", help="loss: also each contender's peak RSS (fresh processes)")
     p.add_argument("--rounds", type=int, default=4, help="step: alternated steps per contender")
+    p.add_argument("--updates", type=int, default=6, help="xla-app: updates per run (the first 2 warm up)")
     args = p.parse_args(argv)
     if args.probe == "mask":
         result = probe_mask()
     elif args.probe == "loss":
         result = probe_loss([int(t) for t in args.tokens.split(",")], [int(r) for r in args.rows.split(",")],
                             args.memory)
+    elif args.probe == "xla-app":
+        result = probe_xla_app(args.updates)
     elif args.probe == "xla-loss":
         result = probe_xla_loss(int(args.tokens.split(",")[-1]), int(args.rows.split(",")[-1]))
     else:

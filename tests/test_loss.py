@@ -47,10 +47,11 @@ def test_chunked_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(dty
     assert torch.equal(got[1][[0, 5, 6, 36]], torch.zeros(4, h, dtype=dtype))  # ignored: no gradient
 
 
-# Runs in a fresh interpreter with PJRT_DEVICE=CPU (conftest.run_xla): the chunked loss is pure
-# torch, so XLA traces its chunks into the step's graph. Three steps of new values at the same
-# shapes: one compile, no aten:: op falling back to the CPU, and each step's loss and gradients
-# those of the unfused head and cross-entropy computed eagerly.
+# Runs in a fresh interpreter with PJRT_DEVICE=CPU (conftest.run_xla): on XLA the chunks are one
+# scan (a While loop) in the step's graph, 37 tokens padded to 5 chunks of 8. Three steps of new
+# values at the same shapes: one compile, no aten:: op falling back to the CPU, and each step's
+# loss and gradients those of the unfused head and cross-entropy computed eagerly; then the loss
+# alone under no_grad, as evaluation runs it.
 XLA_CHUNKED = """
 import json
 import torch, torch_xla
@@ -76,12 +77,15 @@ for _ in range(3):
     (expected * 0.5).backward()
     steps.append([[loss.cpu().item(), expected.item()], [x.grad.cpu().tolist(), x0.grad.tolist()],
                   [w.grad.cpu().tolist(), w0.grad.tolist()]])
-print(json.dumps({"steps": steps, "compiles": met.metric_data("CompileTime")[0],
+training_compiles = met.metric_data("CompileTime")[0]
+with torch.no_grad():  # evaluation: the loss alone, its own graph
+    evaluated = chunked_nll(hidden.to(device), weight.to(device), labels.to(device), rows=8).cpu().item()
+print(json.dumps({"steps": steps, "compiles": training_compiles, "evaluated": [evaluated, expected.item()],
                   "fallbacks": [k for k in met.counter_names() if k.startswith("aten::")]}))
 """
 
 
-def test_the_chunked_loss_runs_on_xla_in_one_compiled_graph_and_equals_the_unfused_loss():
+def test_the_chunked_loss_runs_on_xla_as_one_loop_compiled_once_and_equals_the_unfused_loss():
     result = run_xla(XLA_CHUNKED)
     assert result["compiles"] == 1 and result["fallbacks"] == []
     n, v = 37, 300
@@ -90,6 +94,7 @@ def test_the_chunked_loss_runs_on_xla_in_one_compiled_graph_and_equals_the_unfus
         assert_close_to_rounding(torch.tensor(loss), torch.tensor(expected_loss), reduction=v + n)
         assert_close_to_rounding(torch.tensor(grad_x), torch.tensor(expected_x), reduction=v)
         assert_close_to_rounding(torch.tensor(grad_w), torch.tensor(expected_w), reduction=n)
+    assert_close_to_rounding(torch.tensor(result["evaluated"][0]), torch.tensor(result["evaluated"][1]), reduction=v + n)
 
 
 def test_the_chunked_loss_forms_gradients_in_forward_only_when_one_will_be_asked_for():
@@ -141,6 +146,24 @@ def test_the_apps_summed_nll_is_the_same_chunked_or_not(tied):
         assert model.lm_head.weight is model.model.embed_tokens.weight
     for name, grad in plain_grads.items():
         assert_close_to_rounding(chunked_grads[name], grad, reduction=100 + 24 + 64)
+
+
+def test_the_app_chunks_the_loss_by_default_on_cuda_and_cpu_and_on_xla_only_when_asked():
+    from types import SimpleNamespace
+
+    from train.config import UsageError, parse_args
+    from train.loop import loss_is_chunked
+
+    def device(kind, layout="single"):
+        return SimpleNamespace(is_xla=kind == "xla", layout=SimpleNamespace(kind=layout, ways=4))
+
+    base = ["--model_name", "m", "--dataset_dir", "d"]
+    default, asked, off = (parse_args(base + extra) for extra in ([], ["--chunked_loss"], ["--no-chunked_loss"]))
+    assert [loss_is_chunked(args, device("cpu")) for args in (default, asked, off)] == [True, True, False]
+    assert [loss_is_chunked(args, device("xla")) for args in (default, asked, off)] == [False, True, False]
+    assert not loss_is_chunked(default, device("xla", "spmd"))  # the full logits, each device its rows'
+    with pytest.raises(UsageError, match=r"^--chunked_loss: under SPMD \(4 devices\)"):
+        loss_is_chunked(asked, device("xla", "spmd"))
 
 
 def test_models_whose_head_is_not_a_plain_linear_take_the_full_logits():

@@ -240,7 +240,9 @@ def test_forgetting_report_compares_lora_with_full_fine_tuning(tiny_model_dir, t
 def test_tied_embeddings_stay_one_matrix_when_trained_on_xla(tmp_path, tiny_text_file):
     # Module.to() cannot move a CPU parameter to XLA in place, so a tied input embedding and LM head
     # (as in Llama-3.2-1B) would become two tensors trained apart. Full fine-tuning on XLA must
-    # train and save the one matrix, exactly as eager does.
+    # train and save the one matrix, exactly as eager does. XLA runs the chunked loss here (asked
+    # for by name; XLA's default is the full logits), so its compiled loop over the chunks also
+    # accumulates the shared matrix's gradient as eager's Python loop does.
     from conftest import make_tokenizer, tiny_llama
 
     model_dir = tmp_path / "tied"
@@ -252,7 +254,8 @@ import sys
 from conftest import train_argv
 from train.config import parse_args
 from train.loop import run
-argv = [a for a in train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", "--max_steps", "3") if a != "--use_lora"]
+argv = [a for a in train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", "--max_steps", "3", "--chunked_loss")
+        if a != "--use_lora"]
 run(parse_args(argv))
 print("{{}}")
 """

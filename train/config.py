@@ -110,8 +110,9 @@ class TrainArgs:
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     bf16: bool = flag(False, "keep the base model in bfloat16 (adapters stay float32)")
     chunked_loss: bool = flag(True, "compute the LM head and the loss over chunks of tokens, never holding the full "
-                                    "logits (less memory at the same speed: docs/training.md; CUDA and CPU, XLA takes "
-                                    "the full logits); --no-chunked_loss: the model's full logits")
+                                    "logits (less memory at the same speed: docs/training.md); on CUDA and CPU by "
+                                    "default, on one XLA device only when given by name; --no-chunked_loss: the "
+                                    "model's full logits")
     compile: bool = flag(False, "CUDA and CPU: run the model's forward and backward through torch.compile (the "
                                 "first updates compile; XLA always compiles)")
     device: str = flag("auto", "auto (a TPU through XLA when present, else CUDA, else the eager CPU), xla (also XLA's "

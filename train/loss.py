@@ -9,12 +9,14 @@ their gradient as much again; Llama-3.2's 128,256 words at 8 x 2048 make that 8.
 chunked node computes the head's product, the log-sum-exp and the target logit chunk by chunk,
 and, when training, turns each chunk's logits into their gradient right there, so that only the
 hidden states' gradient is kept for backward (Liger-Kernel's fused linear cross-entropy, in pure
-torch so that XLA, CUDA and the CPU share it).
+torch so that XLA, CUDA and the CPU share it: eager devices loop over the chunks in Python, XLA
+runs them as one compiled loop, torch_xla's ``scan``).
 """
 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -66,7 +68,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     (accumulated over chunks in float32) at once, as Liger-Kernel's fused linear cross-entropy
     does; backward only scales them by the incoming gradient. No logits are recomputed, and
     only those gradients are kept between forward and backward. Without a gradient (evaluation,
-    ``torch.no_grad``) forward computes the loss alone.
+    ``torch.no_grad``) forward computes the loss alone. The chunks run one after another: a
+    Python loop on eager devices, one compiled loop on XLA (_scanned_chunks).
     """
 
     @staticmethod
@@ -74,32 +77,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # with_grad: whether autograd will ask for a gradient; forward always runs with grad mode
         # off, and needs_input_grad does not see an enclosing torch.no_grad
         need_hidden, need_weight = (need and with_grad for need in ctx.needs_input_grad[:2])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows], labels[start:start + rows]
-            logits = F.linear(h, weight).float()  # (n, V)
-            valid = y != IGNORE
-            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,)
-            # log-sum-exp as torch.logsumexp computes it (shifted by the row's maximum), but in
-            # the logits' own buffer: no second (n, V) tensor, and the exponentials are the
-            # softmax's numerators the gradient needs
-            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            exps = logits.sub_(peak).exp_()
-            sums = exps.sum(dim=-1, keepdim=True)  # (n, 1)
-            lse = (peak + sums.log()).squeeze(1)
-            total = total + torch.where(valid, lse - target, 0.0).sum()
-            if not (need_hidden or need_weight):
-                continue
-            g = exps.div_(sums)  # the softmax
-            g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), valid.unsqueeze(1).to(g.dtype).neg())  # - one-hot
-            g.mul_(valid.unsqueeze(1).to(g.dtype))  # ignored rows: no gradient
-            g = g.to(hidden.dtype)
-            if need_hidden:
-                grad_hidden[start:start + rows] = g @ weight.to(hidden.dtype)  # (n, H)
-            if need_weight:
-                grad_weight += (g.t() @ h).float()  # (V, H)
+        chunks = _scanned_chunks if hidden.device.type == "xla" else _looped_chunks
+        total, grad_hidden, grad_weight = chunks(hidden, weight, labels, rows, need_hidden, need_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -114,6 +93,91 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+def _chunk(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, with_grad: bool, in_place: bool = True):
+    """One chunk of ChunkedLinearCrossEntropy: (its summed loss, a 0-dim float32; the gradient
+    of that sum with respect to its logits, (n, V) in h's dtype, or None without ``with_grad``).
+    h (n, H), y (n,), weight (V, H). ``in_place``: eagerly, the exponentials and the gradient
+    take the logits' own buffer; a traced body (scan's, which traces with gradients on) leaves
+    buffers to the compiler."""
+    logits = F.linear(h, weight).float()  # (n, V)
+    valid = y != IGNORE
+    index = y.clamp(min=0).unsqueeze(1)  # (n, 1)
+    target = logits.gather(1, index).squeeze(1)  # (n,)
+    # log-sum-exp as torch.logsumexp computes it (shifted by the row's maximum), but in the
+    # logits' own buffer: no second (n, V) tensor, and the exponentials are the softmax's
+    # numerators the gradient needs
+    peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    exps = logits.sub_(peak).exp_() if in_place else (logits - peak).exp()
+    sums = exps.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss = torch.where(valid, (peak + sums.log()).squeeze(1) - target, 0.0).sum()
+    if not with_grad:
+        return loss, None
+    keep = valid.unsqueeze(1).to(exps.dtype)  # (n, 1): ignored rows get no gradient
+    if in_place:
+        g = exps.div_(sums).scatter_add_(1, index, keep.neg()).mul_(keep)  # softmax - one-hot
+    else:
+        g = (exps / sums).scatter_add(1, index, keep.neg()) * keep
+    return loss, g.to(h.dtype)
+
+
+def _looped_chunks(hidden, weight, labels, rows: int, need_hidden: bool, need_weight: bool):
+    """The chunks one after another in a Python loop (eager devices: each chunk's logits are
+    freed before the next chunk's are made): (loss, hidden's gradient or None, weight's or None)."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    for start in range(0, hidden.shape[0], rows):
+        h, y = hidden[start:start + rows], labels[start:start + rows]
+        loss, g = _chunk(h, y, weight, need_hidden or need_weight)
+        total = total + loss
+        if need_hidden:
+            grad_hidden[start:start + rows] = g @ weight.to(hidden.dtype)  # (n, H)
+        if need_weight:
+            grad_weight += (g.t() @ h).float()  # (V, H)
+    return total, grad_hidden, grad_weight
+
+
+def _scanned_chunks(hidden, weight, labels, rows: int, need_hidden: bool, need_weight: bool):
+    """The chunks as one XLA loop (torch_xla's ``scan``, a While whose body is one chunk): traced
+    once, and the compiler's plan holds one chunk's logits at a time. A Python loop would be
+    unrolled into the graph, where XLA may schedule every chunk's logits at once (its CPU
+    compiler does: 1,685 MiB planned for 4,096 tokens at SmolLM2's head in 256-token chunks,
+    against 241 MiB scanned and 3,198 MiB unfused; scripts/cpu_probes.py xla-loss). The tokens
+    are padded to whole chunks with ignored labels, which carry neither loss nor gradient."""
+    from torch_xla.experimental.scan import scan
+
+    n, width = hidden.shape
+    count = -(-n // rows)
+    pad = count * rows - n
+    hidden, weight = hidden.detach(), weight.detach()
+    if pad:
+        hidden = F.pad(hidden, (0, 0, 0, pad))
+        labels = F.pad(labels, (0, pad), value=IGNORE)
+    init = (weight, torch.zeros((), dtype=torch.float32, device=hidden.device))
+    if need_weight:
+        init += (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device),)
+    carry, grads = scan(_scan_body(need_hidden, need_weight), init,
+                        (hidden.view(count, rows, width), labels.view(count, rows)), is_fn_pure=True)
+    grad_hidden = grads.reshape(count * rows, width)[:n] if need_hidden else None
+    return carry[1], grad_hidden, carry[2] if need_weight else None
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_body(need_hidden: bool, need_weight: bool):
+    """scan's body for these needs: one function object per combination, so that scan's tracing
+    cache (keyed by the function) traces it once per shape, not once per step."""
+
+    def body(carry, chunk):
+        weight, total = carry[:2]
+        h, y = chunk
+        loss, g = _chunk(h, y, weight, need_hidden or need_weight, in_place=False)
+        carry = (weight, total + loss) + ((carry[2] + (g.t() @ h).float(),) if need_weight else ())
+        # scan needs an output per step: hidden's gradient rows, else the chunk's loss
+        return carry, g @ weight.to(h.dtype) if need_hidden else loss
+
+    return body
+
+
 # Chunks below this many tokens stream the whole (V, H) head weight through memory for too few
 # rows: at SmolLM2's head on 2 CPU cores, 1,024 tokens took 2.62 s in 16-token chunks, 1.02 s in
 # 128, 0.94 s in 256, 0.87 s in 512, against 1.01 s unfused; 4,096 tokens 3.73 s in 256 and 3.50 s
@@ -123,22 +187,28 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 # of a 24-s update
 # (docs/benchmarks.md, "SmolLM2's shape on two CPU cores").
 MIN_CHUNK_ROWS = 256
+# On XLA each chunk is one iteration of a compiled loop, whose fixed cost small chunks pay many
+# times: on XLA's CPU device the loss alone at 4,096 tokens and SmolLM2's head took 4.94 s in
+# 256-token chunks and 3.42 s in 1,024, against 3.76-3.98 s unfused, with 224, 516 and 3,198 MiB
+# planned (scripts/cpu_probes.py xla-loss).
+MIN_CHUNK_ROWS_XLA = 1024
 
 
-def chunk_rows(tokens: int, hidden_size: int, vocab: int) -> int:
+def chunk_rows(tokens: int, hidden_size: int, vocab: int, minimum: int = MIN_CHUNK_ROWS) -> int:
     """Tokens per chunk: a power of two such that a chunk's logits are about as large as the
-    hidden states already held (Liger-Kernel's rule), but at least MIN_CHUNK_ROWS, and at most
+    hidden states already held (Liger-Kernel's rule), but at least ``minimum``, and at most
     ``tokens``."""
     chunks = math.ceil(vocab / hidden_size)
     by_memory = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / chunks))))
-    return max(1, min(tokens, max(by_memory, MIN_CHUNK_ROWS)))
+    return max(1, min(tokens, max(by_memory, minimum)))
 
 
 def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 rows: Optional[int] = None) -> torch.Tensor:
     """Summed NLL of ``labels`` (N,) under logits ``hidden (N, H) @ weight (V, H)ᵀ``, never holding
     more than ``rows`` tokens' logits (default: chunk_rows)."""
-    rows = rows or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    minimum = MIN_CHUNK_ROWS_XLA if hidden.device.type == "xla" else MIN_CHUNK_ROWS
+    rows = rows or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], minimum)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, with_grad)
 
