@@ -5,7 +5,7 @@ alternates its contenders in one process and prints medians; run it on a quiet m
     python scripts/cpu_probes.py mask          # converting and drawing a (1024, 576) mask, 1 thread
     python scripts/cpu_probes.py loss          # chunked_nll by chunk size vs the unfused head + loss
     python scripts/cpu_probes.py step          # a whole SmolLM2-shaped LoRA step, chunked vs full logits
-    python scripts/cpu_probes.py xla-loss      # XLA's CPU compiler: the memory it plans for the loss
+    python scripts/cpu_probes.py xla-loss --tokens 4096 --rows 256,1024   # XLA: the loss's planned memory
     python scripts/cpu_probes.py xla-app       # the app's update on XLA's CPU device, chunked vs full logits
 
 ``loss`` also gives each contender's peak RSS, from a fresh process per contender (``--memory``).
@@ -138,16 +138,16 @@ def probe_step(rounds: int) -> dict:
             "full logits": {"seconds": wall["full logits"], "cpu_seconds": statistics.median(cpu[False][1:])}}
 
 
-def probe_xla_loss(tokens: int, rows: int) -> dict:
+def probe_xla_loss(tokens: int, rows: list[int]) -> dict:
     """The memory XLA's CPU compiler plans (its buffer assignment's "Total bytes used", the largest
     over the process's graphs) for the loss alone, forward and backward, at SmolLM2's head, and its
-    time there: unfused and chunked, each in a fresh process with PJRT_DEVICE=CPU and its HLO
-    dumped to a temporary folder."""
+    time there: unfused, and chunked in chunks of each of ``rows``, each in a fresh process with
+    PJRT_DEVICE=CPU and its HLO dumped to a temporary folder."""
     out = {}
-    for name in ("unfused", "chunked"):
+    for name, n in [("unfused", 0)] + [(f"chunks of {n}", n) for n in rows]:
         with tempfile.TemporaryDirectory() as dump:
             env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": f"--xla_dump_to={dump}"}
-            proc = subprocess.run([sys.executable, __file__, "xla-loss-child", name, str(tokens), str(rows)],
+            proc = subprocess.run([sys.executable, __file__, "xla-loss-child", str(tokens), str(n)],
                                   env=env, check=True, capture_output=True, text=True)
             planned = []
             for path in glob.glob(os.path.join(dump, "*buffer-assignment.txt")):
@@ -155,11 +155,10 @@ def probe_xla_loss(tokens: int, rows: int) -> dict:
                     match = re.search(r"Total bytes used: (\d+)", f.read())
                 planned.append(int(match.group(1)) if match else 0)
         out[name] = {"planned_mib": max(planned) / 2**20, **json.loads(proc.stdout.strip().splitlines()[-1])}
-    out["chunked"]["rows"] = rows
     return {str(tokens): out}
 
 
-def xla_loss_child(name: str, tokens: int, rows: int) -> dict:
+def xla_loss_child(tokens: int, rows: int) -> dict:
     """Forward and backward of the loss on XLA's CPU device: the median seconds of 3 calls after a
     first that compiles (XLA's CPU device is a development target; a TPU's times differ)."""
     import torch_xla
@@ -171,7 +170,7 @@ def xla_loss_child(name: str, tokens: int, rows: int) -> dict:
         hidden = torch.randn(tokens, HIDDEN).to(device).requires_grad_()
         labels = torch.randint(0, VOCAB, (tokens,)).to(device)
         torch_xla.sync()
-        if name == "chunked":
+        if rows:
             loss = chunked_nll(hidden, weight, labels, rows)
         else:
             loss = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
@@ -179,7 +178,7 @@ def xla_loss_child(name: str, tokens: int, rows: int) -> dict:
         torch_xla.sync()
         hidden.grad.cpu()
 
-    return {"seconds": medians({name: call}, rounds=3)[name]}
+    return {"seconds": medians({"loss": call}, rounds=3)["loss"]}
 
 
 def probe_xla_app(updates: int) -> dict:
@@ -224,12 +223,12 @@ def main(argv=None) -> int:
         print(json.dumps(loss_memory(int(sys.argv[2]), sys.argv[3], [int(r) for r in sys.argv[4:]])))
         return 0
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "xla-loss-child":  # the child of probe_xla_loss
-        print(json.dumps(xla_loss_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(xla_loss_child(int(sys.argv[2]), int(sys.argv[3]))))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("probe", choices=("mask", "loss", "step", "xla-loss", "xla-app"))
     p.add_argument("--tokens", default="1024,4096", help="loss: token counts, comma-separated (xla-loss: the last)")
-    p.add_argument("--rows", default="16,128,256,512,1024", help="loss: chunk sizes, comma-separated (xla-loss: the last)")
+    p.add_argument("--rows", default="16,128,256,512,1024", help="loss and xla-loss: chunk sizes, comma-separated")
     p.add_argument("--memory", action="store_true", help="loss: also each contender's peak RSS (fresh processes)")
     p.add_argument("--rounds", type=int, default=4, help="step: alternated steps per contender")
     p.add_argument("--updates", type=int, default=6, help="xla-app: updates per run (the first 2 warm up)")
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
     elif args.probe == "xla-app":
         result = probe_xla_app(args.updates)
     elif args.probe == "xla-loss":
-        result = probe_xla_loss(int(args.tokens.split(",")[-1]), int(args.rows.split(",")[-1]))
+        result = probe_xla_loss(int(args.tokens.split(",")[-1]), [int(r) for r in args.rows.split(",")])
     else:
         result = probe_step(args.rounds)
     print(json.dumps(result, indent=1))

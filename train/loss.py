@@ -140,9 +140,10 @@ def _looped_chunks(hidden, weight, labels, rows: int, need_hidden: bool, need_we
 def _scanned_chunks(hidden, weight, labels, rows: int, need_hidden: bool, need_weight: bool):
     """The chunks as one XLA loop (torch_xla's ``scan``, a While whose body is one chunk): traced
     once, and the compiler's plan holds one chunk's logits at a time. A Python loop would be
-    unrolled into the graph, where XLA may schedule every chunk's logits at once (its CPU
-    compiler does: 1,685 MiB planned for 4,096 tokens at SmolLM2's head in 256-token chunks,
-    against 241 MiB scanned and 3,198 MiB unfused; scripts/cpu_probes.py xla-loss). The tokens
+    unrolled into the graph, where XLA may schedule every chunk's logits at once: its CPU compiler
+    planned 1,685 MiB for the Python loop over 4,096 tokens at SmolLM2's head in 256-token chunks
+    (measured before this loop replaced it), against 224 MiB for this loop and 3,198 MiB unfused
+    (scripts/cpu_probes.py xla-loss). The tokens
     are padded to whole chunks with ignored labels, which carry neither loss nor gradient."""
     from torch_xla.experimental.scan import scan
 
@@ -188,9 +189,9 @@ def _scan_body(need_hidden: bool, need_weight: bool):
 # (docs/benchmarks.md, "SmolLM2's shape on two CPU cores").
 MIN_CHUNK_ROWS = 256
 # On XLA each chunk is one iteration of a compiled loop, whose fixed cost small chunks pay many
-# times: on XLA's CPU device the loss alone at 4,096 tokens and SmolLM2's head took 4.94 s in
-# 256-token chunks and 3.42 s in 1,024, against 3.76-3.98 s unfused, with 224, 516 and 3,198 MiB
-# planned (scripts/cpu_probes.py xla-loss).
+# times: on XLA's CPU device the loss alone at 4,096 tokens and SmolLM2's head took 5.19 s in
+# 256-token chunks and 3.32 s in 1,024, against 3.82 s unfused, with 224, 516 and 3,198 MiB
+# planned (scripts/cpu_probes.py xla-loss --tokens 4096 --rows 256,1024).
 MIN_CHUNK_ROWS_XLA = 1024
 
 
