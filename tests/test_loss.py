@@ -51,7 +51,7 @@ def test_chunked_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(dty
 # scan (a While loop) in the step's graph, 37 tokens padded to 5 chunks of 8. Three steps of new
 # values at the same shapes: one compile, no aten:: op falling back to the CPU, and each step's
 # loss and gradients those of the unfused head and cross-entropy computed eagerly; then the loss
-# alone under no_grad, as evaluation runs it.
+# alone under no_grad, as evaluation runs it, and hidden's gradient alone under a frozen head (LoRA).
 XLA_CHUNKED = """
 import json
 import torch, torch_xla
@@ -80,7 +80,11 @@ for _ in range(3):
 training_compiles = met.metric_data("CompileTime")[0]
 with torch.no_grad():  # evaluation: the loss alone, its own graph
     evaluated = chunked_nll(hidden.to(device), weight.to(device), labels.to(device), rows=8).cpu().item()
+x = hidden.to(device).requires_grad_()  # LoRA: a frozen head, so hidden's gradient alone
+(chunked_nll(x, weight.to(device), labels.to(device), rows=8) * 0.5).backward()
+torch_xla.sync()
 print(json.dumps({"steps": steps, "compiles": training_compiles, "evaluated": [evaluated, expected.item()],
+                  "frozen_head": [x.grad.cpu().tolist(), x0.grad.tolist()],
                   "fallbacks": [k for k in met.counter_names() if k.startswith("aten::")]}))
 """
 
@@ -95,6 +99,7 @@ def test_the_chunked_loss_runs_on_xla_as_one_loop_compiled_once_and_equals_the_u
         assert_close_to_rounding(torch.tensor(grad_x), torch.tensor(expected_x), reduction=v)
         assert_close_to_rounding(torch.tensor(grad_w), torch.tensor(expected_w), reduction=n)
     assert_close_to_rounding(torch.tensor(result["evaluated"][0]), torch.tensor(result["evaluated"][1]), reduction=v + n)
+    assert_close_to_rounding(torch.tensor(result["frozen_head"][0]), torch.tensor(result["frozen_head"][1]), reduction=v)
 
 
 def test_the_chunked_loss_forms_gradients_in_forward_only_when_one_will_be_asked_for():
