@@ -58,9 +58,9 @@ def targets(results: dict) -> list[dict]:
         note=switching and (f"the pointer swap alone {switching['pointer_swap']['median'] * 1e3:.3f} ms, one "
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
-    for key in ("loop", "loop_cuda"):
-        if key in results or key == "loop":  # the CPU's targets are listed even when not measured
-            _loop_targets(add, results.get(key) or {})
+    _loop_targets(add, results.get("loop") or {})  # the CPU's targets are listed even when not measured
+    if "loop_cuda" in results:
+        _loop_targets(add, results["loop_cuda"])
     xla = results.get("xla") or {}
     add("XLA compiles after warm-up", xla.get("compiles_after_warmup"), 0)
     add("XLA aten:: fallbacks in the step", None if "fallbacks_in_step" not in xla else sum(xla["fallbacks_in_step"].values()), 0)
@@ -267,4 +267,3 @@ def _loop_table(lp: dict) -> list[str]:
                       f"updates, {counts['compiles_during_warmup']} graphs compiled), "
                       f"{counts['compiles_after_warmup']} compiles after it (the worst run).", ""]
     return lines
-

@@ -36,16 +36,11 @@ VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's head
 
 
 def medians(contenders: dict, rounds: int) -> dict:
-    """{name: median seconds} of ``rounds`` alternated calls of each contender (after one untimed)."""
-    times = {name: [] for name in contenders}
-    for fn in contenders.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """{name: median seconds} of ``rounds`` alternated calls of each contender, after one untimed
+    (the benchmark's alternation, bench.timing.alternate)."""
+    from bench.timing import alternate
+
+    return {name: statistics.median(t) for name, t in alternate(contenders, rounds, warmup=1).items()}
 
 
 def words_mask(x: torch.Tensor) -> torch.Tensor:

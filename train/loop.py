@@ -160,7 +160,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         _save_checkpoint(run_dir, model, optimizer, device, pos, args)
 
     stopped = _train(args, device, model, optimizer, train_data, plan, pos, tokenizer.pad_token_id, reporter,
-                     evaluate_all, save_checkpoint)
+                     evaluate_all, save_checkpoint, chunked)
     if stopped:
         reporter.close()
         if device.is_main:
@@ -425,8 +425,8 @@ def loss_is_chunked(args: TrainArgs, device: Device) -> bool:
 
     On XLA the chunks run as one compiled loop that holds one chunk's logits at a time, but on
     XLA's CPU device the app's update at SmolLM2's shape (8 x 128) took 8.54 s chunked against
-    7.60 s with full logits in one run and 7.01 against 7.83 s in the next, at 0.95 of the peak
-    RSS (scripts/cpu_probes.py xla-app), and no TPU has measured it. So XLA keeps the full logits
+    7.60 s with full logits in a first run and 7.01 against 7.83 s in scripts/cpu_probes.py xla-app,
+    at 0.95 of the peak RSS in both, and no TPU has measured it. So XLA keeps the full logits
     unless asked: the choice for a batch whose logits do not fit."""
     if not args.chunked_loss:
         return False
@@ -459,11 +459,11 @@ def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_
 
 def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.TrainData, plan: Plan,
            pos: Position, pad_id: int, reporter: Reporter, evaluate_all: Callable[[str], dict],
-           save_checkpoint: Callable[[], None]) -> bool:
+           save_checkpoint: Callable[[], None], chunked: bool) -> bool:
     """Optimizer updates from ``pos`` to ``plan.total_updates``, with logging, evaluations and
-    checkpoints on the way; ``pos`` advances. Returns True when SIGTERM stopped it early."""
+    checkpoints on the way; ``pos`` advances. Returns True when SIGTERM stopped it early.
+    ``chunked``: the run's loss_is_chunked."""
     stop = _StopFlag()  # SIGTERM (preemption): finish the update, checkpoint, exit cleanly
-    chunked = loss_is_chunked(args, device)
     nonfinite = _NonFiniteGuard(args, device, optimizer, [p for p in model.parameters() if p.requires_grad])
     loss_sum = device.tensor(0.0)  # summed NLL since the last log, stays on the device
     update_nll = device.tensor(0.0)  # summed NLL of this update's micro-batches
