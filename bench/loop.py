@@ -34,6 +34,7 @@ import json, sys
 from train.config import parse_args
 from train.loop import run
 from bench.timing import proc_status_bytes, usage
+from train.device import use_torch_layers
 summary = run(parse_args(json.loads(sys.argv[1])))
 print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"],
                   "peak_device_bytes": summary.get("peak_memory_bytes"),  # None on the CPU
@@ -49,12 +50,15 @@ import torch
 import minilora
 from transformers import AutoModelForCausalLM
 from bench.timing import proc_status_bytes, usage
+from train.device import use_torch_layers
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(spec["seed"])
 device = torch.device(spec["device"])
 cuda = device.type == "cuda"
-model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16 if cuda else torch.float32)
+use_torch_layers(model)  # as the app does: transformers' own layers, not Hub kernels, on every device
+model.to(device)
 minilora.inject(model, r=spec["r"], alpha=2 * spec["r"], dropout=spec["dropout"])
 model.train()
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)

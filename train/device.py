@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import importlib.util
 import os
 import sys
@@ -31,7 +32,7 @@ def resolve(requested: str = "auto", *, auto_picks_xla: bool = True) -> str:
     times slower than eager (docs/benchmarks.md), a development target."""
     has_xla = importlib.util.find_spec("torch_xla") is not None
     if requested == "auto":
-        requested = ("xla" if has_xla and auto_picks_xla and tpu_present()
+        requested = ("xla" if will_use_xla(auto_picks_xla=auto_picks_xla)
                      else "cuda" if torch.cuda.is_available() else "cpu")
     kind = requested.split(":")[0]
     if kind == "xla" and not has_xla:
@@ -41,16 +42,37 @@ def resolve(requested: str = "auto", *, auto_picks_xla: bool = True) -> str:
     return requested
 
 
-def tpu_present() -> bool:
-    """A TPU for XLA to run on: ``PJRT_DEVICE=TPU``, or a TPU chip on the PCI bus (torch_xla's own
-    test, which reads /sys and starts nothing)."""
+def will_use_xla(requested: str = "auto", *, auto_picks_xla: bool = True) -> bool:
+    """Whether ``resolve(requested)`` picks XLA, decided without importing torch_xla or
+    checking that the device exists (``resolve`` does that)."""
+    if requested == "auto":
+        return auto_picks_xla and importlib.util.find_spec("torch_xla") is not None and tpu_present()
+    return requested.split(":")[0] == "xla"
+
+
+# Google's PCI vendor id and its TPU chips' device ids, as torch_xla._internal.tpu lists them
+# (v2/v3, v4, v5e, v6e, two test parts, 7x). Google's gVNIC shares the vendor id, hence the list.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0063", "0x006f", "0x0056", "0x0062", "0x0076"}
+
+
+def tpu_present(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+    """A TPU for XLA to run on: ``PJRT_DEVICE=TPU``, or a TPU chip on the PCI bus. Read from /sys
+    the way torch_xla does, without importing it: the import costs seconds and logs a warning on
+    a machine with no TPU, where the run then never uses XLA."""
     if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
         return True
-    try:
-        from torch_xla._internal import tpu
-    except ImportError:  # a torch_xla without that (private) module: the environment must say so
-        return False
-    return tpu.num_available_chips() > 0
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+                if f.read().strip() in _TPU_PCI_DEVICES:
+                    return True
+        except OSError:  # a device that went away while listing, or an unreadable entry
+            continue
+    return False
 
 
 def torch_device(name: str) -> torch.device:
@@ -62,6 +84,22 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_torch_layers(model: torch.nn.Module) -> None:
+    """Undo transformers' Hub kernels (transformers >= 5.25 with the ``kernels`` package) on a
+    model that is still where it was loaded, and keep them off.
+
+    ``from_pretrained`` kernelizes every model by default, and each later ``train()``/``eval()``
+    kernelizes it again for the device it is on then. On XLA that raises (``kernels`` knows no
+    'xla' device); on CUDA it swaps RMSNorm and RoPE for code downloaded from the Hub at that
+    moment, which an offline machine cannot fetch and which makes a GPU run compute other
+    numbers than the same run on the CPU. The app runs transformers' own torch layers everywhere.
+    Resetting kernelizes once more with an empty mapping, so it must happen before the model
+    moves to a device ``kernels`` refuses. Older transformers have no such state: nothing to do.
+    """
+    if getattr(model, "use_kernels", False) and hasattr(model, "set_use_kernels"):
+        model.set_use_kernels(False)
+
+
 def move_model(model: torch.nn.Module, device: Union[str, torch.device]) -> torch.nn.Module:
     """``model.to(device)`` that keeps tied weights tied.
 
@@ -70,6 +108,7 @@ def move_model(model: torch.nn.Module, device: Union[str, torch.device]) -> torc
     a tied model (Llama-3.2-1B, the demo's base) become two tensors, the optimizer trains them
     apart and ``save_pretrained`` writes both. Re-tying after the move restores the one matrix.
     """
+    use_torch_layers(model)
     model.to(device)
     config = getattr(model, "config", None)
     # A table quantized with minilora.quantize(..., embeddings=True) is one module of buffers that
