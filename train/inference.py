@@ -23,7 +23,7 @@ import torch
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .base_model import adapter_defaults, resolve_base
-from .cli import require_app_packages, run_command
+from .cli import quiet_start, require_app_packages, run_command
 from .device import move_model, resolve, torch_device
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
@@ -346,6 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     require_app_packages(parser.prog)
+    quiet_start(args.device, auto_picks_xla=False)
 
     prompts = list(args.prompts) + list(args.prompt)
     if args.prompt_file:
