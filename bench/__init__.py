@@ -1,4 +1,4 @@
-"""``minilora-bench`` (``python -m bench``): minilora against PEFT and full fine-tuning.
+"""``minilora-bench`` (``python -m minilora_bench``): minilora against PEFT and full fine-tuning.
 
 Everything is measured in one run on one machine. Contenders alternate step by step (the order
 rotating each round), so drift from other processes or the machine's state falls on all of them
@@ -12,7 +12,7 @@ run. Sections (``--only`` / ``--skip`` pick them):
                 layers and on the top 8 (eager CPU)
     inference   base forward vs minilora unmerged vs merged
     switching   set_adapter on a Llama-3.2-1B-shaped adapter set (random weights)
-    loop        the training app's own loop (train.loop.run, eager CPU) vs a bare loop at the same shape:
+    loop        the training app's own loop (minilora_train.loop.run, eager CPU) vs a bare loop at the same shape:
                 update time and peak RSS, the app with full logits and with its chunked loss
     xla         the training app's own loop on the XLA CPU device: compiles during and after
                 warm-up, host fallbacks, steady-state update time vs the same loop on eager CPU

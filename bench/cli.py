@@ -1,4 +1,4 @@
-"""``minilora-bench`` / ``python -m bench``: parse the command line, run the chosen sections, write the report."""
+"""``minilora-bench`` / ``python -m minilora_bench``: parse the command line, run the chosen sections, write the report."""
 
 from __future__ import annotations
 

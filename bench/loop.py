@@ -1,4 +1,4 @@
-"""Section ``loop``: the training app's own loop (``train.loop.run``, eager CPU or CUDA) against a
+"""Section ``loop``: the training app's own loop (``minilora_train.loop.run``, eager CPU or CUDA) against a
 bare loop over the same model, batch shape and AdamW: update time and whole-process peak memory,
 the app as it runs by default (the chunked loss) and with full logits, torch.compile or glibc's
 mmap threshold fixed."""
@@ -16,7 +16,7 @@ from .models import Settings
 # The contenders, by the name Settings.loop_rows (and --loop-rows) uses: (row label, the app's extra
 # arguments, None for the bare loop; extra environment). Two memory-for-time trades the app leaves
 # to the user (docs/benchmarks.md, "Where the app's extra memory went"): "app-trim", glibc's
-# malloc_trim(0) after each update (MINILORA_MALLOC_TRIM=1, train.device); "app-mmap", glibc's mmap
+# malloc_trim(0) after each update (MINILORA_MALLOC_TRIM=1, minilora_train.device); "app-mmap", glibc's mmap
 # threshold fixed at 64 KiB, so that every freed activation goes back to the kernel on free.
 MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 LOOP_ROWS = {"app": ("app (the default: chunked loss)", [], {}),
@@ -31,10 +31,10 @@ from .xla import save_loop_model, steady_update_seconds
 # The app, in a fresh process: its summary and the process's peak RSS.
 APP_CHILD = """
 import json, sys
-from train.config import parse_args
-from train.loop import run
-from bench.timing import proc_status_bytes, usage
-from train.device import use_torch_layers
+from minilora_train.config import parse_args
+from minilora_train.loop import run
+from minilora_bench.timing import proc_status_bytes, usage
+from minilora_train.device import use_torch_layers
 summary = run(parse_args(json.loads(sys.argv[1])))
 print(json.dumps({"peak_rss_bytes": proc_status_bytes("VmHWM"), "updates": summary["updates"],
                   "peak_device_bytes": summary.get("peak_memory_bytes"),  # None on the CPU
@@ -49,8 +49,8 @@ import json, statistics, sys, time
 import torch
 import minilora
 from transformers import AutoModelForCausalLM
-from bench.timing import proc_status_bytes, usage
-from train.device import use_torch_layers
+from minilora_bench.timing import proc_status_bytes, usage
+from minilora_train.device import use_torch_layers
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(spec["seed"])

@@ -10,11 +10,11 @@ from .models import Settings
 
 
 def bench_packing(tokenizer_dir: str, data_file: str, workdir: str, lengths=(256, 2048)) -> dict:
-    """Real tokens / all tokens of the windows train.data.load_windows packs (documents are
+    """Real tokens / all tokens of the windows minilora_train.data.load_windows packs (documents are
     concatenated, [bos] text [eos], so only a split's last window is padded)."""
     from transformers import AutoTokenizer
 
-    from train.data import load_windows
+    from minilora_train.data import load_windows
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = []
@@ -30,7 +30,7 @@ def prepare_text(settings: Settings, medquad: str, workdir: str) -> tuple[str, s
     """(tokenizer dir, records to pack, the XLA section's training records, source note): a
     byte-level BPE (the embedded demo's kind, 8192 entries) trained on medquad's first 3000
     answers. Without medquad, generated sentences stand in and the figures say so."""
-    from train.demo_assets import train_tokenizer
+    from minilora_train.demo_assets import train_tokenizer
 
     if os.path.exists(medquad):
         with open(medquad, encoding="utf-8") as f:

@@ -177,7 +177,7 @@ def markdown(results: dict) -> str:
             eager = x.get("eager_update_seconds")
             eager_cells = "— | —" if eager is None else f"{eager:.3f} | {x['xla_vs_eager']:.2f}"
             lines += [f"### The training loop on XLA ({x['xla_device']}) vs eager CPU", "",
-                      f"train.loop.run on {x.get('source', 'text')}: a 2-layer Llama (hidden 128), LoRA r=16 dropout 0.1, "
+                      f"minilora_train.loop.run on {x.get('source', 'text')}: a 2-layer Llama (hidden 128), LoRA r=16 dropout 0.1, "
                       f"4 x 128 tokens, {x['updates']} updates (2 of them warm-up), loss logged every "
                       f"{x['logging_steps']}.", "",
                       "| compiles (total) | compiles after warm-up | host reads after warm-up (designed) | "

@@ -1,4 +1,4 @@
-"""Section ``xla``: the training app's own loop (train.loop.run) on the XLA CPU device: compiles
+"""Section ``xla``: the training app's own loop (minilora_train.loop.run) on the XLA CPU device: compiles
 during and after warm-up, host fallbacks, steady-state update time vs the same loop on eager CPU."""
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def save_loop_model(shape: Shape, tokenizer_dir: str, model_dir: str, seed: int)
 
 LOOP_CHILD = """
 import json, sys
-from train.config import parse_args
-from train.loop import run
+from minilora_train.config import parse_args
+from minilora_train.loop import run
 summary = run(parse_args(json.loads(sys.argv[1])))
 print(json.dumps({"xla": summary.get("xla"), "device": summary.get("device"), "updates": summary.get("updates")}))
 """
@@ -47,7 +47,7 @@ print(json.dumps({"xla": summary.get("xla"), "device": summary.get("device"), "u
 
 def bench_xla(settings: Settings, workdir: str, threads: int, tokenizer_dir: str, data_file: str,
               xla_device: str = "CPU", compare_eager: bool = True, compare_full: bool = True) -> dict:
-    """The training app's loop (train.loop.run) in fresh processes, on an XLA device (by default
+    """The training app's loop (minilora_train.loop.run) in fresh processes, on an XLA device (by default
     the XLA CPU device, PJRT_DEVICE=CPU) and on eager CPU, with the same small model, data and
     settings (LoRA r=16 on the seven projections, dropout 0.1, 4 x 128 tokens, the loss read back
     every 4 updates, one evaluation at the start and one at the end)."""

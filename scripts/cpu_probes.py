@@ -30,21 +30,21 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import minilora  # noqa: E402
-from train.loss import chunked_nll, summed_nll  # noqa: E402
+from minilora_train.loss import chunked_nll, summed_nll  # noqa: E402
 
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's head
 
 
 def medians(contenders: dict, rounds: int) -> dict:
     """{name: median seconds} of ``rounds`` alternated calls of each contender, after one untimed
-    (the benchmark's alternation, bench.timing.alternate)."""
-    from bench.timing import alternate
+    (the benchmark's alternation, minilora_bench.timing.alternate)."""
+    from minilora_bench.timing import alternate
 
     return {name: statistics.median(t) for name, t in alternate(contenders, rounds, warmup=1).items()}
 
 
 def words_mask(x: torch.Tensor) -> torch.Tensor:
-    from bench.models import mask_path
+    from minilora_bench.models import mask_path
 
     with mask_path("words"):  # the AMD path on any CPU
         return minilora.layer._draw_keep_mask(x, 0.05)
@@ -98,7 +98,7 @@ def probe_loss(tokens: list[int], rows: list[int], memory: bool) -> dict:
 def loss_memory(tokens: int, name: str, rows: list[int]) -> dict:
     """One contender's peak RSS: VmHWM, which starts anew at exec (getrusage's maximum would carry
     the parent's over)."""
-    from bench.timing import proc_status_bytes
+    from minilora_bench.timing import proc_status_bytes
 
     torch.set_num_threads(2)
     loss_contenders(tokens, rows)[name]()
@@ -109,7 +109,7 @@ def probe_step(rounds: int) -> dict:
     """A LoRA training step (r=16 on the seven projections, dropout 0.05, fused AdamW) at SmolLM2's
     shape, random weights, 8 x 128 tokens, the loss chunked or over full logits, alternated: wall
     and process CPU seconds (all threads) per step."""
-    from bench.models import SHAPES, llama_config
+    from minilora_bench.models import SHAPES, llama_config
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(2)
@@ -177,16 +177,16 @@ def xla_loss_child(tokens: int, rows: int) -> dict:
 
 
 def probe_xla_app(updates: int) -> dict:
-    """The training app (train.loop.run) on XLA's CPU device at SmolLM2's shape, 8 x 128 tokens,
+    """The training app (minilora_train.loop.run) on XLA's CPU device at SmolLM2's shape, 8 x 128 tokens,
     random weights, LoRA r=16 dropout 0.05 on the seven projections: --chunked_loss (asked for by
     name, as XLA needs) against --no-chunked_loss, each in a fresh process, one after the other:
     steady seconds per update, the process's peak RSS, and compiles after warm-up."""
-    from bench.cli import MEDQUAD
-    from bench.loop import APP_CHILD
-    from bench.models import SHAPES, Settings
-    from bench.packing import prepare_text
-    from bench.timing import child_env
-    from bench.xla import save_loop_model, steady_update_seconds
+    from minilora_bench.cli import MEDQUAD
+    from minilora_bench.loop import APP_CHILD
+    from minilora_bench.models import SHAPES, Settings
+    from minilora_bench.packing import prepare_text
+    from minilora_bench.timing import child_env
+    from minilora_bench.xla import save_loop_model, steady_update_seconds
 
     shape = SHAPES["smollm2-135m"]
     out = {}

@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import minilora  # noqa: E402
-from bench.models import Shape, llama_config, parse_shape  # noqa: E402
+from minilora_bench.models import Shape, llama_config, parse_shape  # noqa: E402
 
 
 # The benchmark package's shape (4 layers here: DoRA's norm makes each step dearer) and its one
@@ -200,7 +200,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--shape", default="", help="a named shape and/or overrides, e.g. layers=2,hidden=256,seq=128 (fields of bench.models.Shape)")
+    p.add_argument("--shape", default="", help="a named shape and/or overrides, e.g. layers=2,hidden=256,seq=128 (fields of minilora_bench.models.Shape)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="also write the results (every sample included) to this file")

@@ -2,7 +2,7 @@
 """Does LoRA forget less than full fine-tuning at the same medical gain? A sweep on a real Llama.
 
 SmolLM2-135M-Instruct (the demo's base) fine-tuned on the packaged MedQuAD subset through its chat
-template (loss on answers only), every run through ``train.loop.run`` (what ``minilora-train``
+template (loss on answers only), every run through ``minilora_train.loop.run`` (what ``minilora-train``
 runs) with the same data, the same number of training tokens and float32 weights:
 
 - methods: LoRA at r 8, 16, 64 (alpha 2r) on all seven projections ("all") and on the attention
@@ -112,11 +112,11 @@ class Sweep:
     def __init__(self, updates: int, eval_windows: int, workdir: str, keep: bool):
         import torch
 
-        from train.base_model import convert_gguf, packaged_smollm2
-        from train.config import TrainArgs
-        from train.demo import DEMO_LORA
-        from train.demo_assets import medquad_dataset_dir
-        from train.loop import general_eval_windows, load_model_and_tokenizer
+        from minilora_train.base_model import convert_gguf, packaged_smollm2
+        from minilora_train.config import TrainArgs
+        from minilora_train.demo import DEMO_LORA
+        from minilora_train.demo_assets import medquad_dataset_dir
+        from minilora_train.loop import general_eval_windows, load_model_and_tokenizer
 
         self.workdir, self.keep = workdir, keep
         base_dir = str(convert_gguf(packaged_smollm2()))
@@ -143,7 +143,7 @@ class Sweep:
                          "drift_prompts": 60, "dtype": "float32", "torch_threads": torch.get_num_threads()}
 
     def train(self, point: Point) -> dict:
-        from train.loop import run
+        from minilora_train.loop import run
 
         out = os.path.join(self.workdir, point.id.replace(" ", "_").replace("=", ""))
         args = dataclasses.replace(self.args, output_dir=out, learning_rate=point.lr, seed=point.seed,

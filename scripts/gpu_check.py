@@ -38,7 +38,7 @@ def small_model_dir(path: str, tie: bool) -> str:
 
 
 def train(argv: list[str]) -> dict:
-    from train.cli import main
+    from minilora_train.cli import main
 
     started = time.time()
     code = main(argv)
@@ -95,7 +95,7 @@ def main(out: str) -> int:
     check("full_tied_cli", full_tied)
 
     def reload_and_generate():
-        from train.inference import generate_text, load_lora_model
+        from minilora_train.inference import generate_text, load_lora_model
 
         model, tokenizer = load_lora_model(lora_model, lora_out, device=DEV)
         merged, _ = load_lora_model(lora_model, lora_out, device=DEV, merge=True)

@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=docs/measurements
-bench() { "$PYTHON" -m bench --shape "$1" --threads 2 "${@:3}" --json "$OUT/$2.json" --markdown "$OUT/$2.md"; }
+bench() { "$PYTHON" -m minilora_bench --shape "$1" --threads 2 "${@:3}" --json "$OUT/$2.json" --markdown "$OUT/$2.md"; }
 
 bench smollm2-135m perf-steps-smollm2-cpu --only training,speed --rounds 4 --warmup 1 --memory-steps 0
 bench smollm2-135m perf-loop-smollm2-cpu --only loop --loop-rows app,app-full,app-trim,bare --loop-updates 5 --loop-rounds 2

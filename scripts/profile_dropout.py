@@ -1,6 +1,6 @@
 """Where minilora's dropout time goes on the CPU: torch.profiler over forward and backward of three
 LoRALinears at SmolLM2-135M's widths (576->576, 576->1536, 1536->576; 1024 tokens, r=16), dropout
-0.05 by each CPU mask path (bench.models.mask_path), then dropout 0 for comparison.
+0.05 by each CPU mask path (minilora_bench.models.mask_path), then dropout 0 for comparison.
 
     python scripts/profile_dropout.py > docs/measurements/profile-dropout-cpu-loaded.txt
 
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import minilora  # noqa: E402
-from bench.models import MASK_PATHS, mask_path  # noqa: E402
+from minilora_bench.models import MASK_PATHS, mask_path  # noqa: E402
 
 TOKENS, R = 1024, 16
 WIDTHS = [(576, 576), (576, 1536), (1536, 576)]  # q/k/v/o, gate/up, down

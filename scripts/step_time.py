@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.models import Shape, Trainer, parse_shape  # noqa: E402
+from minilora_bench.models import Shape, Trainer, parse_shape  # noqa: E402
 
 
 def main() -> int:

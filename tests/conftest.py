@@ -189,7 +189,7 @@ def smollm2(tmp_path_factory):
     """(cache root, converted folder, the GGUF-loaded model): the real GGUF converted once per session
     into a fresh cache (about 20 s on 2 cores: transformers de-quantizes every tensor), with the model
     transformers loaded from the GGUF file kept for comparisons."""
-    from train import base_model
+    from minilora_train import base_model
 
     cache = tmp_path_factory.mktemp("xdg-cache") / "minilora"  # what default_cache_root gives for XDG_CACHE_HOME
     loaded = []

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from train import base_model
-from train.base_model import (BaseModelError, SMOLLM2_PACKAGE, adapter_defaults, convert_gguf, is_converted,
+from minilora_train import base_model
+from minilora_train.base_model import (BaseModelError, SMOLLM2_PACKAGE, adapter_defaults, convert_gguf, is_converted,
                               resolve_base, top_layers)
 
 

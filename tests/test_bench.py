@@ -18,10 +18,10 @@ import torch
 import minilora
 from conftest import assert_close_to_rounding, make_tokenizer, medical_sentences, tiny_llama, write_jsonl
 from test_layer import OpRecorder
-from bench import cli
-from bench.inference import bench_switching
-from bench.models import MASK_PATHS, Settings, mask_path
-from bench.xla import bench_xla
+from minilora_bench import cli
+from minilora_bench.inference import bench_switching
+from minilora_bench.models import MASK_PATHS, Settings, mask_path
+from minilora_bench.xla import bench_xla
 
 # 3 x 7 = 21 token rows: no activation is shaped like any weight of the tiny Llama (64, 32, 128 wide).
 IDS = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -245,7 +245,7 @@ def test_the_xla_training_step_reads_back_only_on_logging_steps(text_and_tokeniz
 
 
 def test_bench_quick_runs_end_to_end_and_writes_json_and_markdown(text_and_tokenizer, tmp_path, capsys):
-    from bench.models import native_mask_path
+    from minilora_bench.models import native_mask_path
 
     _, records = text_and_tokenizer
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
@@ -313,9 +313,9 @@ def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
 
 
 def test_the_compile_loop_row_reports_its_warm_up_and_the_most_compiles_any_run_made_after_it():
-    # The loop section's --compile row keeps each run's compile counts (train.loop.run's summary);
+    # The loop section's --compile row keeps each run's compile counts (minilora_train.loop.run's summary);
     # the report takes the median warm-up and the worst run's compiles after warm-up.
-    from bench import report
+    from minilora_bench import report
 
     def runs(*counts):
         return [{"compile": {"warmup_seconds": w, "compiles_during_warmup": d, "compiles_after_warmup": a}}
@@ -335,8 +335,8 @@ def test_the_loop_sections_cuda_results_are_judged_by_gpu_memory_against_the_gpu
     # On CUDA the loop section's memory is the GPU's peak allocation (peak_bytes), its chunked-loss
     # target 0.80 rather than the CPU's 0.85, and its table gains the GPU columns; the CPU's rows
     # keep their RSS. (No GPU here: the rows are given, the report's reading of them is tested.)
-    from bench import report
-    from bench.loop import LOOP_ROWS
+    from minilora_bench import report
+    from minilora_bench.loop import LOOP_ROWS
 
     def row(seconds, gpu, rss, bare=None):
         return {"update_seconds": seconds, "peak_bytes": gpu, "peak_rss_bytes": rss, "system_seconds": 1.0,

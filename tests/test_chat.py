@@ -8,9 +8,9 @@ import json
 import pytest
 
 from conftest import make_tokenizer, train_argv, write_jsonl
-from train.chat import chat_parts, chat_prompt
-from train.config import UsageError
-from train.data import IGNORE, Packer
+from minilora_train.chat import chat_parts, chat_prompt
+from minilora_train.config import UsageError
+from minilora_train.data import IGNORE, Packer
 
 # SmolLM2-Instruct's template (ChatML with a default system turn), as its tokenizer carries it.
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -75,9 +75,9 @@ def test_minilora_generate_needs_only_the_adapter_after_a_chat_template_run(chat
     the adapter's config and prompts through the chat template, as the run trained."""
     import torch
 
-    from train.cli import main as train_main
-    from train.inference import generate_text, load_lora_model
-    from train.inference import main as generate_main
+    from minilora_train.cli import main as train_main
+    from minilora_train.inference import generate_text, load_lora_model
+    from minilora_train.inference import main as generate_main
 
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What helps {w}?", "answer": f"Rest helps {w}."}
                                                for w in ("fever", "cough", "pain", "renal", "acute") * 8])

@@ -324,7 +324,7 @@ def test_any_failure_after_injection_rolls_the_model_back(saved, monkeypatch):
 
 def test_a_nan_adapter_cannot_reach_a_merged_model(saved):
     """What minilora-generate --merge runs: load_lora_model(merge=True) stops at the load."""
-    from train.inference import load_lora_model
+    from minilora_train.inference import load_lora_model
 
     rewrite_weights(saved, _nan_in_lora_b)
     base_dir = saved.parent / "base"

@@ -94,8 +94,8 @@ def test_an_adapter_switch_costs_one_recompile_per_adapter_then_none():
 
 def test_the_apps_compile_flag_trains_as_eager_and_compiles_only_during_warmup(tiny_model_dir, tiny_text_file,
                                                                                  tmp_path, monkeypatch):
-    from train.config import parse_args
-    from train.loop import run
+    from minilora_train.config import parse_args
+    from minilora_train.loop import run
 
     def losses(out):
         import json

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from train import demo
-from train.config import parse_args
-from train.demo import DEMO_LORA, cpu_has_native_bf16, demo_lora_args
+from minilora_train import demo
+from minilora_train.config import parse_args
+from minilora_train.demo import DEMO_LORA, cpu_has_native_bf16, demo_lora_args
 
 
 def test_bf16_only_where_the_cpu_computes_it_natively():
@@ -38,7 +38,7 @@ def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tm
 
 
 def test_device_auto_is_a_tpu_then_cuda_then_the_eager_cpu(monkeypatch):
-    from train import device
+    from minilora_train import device
 
     monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla installed
     for tpu, cuda, expected in ((True, True, "xla"), (False, True, "cuda"), (False, False, "cpu")):
@@ -55,9 +55,9 @@ def test_demo_end_to_end_on_the_real_base_then_peft_and_minilora_generate_use_it
 
     import minilora
     import peft
-    from train.cli import main as train_main
-    from train.inference import load_lora_model
-    from train.inference import main as generate_main
+    from minilora_train.cli import main as train_main
+    from minilora_train.inference import load_lora_model
+    from minilora_train.inference import main as generate_main
 
     cache, folder, _ = smollm2
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache.parent))  # the session's conversion is found there

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA
-from train import demo_assets
-from train.demo_assets import (default_general_validation, medquad_dataset_dir, medquad_path, read_fortune_file,
+from minilora_train import demo_assets
+from minilora_train.demo_assets import (default_general_validation, medquad_dataset_dir, medquad_path, read_fortune_file,
                                read_fortunes, read_medquad, split_holdout, train_tokenizer)
 
 
@@ -133,8 +133,8 @@ def test_train_loop_takes_the_general_text_from_the_assets_not_from_the_demo():
     """No import circle: the loop needs the held-out fortunes, and the demo needs the loop."""
     import ast
 
-    import train.loop
+    import minilora_train.loop
 
-    tree = ast.parse(Path(train.loop.__file__).read_text())
+    tree = ast.parse(Path(minilora_train.loop.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "demo" not in imported and "demo_assets" in imported

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from conftest import ROOT, run_xla, train_argv
-from train import device
+from minilora_train import device
 
 
 def kernels_installed() -> bool:
@@ -25,7 +25,7 @@ def test_a_loaded_model_trains_on_xla(tiny_llama_dir):
     result = run_xla(f"""
         import json, torch
         from transformers import AutoModelForCausalLM
-        from train.device import move_model, torch_device
+        from minilora_train.device import move_model, torch_device
         model = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r})
         loaded_with_kernels = bool(getattr(model, "use_kernels", False))
         model = move_model(model, torch_device("xla")).train()
@@ -102,7 +102,7 @@ def test_will_use_xla_follows_the_request(monkeypatch):
 def test_an_eager_cpu_run_never_imports_torch_xla_and_prints_only_our_lines(tiny_model_dir, tiny_text_file, tmp_path):
     # What a new user sees first is minilora's output: no "Defaulting to PJRT_DEVICE=CPU" from a
     # torch_xla that accelerate imported, no progress bars of transformers' loads.
-    code = (f"import json, sys; from train.cli import main; "
+    code = (f"import json, sys; from minilora_train.cli import main; "
             f"code = main({train_argv(tiny_model_dir, tiny_text_file, tmp_path / 'out', '--max_steps', 2)!r}); "
             f"print(json.dumps({{'code': code, 'xla': 'torch_xla' in sys.modules, "
             f"'accelerate_xla': sys.modules.get('accelerate.utils.imports') is not None and "
@@ -119,7 +119,7 @@ def test_an_eager_cpu_run_never_imports_torch_xla_and_prints_only_our_lines(tiny
 
 
 def test_a_run_on_xla_keeps_torch_xla_visible_to_transformers(monkeypatch):
-    from train.cli import quiet_start
+    from minilora_train.cli import quiet_start
 
     for name in ("USE_TORCH_XLA", "HF_HUB_DISABLE_PROGRESS_BARS"):  # restored after the test
         monkeypatch.delenv(name, raising=False)

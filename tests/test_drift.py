@@ -10,7 +10,7 @@ import torch
 
 import minilora
 from conftest import make_tokenizer, randomize_adapters, tiny_llama
-from train import drift
+from minilora_train import drift
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
@@ -62,8 +62,8 @@ def test_a_base_without_chat_template_and_bad_prompt_files_are_refused(chat_mode
 
 def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(chat_model, tiny_text_file, tmp_path):
     from conftest import train_argv
-    from train.config import parse_args
-    from train.loop import train_and_report
+    from minilora_train.config import parse_args
+    from minilora_train.loop import train_and_report
 
     model, tokenizer = chat_model
     base_dir = tmp_path / "instruct-base"
@@ -85,8 +85,8 @@ def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(chat_model, t
 
 def test_a_base_without_chat_template_reports_why_there_is_no_drift(tiny_model_dir, tiny_text_file, tmp_path):
     from conftest import train_argv
-    from train.config import parse_args
-    from train.loop import train_and_report
+    from minilora_train.config import parse_args
+    from minilora_train.loop import train_and_report
 
     out = tmp_path / "plain"
     summary = train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1",

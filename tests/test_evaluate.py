@@ -16,9 +16,9 @@ from torch import nn
 import minilora
 from conftest import randomize_adapters, tiny_llama
 from test_inference import VOCAB, one_thread, save_adapter_dir, tiny_tokenizer  # noqa: F401 (one_thread: autouse)
-from train.evaluate import (DEFAULT_MC_FILE, GENERAL_PROMPTS, MC_CATEGORIES, general_generations,
+from minilora_train.evaluate import (DEFAULT_MC_FILE, GENERAL_PROMPTS, MC_CATEGORIES, general_generations,
                             load_multiple_choice, main, perplexity, score_multiple_choice)
-from train.inference import generate_text
+from minilora_train.inference import generate_text
 
 # -- perplexity -----------------------------------------------------------------------------------
 
@@ -207,11 +207,11 @@ def test_cli_compares_base_and_adapter_and_writes_json(saved, tmp_path, monkeypa
     ids, labels = windows(vocab=VOCAB)
     calls = []
 
-    def load_windows(dataset_dir, tokenizer, max_seq_length, *, dataset_format=None):  # train.data's contract
+    def load_windows(dataset_dir, tokenizer, max_seq_length, *, dataset_format=None):  # minilora_train.data's contract
         calls.append((dataset_dir, max_seq_length, dataset_format))
         return types.SimpleNamespace(input_ids=ids, labels=labels)
 
-    monkeypatch.setitem(sys.modules, "train.data", types.SimpleNamespace(load_windows=load_windows))
+    monkeypatch.setitem(sys.modules, "minilora_train.data", types.SimpleNamespace(load_windows=load_windows))
     mc_file = tmp_path / "mc.jsonl"
     mc_file.write_text("".join(json.dumps(i) + "\n" for i in load_multiple_choice(DEFAULT_MC_FILE)[:6]))
     output = tmp_path / "out" / "eval.json"
@@ -223,7 +223,7 @@ def test_cli_compares_base_and_adapter_and_writes_json(saved, tmp_path, monkeypa
     report = json.loads(output.read_text())
     assert list(report["results"]) == ["base", "adapter"]
     base, adapter = report["results"]["base"], report["results"]["adapter"]
-    from train.inference import load_lora_model
+    from minilora_train.inference import load_lora_model
 
     model, _ = load_lora_model(saved["base"], saved["adapter"])
     assert adapter["perplexity"] == pytest.approx(perplexity(model, ids, labels))

@@ -1,5 +1,5 @@
 """scripts/forgetting_sweep.py: the choice of best points, the matched-gain comparison and the
-published JSON agreeing with itself. The sweep's runs go through train.loop.run, tested elsewhere."""
+published JSON agreeing with itself. The sweep's runs go through minilora_train.loop.run, tested elsewhere."""
 
 from __future__ import annotations
 

@@ -28,3 +28,26 @@ def test_the_public_api_is_exported():
     assert wanted <= set(minilora.__all__)
     assert all(hasattr(minilora, name) for name in minilora.__all__)
     assert issubclass(minilora.AdapterLoadError, ValueError)
+
+
+def test_the_wheel_installs_only_names_that_cannot_clash(tmp_path):
+    # train/ and bench/ install as minilora_train and minilora_bench: a top-level "train" in
+    # site-packages would shadow, or be shadowed by, any other project's.
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import ROOT
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path), ROOT], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("minilora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"minilora", "minilora_train", "minilora_bench"}
+    assert "minilora_train/assets/medquad.jsonl.gz" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    for command in ("minilora-train = minilora_train.cli:main", "minilora-generate = minilora_train.inference:main",
+                    "minilora-eval = minilora_train.evaluate:main", "minilora-bench = minilora_bench.cli:main"):
+        assert command in scripts

@@ -10,7 +10,7 @@ import torch
 
 import minilora
 from conftest import randomize_adapters, tiny_llama
-from train.inference import AdapterManager, generate_text, load_lora_model, local_adapter_dir, main
+from minilora_train.inference import AdapterManager, generate_text, load_lora_model, local_adapter_dir, main
 
 CORPUS = [
     "The patient presented with chest pain and shortness of breath.",

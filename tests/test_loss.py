@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close_to_rounding, run_xla, tiny_llama
-from train import loss as loss_mod
-from train.loss import IGNORE, nll_result, next_token_nll, predicted_tokens
+from minilora_train import loss as loss_mod
+from minilora_train.loss import IGNORE, nll_result, next_token_nll, predicted_tokens
 
 
 def unfused(hidden, weight, labels):
@@ -57,7 +57,7 @@ import json
 import torch, torch_xla
 import torch.nn.functional as F
 import torch_xla.debug.metrics as met
-from train.loss import IGNORE, chunked_nll
+from minilora_train.loss import IGNORE, chunked_nll
 
 device = torch_xla.device()
 g = torch.Generator().manual_seed(0)
@@ -156,8 +156,8 @@ def test_the_apps_summed_nll_is_the_same_chunked_or_not(tied):
 def test_the_app_chunks_the_loss_by_default_on_cuda_and_cpu_and_on_xla_only_when_asked():
     from types import SimpleNamespace
 
-    from train.config import UsageError, parse_args
-    from train.loop import loss_is_chunked
+    from minilora_train.config import UsageError, parse_args
+    from minilora_train.loop import loss_is_chunked
 
     def device(kind, layout="single"):
         return SimpleNamespace(is_xla=kind == "xla", layout=SimpleNamespace(kind=layout, ways=4))

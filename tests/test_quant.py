@@ -272,7 +272,7 @@ def llama_1b_on_meta():
     """The Llama-3.2-1B shape (the benchmark's "llama-1b", its config.json) in bf16 on the meta device."""
     from transformers import LlamaForCausalLM
 
-    from bench.models import SHAPES, llama_config
+    from minilora_bench.models import SHAPES, llama_config
 
     with torch.device("meta"):
         return LlamaForCausalLM(llama_config(SHAPES["llama-1b"])).to(torch.bfloat16)
@@ -454,15 +454,15 @@ def test_weight_bytes_of_the_llama_3_2_1b_shape_with_its_embedding_quantized():
 # -- the training app: --quantize ------------------------------------------------------------------
 
 def test_quantize_without_an_adapter_is_a_usage_error(tmp_path):
-    from train.config import UsageError, parse_args
+    from minilora_train.config import UsageError, parse_args
 
     with pytest.raises(UsageError, match="add --use_lora"):
         parse_args([a for a in train_argv("m", "d", tmp_path, "--quantize", "nf4") if a != "--use_lora"])
 
 
 def test_quantize_embeddings_needs_quantize_and_reaches_the_table(tmp_path, tiny_model_dir, tiny_text_file):
-    from train.config import UsageError, parse_args
-    from train.loop import run
+    from minilora_train.config import UsageError, parse_args
+    from minilora_train.loop import run
     from transformers import AutoTokenizer
 
     with pytest.raises(UsageError, match="add --quantize nf4"):
@@ -482,9 +482,9 @@ QUANTIZED_SPMD_RUN = """
 import json, os, torch, torch_xla
 from conftest import train_argv
 from minilora.quant import quantized_layers
-from train.config import parse_args
-from train.device import Device
-from train.loop import run
+from minilora_train.config import parse_args
+from minilora_train.device import Device
+from minilora_train.loop import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained({model!r})  # ours, so its shards can be read after the run
@@ -505,8 +505,8 @@ def test_qlora_under_spmd_with_checkpointing_adds_no_compilation_and_shards_the_
     no more compilation after the warm-up updates than the same run without quantization (the
     dequantization traces into the same graphs every step), and each device holding a quarter
     of the codes."""
-    from train.config import parse_args
-    from train.loop import run
+    from minilora_train.config import parse_args
+    from minilora_train.loop import run
 
     flags = ("--gradient_checkpointing", "--max_steps", "3", "--general_eval_dataset", "none",
              "--max_eval_samples", "4", "--lora_dropout", "0")

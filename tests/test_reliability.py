@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 import minilora
 from conftest import ROOT, medical_sentences, run_xla, tiny_llama, train_argv, write_jsonl
-from train.cli import main
-from train.config import UsageError, parse_args
-from train.loop import run
+from minilora_train.cli import main
+from minilora_train.config import UsageError, parse_args
+from minilora_train.loop import run
 
 WANDB_KEY = "SENTINELwandbKEY0123456789abcdef01234567"
 HF_TOKEN = "hf_SENTINELtokenABCDEFGHIJ"
@@ -225,7 +225,7 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path, tiny_model_dir, da
 
 def test_a_model_that_does_not_exist_offline_is_one_line_in_a_real_process(tmp_path, tiny_model_dir, data):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # read when huggingface_hub is imported: a fresh process
-    proc = subprocess.run([sys.executable, "-m", "train", *argv("no-such-org/no-such-model", data, tmp_path / "out",
+    proc = subprocess.run([sys.executable, "-m", "minilora_train", *argv("no-such-org/no-such-model", data, tmp_path / "out",
                                                                 "--tokenizer_name_or_path", tiny_model_dir,
                                                                 "--huggingface_token", HF_TOKEN)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -379,7 +379,7 @@ def test_a_resume_that_would_change_what_the_checkpoint_means_is_refused(flags, 
 
 def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, data, tmp_path, capsys):
     """issue 18: two runs into one directory both reported success and one run's results were gone."""
-    from train.outputs import LOCK, RunDir
+    from minilora_train.outputs import LOCK, RunDir
 
     out = tmp_path / "run"
     holder = RunDir(str(out))
@@ -400,7 +400,7 @@ def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, da
 
 def test_two_real_processes_cannot_hold_one_output_directory(tmp_path):
     """The lock between processes (the test above holds it from the same process)."""
-    from train.outputs import RunDir
+    from minilora_train.outputs import RunDir
 
     out = tmp_path / "run"
     holder = RunDir(str(out))
@@ -408,8 +408,8 @@ def test_two_real_processes_cannot_hold_one_output_directory(tmp_path):
     try:
         proc = child("""
             import sys
-            from train.outputs import RunDir
-            from train.config import UsageError
+            from minilora_train.outputs import RunDir
+            from minilora_train.config import UsageError
             try:
                 RunDir(sys.argv[1]).lock()
             except UsageError as e:
@@ -425,7 +425,7 @@ def test_two_real_processes_cannot_hold_one_output_directory(tmp_path):
 SIGKILL_WHILE_SAVING = """
 import io, os, signal, sys
 import torch
-import train.loop as loop
+import minilora_train.loop as loop
 
 save = loop.save_tensors_safely
 
@@ -442,7 +442,7 @@ def save_or_die(obj, path):
     save(obj, path)
 
 loop.save_tensors_safely = save_or_die
-from train.cli import main
+from minilora_train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -467,7 +467,7 @@ def test_sigkill_while_saving_leaves_the_latest_checkpoint_intact_and_resume_is_
 
 SIGTERM_MID_UPDATE = """
 import os, signal, sys
-import train.loop as loop
+import minilora_train.loop as loop
 
 load = loop.load_model_and_tokenizer
 
@@ -486,7 +486,7 @@ def load_and_arm(args):
     return model, tokenizer
 
 loop.load_model_and_tokenizer = load_and_arm
-from train.cli import main
+from minilora_train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -519,7 +519,7 @@ def test_remote_latest_names_only_a_verified_upload(tmp_path, monkeypatch):
     `latest`; a cut-off upload is never what `--resume_from_checkpoint latest` finds."""
     import fsspec
 
-    from train.outputs import RunDir
+    from minilora_train.outputs import RunDir
 
     url = f"memory://rel-{os.getpid()}-{tmp_path.name}/run"
     out = RunDir(url, str(tmp_path))
@@ -643,8 +643,8 @@ XLA_SKIP = """
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import train_argv
-from train.config import parse_args
-from train.loop import run
+from minilora_train.config import parse_args
+from minilora_train.loop import run
 
 model, tokenizer = AutoModelForCausalLM.from_pretrained({model!r}), AutoTokenizer.from_pretrained({model!r})
 forwards = [0]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_llama, train_argv
-from train import data, drift, replay
-from train.config import UsageError, parse_args
-from train.demo_assets import default_general_training, default_general_validation
-from train.loop import run, train_and_report
+from minilora_train import data, drift, replay
+from minilora_train.config import UsageError, parse_args
+from minilora_train.demo_assets import default_general_training, default_general_validation
+from minilora_train.loop import run, train_and_report
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
@@ -104,7 +104,7 @@ def test_replay_needs_windows_in_memory_and_self_distillation_an_instruct_base(t
 
 
 def test_the_report_names_the_method_that_forgot_less_only_at_comparable_medical_gain():
-    from train.report import _comparison
+    from minilora_train.report import _comparison
 
     lora = {"medical_change_percent": -30.0, "general_change_percent": 2.0, "chat_drift": 0.10}
     full = {"medical_change_percent": -33.0, "general_change_percent": 4.0, "chat_drift": 0.20}

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 import minilora
 from conftest import ROOT, run_xla, train_argv
-from train import distributed
-from train.config import UsageError, parse_args
-from train.loop import run, train_and_report
+from minilora_train import distributed
+from minilora_train.config import UsageError, parse_args
+from minilora_train.loop import run, train_and_report
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SPMD_ENV = {"CPU_NUM_DEVICES": "4", "PYTHONPATH": TESTS}
@@ -47,9 +47,9 @@ SPMD_RUN = """
 import json, torch, torch_xla
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import train_argv
-from train.config import parse_args
-from train.device import Device
-from train.loop import run, train_and_report
+from minilora_train.config import parse_args
+from minilora_train.device import Device
+from minilora_train.loop import run, train_and_report
 
 model = AutoModelForCausalLM.from_pretrained({model!r})  # ours, so the trained model can be read after the run
 tokenizer = AutoTokenizer.from_pretrained({model!r})
@@ -235,7 +235,7 @@ def one_process_and_torchrun(model_dir, data, tmp_path, common, *distributed_fla
     out, audit = tmp_path / "torchrun", tmp_path / "audit"
     audit.mkdir()
     (audit / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
-    proc = torchrun(["-m", "train", *train_argv(model_dir, data, out, *common, *distributed_flags,
+    proc = torchrun(["-m", "minilora_train", *train_argv(model_dir, data, out, *common, *distributed_flags,
                                                 "--per_device_train_batch_size", "4")],
                     env={"PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_ROOT": str(out), "AUDIT_LOGS": str(audit)})
     written = {rank: (audit / f"rank{rank}").read_text().split() if (audit / f"rank{rank}").exists() else []
@@ -315,8 +315,8 @@ def test_fsdp_is_refused_without_torchrun_on_xla_and_with_a_resume():
 DDP_DROPOUT_WORKER = """
 import hashlib, os, signal, sys
 import minilora.layer
-import train.loop as loop
-from train.cli import main
+import minilora_train.loop as loop
+from minilora_train.cli import main
 
 rank = os.environ["RANK"]
 draw, load = minilora.layer.dropout_mask, loop.load_model_and_tokenizer
@@ -400,7 +400,7 @@ def test_torchrun_ranks_draw_their_own_dropout_masks_stop_together_on_sigterm_an
 DDP_GRADIENTS = """
 import json, torch
 from types import SimpleNamespace
-from train import distributed
+from minilora_train import distributed
 
 layout = distributed.setup(SimpleNamespace(spmd=False, xla_cache_dir=None), "cpu")
 torch.manual_seed(0)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, train_argv
-from train.config import UsageError, build_parser, parse_args
+from minilora_train.config import UsageError, build_parser, parse_args
 
 PUBLISHED_FLAGS = ["--dataset_dir", "--dataset_format", "--tokenizer_name_or_path", "--model_name", "--output_dir",
                "--use_lora", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules", "--lora_bias",
@@ -24,10 +24,10 @@ PUBLISHED_FLAGS = ["--dataset_dir", "--dataset_format", "--tokenizer_name_or_pat
 
 
 def cli(*argv, env=None, timeout=300):
-    """Run ``python -m train``; env values of None remove that variable."""
+    """Run ``python -m minilora_train``; env values of None remove that variable."""
     full = {**os.environ, **(env or {})}
     full = {k: v for k, v in full.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", "train", *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "minilora_train", *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
                           env=full, timeout=timeout)
 
 
@@ -42,7 +42,7 @@ def test_the_library_alone_installs_torch_and_safetensors_and_the_train_extra_th
     import re
     import tomllib
 
-    from train.cli import APP_PACKAGES
+    from minilora_train.cli import APP_PACKAGES
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
@@ -57,8 +57,8 @@ def test_the_library_alone_installs_torch_and_safetensors_and_the_train_extra_th
 def test_without_the_train_extra_each_command_says_in_one_line_what_to_install(monkeypatch, tmp_path, capsys):
     import importlib.metadata
 
-    from train import evaluate, inference
-    from train.cli import main
+    from minilora_train import evaluate, inference
+    from minilora_train.cli import main
 
     installed = importlib.metadata.version
 
@@ -141,7 +141,7 @@ def test_config_file_values_of_the_wrong_type_are_refused_naming_the_setting(tmp
 
 def test_an_os_error_is_one_line_and_exit_2(capsys):
     """A full disk while writing (say) the `latest` marker: one line naming what and where, exit 2."""
-    from train.cli import run_command
+    from minilora_train.cli import run_command
 
     def body():
         raise OSError(28, "No space left on device", "/runs/a/latest.tmp")
@@ -151,7 +151,7 @@ def test_an_os_error_is_one_line_and_exit_2(capsys):
 
 
 def test_a_failed_write_leaves_no_temporary_file_and_the_previous_marker(tmp_path, monkeypatch):
-    from train.outputs import RunDir
+    from minilora_train.outputs import RunDir
 
     out = RunDir(str(tmp_path / "run"))
     first = out.begin_checkpoint(1)
@@ -205,7 +205,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, tiny_model_dir):
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, tiny_text_file):
-    from train.loop import run
+    from minilora_train.loop import run
 
     out = tmp_path / "out"
     run(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "1")))

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import ROOT, medical_sentences, train_argv, write_jsonl
-from train.config import UsageError, parse_args
-from train.data import IGNORE, Packer, batches, load_records, load_windows, prepare_data
+from minilora_train.config import UsageError, parse_args
+from minilora_train.data import IGNORE, Packer, batches, load_records, load_windows, prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_memory_fsspec_input(tokenizer):
 def test_memory_input_and_output_end_to_end(tiny_model_dir):
     import fsspec
 
-    from train.loop import run
+    from minilora_train.loop import run
 
     fs = fsspec.filesystem("memory")
     with fs.open("/in/notes.jsonl", "w") as f:
@@ -126,7 +126,7 @@ def test_memory_input_and_output_end_to_end(tiny_model_dir):
 
 
 def test_streaming_reads_the_same_kind_of_windows(tmp_path, tokenizer, tiny_model_dir):
-    from train.loop import run
+    from minilora_train.loop import run
 
     path = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in medical_sentences(120)])
     data = prepare_data(args_for(path, "--streaming_data", "--shuffle_buffer_size", "16"), tokenizer)
@@ -189,7 +189,7 @@ def test_local_json_and_text_give_the_rows_datasets_gave(kind, tmp_path):
 def test_the_held_out_records_are_the_ones_datasets_held_out():
     import datasets
 
-    from train.data import Records
+    from minilora_train.data import Records
 
     texts = medical_sentences(53)
     for seed, n in ((42, 3), (7, 20), (123456, 1)):
@@ -204,7 +204,7 @@ def test_the_app_on_json_lines_never_imports_datasets(tiny_model_dir, tmp_path):
     first update); the common input must not pull them in, anywhere in the app."""
     data = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in medical_sentences(40)])
     argv = train_argv(tiny_model_dir, data, tmp_path / "out", "--max_steps", "1", "--general_eval_dataset", "none")
-    script = ("import json, sys\nfrom train.config import parse_args\nfrom train.loop import run\n"
+    script = ("import json, sys\nfrom minilora_train.config import parse_args\nfrom minilora_train.loop import run\n"
               "run(parse_args(json.loads(sys.argv[1])))\n"
               "print(sorted({m.split('.')[0] for m in sys.modules} & {'datasets', 'pyarrow', 'pandas'}))")
     proc = subprocess.run([sys.executable, "-c", script, json.dumps([str(a) for a in argv])], capture_output=True,
@@ -232,7 +232,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_paragraph(tmp_path):
 
 def test_batches_keep_one_shape_including_the_last(tokenizer):
     packer = Packer(tokenizer, 8)
-    from train.data import Windows
+    from minilora_train.data import Windows
 
     ids = torch.arange(5 * 8).reshape(5, 8)
     out = list(batches(Windows(ids, ids.clone()), 2, tokenizer.pad_token_id))

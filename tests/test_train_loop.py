@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import minilora
 from conftest import run_xla, train_argv, write_jsonl, medical_sentences
-from train.config import parse_args
-from train.loop import lr_at, run
+from minilora_train.config import parse_args
+from minilora_train.loop import lr_at, run
 
 
 def metrics(out) -> list[dict]:
@@ -38,9 +38,9 @@ def test_end_to_end_lora_run_learns_writes_everything_and_reloads(tiny_model_dir
     # The adapter alone reproduces the final validation loss, through minilora and through PEFT.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.data import prepare_data
-    from train.device import Device
-    from train.loop import evaluate
+    from minilora_train.data import prepare_data
+    from minilora_train.device import Device
+    from minilora_train.loop import evaluate
 
     args = parse_args(train_argv(tiny_model_dir, tiny_text_file, out))
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -71,8 +71,8 @@ XLA_RUN = """
 import json, os, sys
 sys.argv = ["minilora-train"]
 from conftest import train_argv
-from train.config import parse_args
-from train.loop import run
+from minilora_train.config import parse_args
+from minilora_train.loop import run
 argv = train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", "--eval_steps", "5",
                   "--save_epoch_percentage", "0.5", "--logging_steps", "3")
 summary = run(parse_args(argv))
@@ -101,8 +101,8 @@ def test_xla_first_step_loss_equals_eager(tiny_model_dir, tiny_text_file, tmp_pa
     code = """
 import json, sys
 from conftest import train_argv
-from train.config import parse_args
-from train.loop import run
+from minilora_train.config import parse_args
+from minilora_train.loop import run
 run(parse_args(train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", "--max_steps", "2")))
 print(json.dumps({{}}))
 """
@@ -130,7 +130,7 @@ def test_malloc_trim_after_every_update_when_asked_and_where_glibc_is_the_c_libr
     import platform
     import sys
 
-    from train import device
+    from minilora_train import device
 
     monkeypatch.delenv("MINILORA_MALLOC_TRIM", raising=False)
     assert device._glibc_malloc_trim() is None  # the default: no trim
@@ -176,7 +176,7 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
 
 
 def test_resume_latest_and_missing_checkpoint(tiny_model_dir, tiny_text_file, tmp_path):
-    from train.config import UsageError
+    from minilora_train.config import UsageError
 
     with pytest.raises(UsageError, match="no checkpoint"):
         run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "none", "--resume_from_checkpoint", "latest")))
@@ -213,7 +213,7 @@ def test_schedule_counts_optimizer_updates_with_a_partial_last_accumulation(tiny
 
 
 def test_forgetting_report_compares_lora_with_full_fine_tuning(tiny_model_dir, tiny_text_file, tmp_path):
-    from train.loop import train_and_report
+    from minilora_train.loop import train_and_report
 
     out = tmp_path / "run"
     summary = train_and_report(parse_args(train_argv(tiny_model_dir, tiny_text_file, out, "--max_steps", "3",
@@ -252,8 +252,8 @@ def test_tied_embeddings_stay_one_matrix_when_trained_on_xla(tmp_path, tiny_text
     code = """
 import sys
 from conftest import train_argv
-from train.config import parse_args
-from train.loop import run
+from minilora_train.config import parse_args
+from minilora_train.loop import run
 argv = [a for a in train_argv({model!r}, {data!r}, {out!r}, "--device", "xla", "--max_steps", "3", "--chunked_loss")
         if a != "--use_lora"]
 run(parse_args(argv))

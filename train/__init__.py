@@ -1,8 +1,8 @@
 """minilora's training application: ``minilora-train``, inference and evaluation helpers.
 
-The inference API (docs/inference.md) is importable from here and from ``train.inference``:
+The inference API (docs/inference.md) is importable from here and from ``minilora_train.inference``:
 
-    from train import load_lora_model, generate_text, AdapterManager
+    from minilora_train import load_lora_model, generate_text, AdapterManager
 """
 
 from .inference import AdapterManager, generate_text, load_lora_model

@@ -43,7 +43,7 @@ BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 
 def medquad_path() -> Path:
     """The packaged file (package data of ``train``)."""
-    return Path(str(importlib.resources.files("train") / "assets" / MEDQUAD_FILE))
+    return Path(str(importlib.resources.files("minilora_train") / "assets" / MEDQUAD_FILE))
 
 
 def read_medquad(split: Optional[str] = None) -> list[dict]:

@@ -1,5 +1,5 @@
 """Where and how a run computes: the accelerator (XLA, CUDA or CPU) and the layout over
-devices and processes (``train.distributed``). Everything that differs between them sits behind
+devices and processes (``minilora_train.distributed``). Everything that differs between them sits behind
 one ``Device``; the loop never asks which device or layout it runs on.
 
 On XLA the loop's code is traced lazily and cut into graphs at every ``sync()``; shapes and

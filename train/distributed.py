@@ -1,6 +1,6 @@
 """Scaling out on engines that already exist: XLA's SPMD partitioner, and torch.distributed.
 
-``setup`` picks one layout per run, a ``Layout``; ``train.device.Device`` holds it and the loop
+``setup`` picks one layout per run, a ``Layout``; ``minilora_train.device.Device`` holds it and the loop
 reaches it only through the device. Its methods do nothing in the single-device layout:
 
     single  one device, one process.

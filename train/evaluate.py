@@ -2,7 +2,7 @@
 multiple-choice medical questions scored by log-likelihood, and general-capability prompts
 for a person to read (did the adapter make the model forget how to write?).
 
-    from train.evaluate import perplexity, score_multiple_choice, load_multiple_choice
+    from minilora_train.evaluate import perplexity, score_multiple_choice, load_multiple_choice
     perplexity(model, windows.input_ids, windows.labels)          # {loss, perplexity, tokens}
     score_multiple_choice(model, tokenizer, load_multiple_choice(DEFAULT_MC_FILE))
 
@@ -21,10 +21,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 import minilora
-from train.cli import quiet_start, require_app_packages, run_command
-from train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
+from minilora_train.cli import quiet_start, require_app_packages, run_command
+from minilora_train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
-from train.loss import nll_result, next_token_nll, predicted_tokens
+from minilora_train.loss import nll_result, next_token_nll, predicted_tokens
 
 DEFAULT_MC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "medical_mc.jsonl")
 MC_CATEGORIES = ("medical_terminology", "diagnostic_reasoning", "treatment_recommendations", "safety_responses")
@@ -251,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, tokenizer = model_from_args(args)
         windows = None
         if args.dataset_dir:
-            from train.data import load_windows  # the trainer's reader, so evaluation sees the data as training did
+            from minilora_train.data import load_windows  # the trainer's reader, so evaluation sees the data as training did
 
             windows = load_windows(args.dataset_dir, tokenizer, args.max_seq_length, dataset_format=args.dataset_format)
 

@@ -1,5 +1,5 @@
 """The training loop: one file, read top to bottom in the order a run goes. The same code runs on
-XLA, CUDA and CPU, on one device or many: what differs sits behind ``train.device.Device``.
+XLA, CUDA and CPU, on one device or many: what differs sits behind ``minilora_train.device.Device``.
 
 Per optimizer update: ``gradient_accumulation_steps`` micro-batches of shape (B, L), each
 forward + backward with its summed token NLL divided by the token count of the whole update
