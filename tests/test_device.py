@@ -119,7 +119,7 @@ def test_an_eager_cpu_run_never_imports_torch_xla_and_prints_only_our_lines(tiny
 
 
 def test_a_run_on_xla_keeps_torch_xla_visible_to_transformers(monkeypatch):
-    from minilora_train.cli import quiet_start
+    from minilora_train.command import quiet_start
 
     for name in ("USE_TORCH_XLA", "HF_HUB_DISABLE_PROGRESS_BARS"):  # restored after the test
         monkeypatch.delenv(name, raising=False)

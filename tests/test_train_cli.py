@@ -42,7 +42,7 @@ def test_the_library_alone_installs_torch_and_safetensors_and_the_train_extra_th
     import re
     import tomllib
 
-    from minilora_train.cli import APP_PACKAGES
+    from minilora_train.command import APP_PACKAGES
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
@@ -141,7 +141,7 @@ def test_config_file_values_of_the_wrong_type_are_refused_naming_the_setting(tmp
 
 def test_an_os_error_is_one_line_and_exit_2(capsys):
     """A full disk while writing (say) the `latest` marker: one line naming what and where, exit 2."""
-    from minilora_train.cli import run_command
+    from minilora_train.command import run_command
 
     def body():
         raise OSError(28, "No space left on device", "/runs/a/latest.tmp")

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 import minilora
-from minilora_train.cli import quiet_start, require_app_packages, run_command
+from minilora_train.command import quiet_start, require_app_packages, run_command
 from minilora_train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
                              resolve_device)
 from minilora_train.loss import nll_result, next_token_nll, predicted_tokens

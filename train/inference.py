@@ -23,7 +23,7 @@ import torch
 import minilora
 from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .base_model import adapter_defaults, resolve_base
-from .cli import quiet_start, require_app_packages, run_command
+from .command import quiet_start, require_app_packages, run_command
 from .device import move_model, resolve, torch_device
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
