@@ -20,7 +20,8 @@ from .embedding import LoRAEmbedding
 from .layer import LoRAAdapter, LoRALinear
 from .modules_to_save import ModuleToSave
 from .merge import merge, merge_and_unload, unmerge
-from .quant import QuantizedWeight, QuantLinear, dequantize, quantize
+from .quant import dequantize, quantize
+from .weight import QuantizedWeight, QuantLinear
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant
 from .layer import LoRAAdapter, init_adapter_slots, rows_by_adapter
+from .weight import QuantEmbedding, QuantizedBaseError, embedding, is_quantized
 
 
 class LoRAEmbedding(nn.Module):
@@ -31,7 +31,7 @@ class LoRAEmbedding(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        if type(base) not in (nn.Embedding, quant.QuantEmbedding):
+        if type(base) not in (nn.Embedding, QuantEmbedding):
             # A subclass may change the lookup (Gemma scales its embeddings) in ways the adapter
             # term would have to follow; refuse rather than silently drop that.
             raise TypeError(f"LoRAEmbedding wraps nn.Embedding itself (or the QuantEmbedding minilora.quantize puts "
@@ -72,12 +72,12 @@ class LoRAEmbedding(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether the table is stored quantized (a quant.QuantizedWeight)."""
-        return isinstance(self.weight, quant.QuantizedWeight)
+        """Whether the table is stored quantized (minilora.weight), not a plain tensor."""
+        return is_quantized(self.weight)
 
     def _lookup(self, ids: torch.Tensor, table) -> torch.Tensor:
-        if isinstance(table, quant.QuantizedWeight):  # the looked-up rows dequantized, never the table
-            return quant.embedding(ids, table, self.padding_idx)
+        if is_quantized(table):  # the looked-up rows dequantized, never the table
+            return embedding(ids, table, self.padding_idx)
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
 
@@ -110,8 +110,8 @@ class LoRAEmbedding(nn.Module):
         if self.merged_adapter is not None or self.active_adapter is None:
             return
         if self.quantized:
-            raise quant.QuantizedBaseError(
-                f"cannot merge adapter {self.active_adapter!r} into a {self.weight.scheme} table: the sum would have to "
+            raise QuantizedBaseError(
+                f"cannot merge adapter {self.active_adapter!r} into a quantized table: the sum would have to "
                 "be quantized again, losing most of the adapter; use minilora.merge_and_unload(model) for a plain "
                 "nn.Embedding in the compute dtype, or keep the adapter unmerged")
         merged = self.weight.float() + self.delta_weight(self.active_adapter)
@@ -135,9 +135,9 @@ class LoRAEmbedding(nn.Module):
 
     def to_embedding(self) -> nn.Module:
         """A plain nn.Embedding sharing this layer's weight (merge first to keep the adapter); over a
-        quantized table, the quant.QuantEmbedding it wrapped (the same QuantizedWeight)."""
+        quantized table, the QuantEmbedding it wrapped (the same stored weight)."""
         if self.quantized:
-            return quant.QuantEmbedding(self.weight, self.padding_idx).train(self.training)
+            return QuantEmbedding(self.weight, self.padding_idx).train(self.training)
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
                                  self.norm_type, self.scale_grad_by_freq, self.sparse, device="meta")
         embedding.weight = self.weight

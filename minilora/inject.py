@@ -15,7 +15,7 @@ from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .layer import _DORA_OVER_QUANTIZED, LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
-from .quant import QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear
+from .weight import QuantEmbedding, QuantizedBaseError, QuantLinear, is_quantized
 
 # The layers that hold LoRA adapters.
 LORA_LAYERS = (LoRALinear, LoRAEmbedding)
@@ -79,8 +79,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
     check_adapter_name(adapter_name)
     targets = find_targets(model, config)
-    if getattr(config, "use_dora", False) and any(isinstance(getattr(m, "weight", None), QuantizedWeight)
-                                                  for _, m in targets):
+    if getattr(config, "use_dora", False) and any(is_quantized(m.weight) for _, m in targets):
         raise QuantizedBaseError(_DORA_OVER_QUANTIZED)  # before any layer changes
     copies = find_modules_to_save(model, config, [n for n, _ in targets]) if config.modules_to_save else []
     known = adapter_names(model)

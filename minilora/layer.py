@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant
+from .weight import QuantizedBaseError, QuantLinear, add_input_grad, base_linear, is_quantized, linear
 
 
 # -- the dropout mask ------------------------------------------------------------------------------
@@ -112,8 +112,8 @@ def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False, into
 
 class _LoRAFunction(torch.autograd.Function):
     """``x Wᵀ + b + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` as one autograd node (``W = None``: the adapter
-    term alone; W a plain tensor: used as it is, as nn.Linear would; W a quant.QuantizedWeight:
-    dequantized here and again in backward, tile by tile above quant.TILE_ELEMENTS, so only its
+    term alone; W a plain tensor: used as it is, as nn.Linear would; W a stored weight (minilora.weight):
+    dequantized here and again in backward, tile by tile above weight.TILE_ELEMENTS, so only its
     codes are kept in between). Shapes: x (..., in), W (out, in), A (r, in), B (out, r), scale
     (1,), keep like x (its dtype or bool).
 
@@ -138,10 +138,10 @@ class _LoRAFunction(torch.autograd.Function):
             narrow = narrow.to(x.dtype)
             out = F.linear(narrow, lora_B.to(x.dtype))  # (N, out)
         else:
-            out = quant.base_linear(x2, weight, bias)  # (N, out); a plain weight goes to F.linear as it is
+            out = base_linear(x2, weight, bias)  # (N, out); a plain weight goes to F.linear as it is
             narrow = narrow.to(out.dtype)
             out.addmm_(narrow, lora_B.to(out.dtype).t())
-        ctx.quantized = weight if isinstance(weight, quant.QuantizedWeight) else None
+        ctx.quantized = weight if weight is not None and is_quantized(weight) else None
         ctx.save_for_backward(x, None if ctx.quantized else weight, lora_A, lora_B, scale, keep, narrow)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -169,7 +169,7 @@ class _LoRAFunction(torch.autograd.Function):
             if multiplier is not None:
                 grad_x = _apply_mask(grad_x, multiplier, inplace=True)
             if weight is not None:
-                grad_x = quant.add_input_grad(grad_x, g, weight)
+                grad_x = add_input_grad(grad_x, g, weight)
             grad_x = grad_x.to(x.dtype).view(x.shape)
         if need_A:
             dropped = x2 if multiplier is None else _apply_mask(x2, multiplier, into_keep=transient)
@@ -279,7 +279,7 @@ def init_adapter_slots(layer: nn.Module, base: nn.Module) -> None:
 class LoRALinear(nn.Module):
     """Replaces an ``nn.Linear``: the frozen base ``weight``/``bias`` (the very Parameter objects
     of the Linear it replaces, so state-dict keys do not change) plus named adapters. Over a
-    ``quant.QuantLinear`` the ``weight`` is its QuantizedWeight, dequantized in each forward
+    ``QuantLinear`` the ``weight`` is its stored weight (minilora.weight), dequantized in each forward
     and backward; such a layer cannot ``merge()`` (see ``minilora.merge_and_unload``).
 
     Shapes: input (..., in_features) -> output (..., out_features), output dtype = input dtype.
@@ -288,7 +288,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear):
         super().__init__()
-        if not isinstance(base, (nn.Linear, quant.QuantLinear)):
+        if not isinstance(base, (nn.Linear, QuantLinear)):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__} (or a QuantLinear, "
                             "which minilora.quantize puts in place of an nn.Linear)")
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -303,7 +303,7 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         if use_dora and self.quantized:
-            raise quant.QuantizedBaseError(_DORA_OVER_QUANTIZED)
+            raise QuantizedBaseError(_DORA_OVER_QUANTIZED)
         if use_dora:
             from .dora import DoRAAdapter  # dora.py builds on this module, so it cannot be imported at the top
             adapter = DoRAAdapter(self.weight, r, alpha, dropout, use_rslora, init, dtype=dtype)
@@ -341,12 +341,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
-            return quant.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if self.row_adapters is not None:
-            out = quant.linear(x, self.weight, self.bias)
+            out = linear(x, self.weight, self.bias)
             return out + self._mixed_delta(x, out.shape).to(out.dtype)
         if self.active_adapter is None:
-            return quant.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         return self.adapters[self.active_adapter](x, self.weight, self.bias)
 
     def _mixed_delta(self, x: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
@@ -370,8 +370,8 @@ class LoRALinear(nn.Module):
         if self.merged_adapter is not None or self.active_adapter is None:
             return
         if self.quantized:
-            raise quant.QuantizedBaseError(
-                f"cannot merge adapter {self.active_adapter!r} into a {self.weight.scheme} base: the sum would "
+            raise QuantizedBaseError(
+                f"cannot merge adapter {self.active_adapter!r} into a quantized base: the sum would "
                 "have to be quantized again, losing most of the adapter; use minilora.merge_and_unload(model) "
                 "for plain Linears in the compute dtype, or keep the adapter unmerged")
         merged = self.adapters[self.active_adapter].merged_weight(self.weight).to(self.weight.dtype)
@@ -394,14 +394,14 @@ class LoRALinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether the base weight is stored quantized (a quant.QuantizedWeight)."""
-        return isinstance(self.weight, quant.QuantizedWeight)
+        """Whether the base weight is stored quantized (minilora.weight), not a plain tensor."""
+        return is_quantized(self.weight)
 
     def to_linear(self) -> nn.Module:
         """A plain nn.Linear sharing this layer's weight and bias (merge first to keep the adapter);
-        over a quantized base, the quant.QuantLinear it wrapped (same weight and bias objects)."""
+        over a quantized base, the QuantLinear it wrapped (same weight and bias objects)."""
         if self.quantized:
-            return quant.QuantLinear(self.weight, self.bias).train(self.training)
+            return QuantLinear(self.weight, self.bias).train(self.training)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import quant
+from .weight import QuantizedBaseError, dense, is_quantized
 from .embedding import LoRAEmbedding
 from .inject import _remove_save_pretrained, adapter_modules, adapter_state, lora_modules, replace_module
 from .modules_to_save import ModuleToSave
@@ -31,9 +32,9 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
         raise ValueError("a mixed batch is active (inside `with minilora.mixed_batch(...)`); merging would give every "
                          "row the active adapter. Merge after the block")
     quantized = next((name for name, m in lora_modules(model)
-                      if isinstance(m.weight, quant.QuantizedWeight) and m.active_adapter), None)
+                      if is_quantized(m.weight) and m.active_adapter), None)
     if quantized is not None:
-        raise quant.QuantizedBaseError(f"{quantized} has a quantized base: merging would quantize the sum again, losing most of "
+        raise QuantizedBaseError(f"{quantized} has a quantized base: merging would quantize the sum again, losing most of "
                          "the adapter; use minilora.merge_and_unload(model) for plain Linears in the compute dtype")
     _refuse_tied_embedding_merge(model, layers)
     pending = [m for m in layers if not m.merged and m.active_adapter is not None]
@@ -77,7 +78,7 @@ def _check_finite(pending) -> None:
     checked first, so a failure leaves the whole model unmerged (a quantized base is dequantized
     one layer at a time for the check)."""
     for layer in pending:
-        adapter, weight = layer.adapters[layer.active_adapter], quant.dense(layer.weight)
+        adapter, weight = layer.adapters[layer.active_adapter], dense(layer.weight)
         if isinstance(layer, LoRAEmbedding):  # its delta is (dim, vocab), its weight (vocab, dim)
             merged = weight.float() + adapter.delta_weight().t().to(weight.device)
         else:

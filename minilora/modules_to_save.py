@@ -21,8 +21,8 @@ from torch import nn
 
 from .config import LoRAConfig, inside_adapters, matches
 from .embedding import LoRAEmbedding
-from .quant import QuantizedBaseError, QuantizedWeight
 from .layer import LoRALinear, rows_by_adapter
+from .weight import QuantizedBaseError, QuantizedWeight
 
 
 class ModuleToSave(nn.Module):

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minilora.quant import NF4_CODE, SCALE_BLOCK, QuantizedWeight, dynamic_code  # noqa: E402
+from minilora.weight import NF4_CODE, SCALE_BLOCK, QuantizedWeight, dynamic_code  # noqa: E402
 
 CASES = [((256, 320), torch.bfloat16, 64), ((33, 67), torch.float32, 64), ((2048, 130), torch.float16, 64),
          ((96, 200), torch.bfloat16, 128), ((5, 7), torch.float32, 32), ((1024, 576), torch.bfloat16, 64)]

@@ -231,7 +231,7 @@ def head_whole_versus_tiled(vocab: int, dim: int, tokens: int, rounds: int) -> d
     """A tied head over an NF4 table (vocab × dim, bf16 compute) on ``tokens`` tokens, forward and
     input-gradient backward as minilora runs it: dequantized whole (one tile) vs in row tiles of
     at most TILE_ELEMENTS elements (the library's choice)."""
-    from minilora import quant
+    from minilora import weight as quant  # the weight type and its ops (TILE_ELEMENTS, base_linear)
 
     torch.manual_seed(0)
     weight = QuantizedWeight(torch.randn(vocab, dim, dtype=torch.bfloat16) * 0.02, "nf4")
