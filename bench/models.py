@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 import minilora
-import minilora.layer
+import minilora.dropout
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torc
                                                            target_modules=list(minilora.LLAMA_TARGETS), bias="none"))
     return model.to(device)
 
-# The two ways minilora draws a dropout mask on a CPU (minilora.layer._draw_keep_mask): "words"
+# The two ways minilora draws a dropout mask on a CPU (minilora.dropout._draw_keep_mask): "words"
 # (16-bit uniforms from 64-bit random words, where ATen's bernoulli_ is a scalar loop: AMD CPUs)
 # and "bernoulli" (bernoulli_, which ATen hands to MKL on Intel CPUs). None: this machine's own.
 MASK_PATHS = ("words", "bernoulli")
@@ -127,7 +127,7 @@ MASK_PATHS = ("words", "bernoulli")
 
 def native_mask_path() -> str:
     """The mask path minilora takes on this machine's CPU."""
-    return "bernoulli" if minilora.layer._cpu_bernoulli_is_vectorised() else "words"
+    return "bernoulli" if minilora.dropout._cpu_bernoulli_is_vectorised() else "words"
 
 
 @contextlib.contextmanager
@@ -140,12 +140,12 @@ def mask_path(path: Optional[str]):
         return
     if path not in MASK_PATHS:
         raise ValueError(f"unknown mask path {path!r}; choose from {', '.join(MASK_PATHS)}")
-    own = minilora.layer._cpu_bernoulli_is_vectorised
-    minilora.layer._cpu_bernoulli_is_vectorised = lambda: path == "bernoulli"
+    own = minilora.dropout._cpu_bernoulli_is_vectorised
+    minilora.dropout._cpu_bernoulli_is_vectorised = lambda: path == "bernoulli"
     try:
         yield
     finally:
-        minilora.layer._cpu_bernoulli_is_vectorised = own
+        minilora.dropout._cpu_bernoulli_is_vectorised = own
 
 
 class Trainer:

@@ -13,7 +13,12 @@ differentiating through an (out, in) norm. A and B learn the direction, ``m`` th
 With dropout active (training, p > 0), PEFT rescales only the dropped input's share, and so does
 this module, so an adapter trains here as it would there:
 
-    out = W0 x + b + (m/n − 1) ⊙ W0 d + (m/n) ⊙ s·B A d,   d = dropout(x)
+    out = W0 x + b + (m/n − 1) ⊙ W0 d + (m/n) ⊙ s·B A d,   d = drop(x)
+
+``drop`` is the adapter's LoRADropout, the same dropout (and random stream) as plain LoRA's.
+
+DoRAAdapter is a variant of LoRAAdapter that the layer is given, not one it knows:
+``LoRALinear.add_adapter(name, ..., variant=DoRAAdapter)``, as inject does for ``use_dora=True``.
 
 On disk (PEFT's format): ``base_model.model.<module>.lora_magnitude_vector`` (out,) beside the
 module's lora_A/lora_B, and ``"use_dora": true`` in adapter_config.json.
@@ -27,7 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoRAAdapter, _LoRAFunction
+from .dropout import LoRADropout
+from .fused import lora_linear
+from .layer import LoRAAdapter
+from .weight import QuantizedBaseError, is_quantized
+
+
+def check_base(weight) -> None:
+    """Raise QuantizedBaseError if ``weight`` is stored quantized: DoRA's magnitude needs the
+    weight's row norms in every forward."""
+    if is_quantized(weight):
+        raise QuantizedBaseError("DoRA over a quantized base (minilora.quantize) is not supported: its magnitude "
+                                 "needs the weight's row norms in every forward; use plain LoRA over the quantized "
+                                 "base, or DoRA over the float one")
 
 
 class DoRAAdapter(LoRAAdapter):
@@ -41,6 +58,7 @@ class DoRAAdapter(LoRAAdapter):
 
     def __init__(self, base_weight: torch.Tensor, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", dtype: torch.dtype = torch.float32):
+        check_base(base_weight)
         out_features, in_features = base_weight.shape
         super().__init__(in_features, out_features, r, alpha, dropout, use_rslora, init, dtype=dtype,
                          device=base_weight.device)
@@ -63,23 +81,22 @@ class DoRAAdapter(LoRAAdapter):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) in x's dtype: the whole DoRA layer (module doc).
 
-        The no-dropout path is one LoRA node (``W0 x + s·BAx``, which keeps only x and the r-wide
-        intermediate for backward) times the per-feature ``m/n``; the dropout path runs the base
-        GEMM a second time on the dropped input, as PEFT does. The norm forms B·A once per call,
-        without gradient, and frees it.
+        Without dropout it is LoRA's own forward (``W0 x + s·BAx``) times the per-feature ``m/n``;
+        with dropout the base GEMM runs a second time on the dropped input, as PEFT does. The norm
+        forms B·A once per call, without gradient, and frees it.
         """
         if weight is None:
             raise ValueError("a DoRA adapter rescales the base layer's whole output, so it has no term of its own "
                              "to add to it: run it through its LoRALinear (mixed batches cannot use DoRA adapters)")
         ratio = (self.lora_magnitude_vector / self.weight_norm(weight)).to(x.dtype)  # (out,): m/n
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            dropped = self.dropout(x)  # nn.Dropout, as PEFT: the same seed draws the same mask
+        if self.training and isinstance(self.dropout, LoRADropout):
+            dropped = self.dropout(x)  # d = drop(x): LoRA's dropout
             base_of_dropped = F.linear(dropped, weight)  # W0 d
-            lora = _LoRAFunction.apply(dropped, None, None, self.lora_A, self.lora_B, self.scale, None)  # s·BAd
+            lora = lora_linear(dropped, None, None, self.lora_A, self.lora_B, self.scale)  # s·BAd (d is dropped already)
             # = W0 x + b + (m/n − 1) ⊙ W0 d + (m/n) ⊙ s·BAd, arranged so that backward keeps one
             # (..., out) tensor for m's gradient (W0 d + s·BAd) instead of two
             return F.linear(x, weight, bias) - base_of_dropped + ratio * (base_of_dropped + lora)
-        out = _LoRAFunction.apply(x, weight, None, self.lora_A, self.lora_B, self.scale, None) * ratio
+        out = super().forward(x, weight) * ratio  # (W0 x + s·BAx) ⊙ m/n: LoRA's forward, its dropout off here
         return out if bias is None else out + bias
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

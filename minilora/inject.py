@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, inside_adapters, matches
-from .dora import DoRAAdapter
+from .dora import DoRAAdapter, check_base
 from .embedding import LoRAEmbedding
-from .layer import _DORA_OVER_QUANTIZED, LoRALinear
+from .layer import LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
-from .weight import QuantEmbedding, QuantizedBaseError, QuantLinear, is_quantized
+from .weight import QuantEmbedding, QuantLinear
 
 # The layers that hold LoRA adapters.
 LORA_LAYERS = (LoRALinear, LoRAEmbedding)
@@ -79,8 +79,9 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
     check_adapter_name(adapter_name)
     targets = find_targets(model, config)
-    if getattr(config, "use_dora", False) and any(is_quantized(m.weight) for _, m in targets):
-        raise QuantizedBaseError(_DORA_OVER_QUANTIZED)  # before any layer changes
+    if config.use_dora:
+        for _, module in targets:
+            check_base(module.weight)  # DoRA over a quantized base is refused before any layer changes
     copies = find_modules_to_save(model, config, [n for n, _ in targets]) if config.modules_to_save else []
     known = adapter_names(model)
     if adapter_name in known:
@@ -92,7 +93,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     if config.use_dora and embeddings:
         raise ValueError(f"use_dora=True: minilora has DoRA for Linear layers only, and target_modules selects the "
                          f"embedding {embeddings[0]!r}; leave it out of target_modules or use plain LoRA")
-    dora = {"use_dora": True} if config.use_dora else {}  # every target is a Linear then
+    variant = {"variant": DoRAAdapter} if config.use_dora else {}  # every target is a Linear then
     replaced = []  # (name, original module): what a failure puts back
     try:
         for name, module in targets:
@@ -103,7 +104,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
                                        else LoRALinear(module))
                 replaced.append((name, module))
             layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
-                              config.use_rslora, config.init, **dora)
+                              config.use_rslora, config.init, **variant)
         wrappers = []
         for name, module in copies:
             if isinstance(module, ModuleToSave):

@@ -158,7 +158,7 @@ def main(out: str) -> int:
         layer.train()(x).square().sum().backward()
         got = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
         torch.manual_seed(7)
-        keep = minilora.layer.dropout_mask(x, 0.25)
+        keep = minilora.dropout.dropout_mask(x, 0.25)
         x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
         a, b = adapter.lora_A, adapter.lora_B
         y = nn.functional.linear(x, layer.weight, layer.bias) + (x * keep / 0.75) @ a.T @ b.T * adapter.scaling

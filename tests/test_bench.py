@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minilora
-from conftest import assert_close_to_rounding, make_tokenizer, medical_sentences, tiny_llama, write_jsonl
+from conftest import make_tokenizer, medical_sentences, tiny_llama, write_jsonl
 from test_layer import OpRecorder
 from minilora_bench import cli
 from minilora_bench.inference import bench_switching
@@ -75,130 +75,20 @@ def test_dropout_zero_runs_no_dropout_op_and_p_draws_one_mask_per_adapted_linear
     assert dropout_ops(recorder) == []
 
 
-@pytest.mark.parametrize("vectorised_bernoulli", [False, True])
-def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised_bernoulli, monkeypatch):
-    # both ways of drawing it: 16-bit uniforms from random words, and bernoulli_ (Intel CPUs, devices)
-    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
-    x = torch.zeros(1000, 1000)
-    for p in (0.05, 0.1, 0.5):
-        keep = minilora.layer.dropout_mask(x, p)
-        assert keep.dtype == torch.bool and keep.shape == x.shape
-        # a binomial over 10^6 elements: 5 standard deviations (p's 16-bit rounding, <= 2^-17, is
-        # 150 times smaller than one)
-        assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5
-    # elements are independent: no pattern within a 64-bit word (the random-word path gives four
-    # elements one word) nor between neighbouring words
-    keep = minilora.layer.dropout_mask(torch.zeros(400_000), 0.5).float().view(-1, 8)
-    pairs = (keep[:, :-1] * keep[:, 1:]).mean(0)  # P(both kept) for neighbours 0-1, ..., 6-7
-    assert (pairs - 0.25).abs().max() < 5 * (0.25 * 0.75 / 50_000) ** 0.5
-    torch.manual_seed(3)
-    first = minilora.layer.dropout_mask(x, 0.1)
-    torch.manual_seed(3)
-    assert torch.equal(first, minilora.layer.dropout_mask(x, 0.1))  # torch's generator drives it
-    assert not torch.equal(first, minilora.layer.dropout_mask(x, 0.1))
-
-
-def test_dropout_mask_is_one_byte_per_element_on_cpus_and_gpus():
-    # "meta" stands in for a GPU here (any device but CPU and XLA); scripts/gpu_check.py checks
-    # the values and gradients on CUDA itself. XLA keeps x's dtype (its compiler fuses the mask).
-    assert minilora.layer.dropout_mask(torch.zeros(8, 16, device="meta", dtype=torch.bfloat16), 0.1).dtype == torch.bool
-    assert minilora.layer.dropout_mask(torch.zeros(8, 16, dtype=torch.bfloat16), 0.1).dtype == torch.bool
-
-
-# Each CPU path is tested on every machine: bernoulli_ (ATen's MKL kernel on Intel CPUs) and the
-# random-word draw (elsewhere); bool is the mask CPUs and GPUs draw, float the one XLA draws.
-# x_grad False: the input needs no gradient (the first layer's projections over a frozen
-# embedding), so backward applies the mask to x alone, writing into its converted copy.
-@pytest.mark.parametrize("vectorised_bernoulli", [False, True])
-@pytest.mark.parametrize("mask_dtype,dtype,x_grad", [("float", torch.float32, True), ("bool", torch.float32, True),
-                                                     ("bool", torch.float32, False), ("bool", torch.bfloat16, True)])
-def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, dtype, x_grad,
-                                                                       vectorised_bernoulli, monkeypatch):
-    from torch import nn
-
-    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
-    if mask_dtype == "float":
-        draw = minilora.layer.dropout_mask
-        monkeypatch.setattr(minilora.layer, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
-
-    torch.manual_seed(0)
-    layer = minilora.LoRALinear(nn.Linear(48, 80).to(dtype))
-    layer.weight.requires_grad_(False)
-    adapter = layer.add_adapter("default", 4, 8.0, dropout=0.25)
-    layer.active_adapter = "default"
-    with torch.no_grad():
-        adapter.lora_B.normal_()
-    x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=x_grad)
-    torch.manual_seed(7)
-    layer.train()(x).float().square().sum().backward()
-    got = (adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone()) + ((x.grad.clone(),) if x_grad else ())
-
-    torch.manual_seed(7)
-    keep = minilora.layer.dropout_mask(x, 0.25)  # the same draw the layer made
-    assert keep.dtype == (torch.bool if mask_dtype == "bool" else x.dtype)
-    x.grad = adapter.lora_A.grad = adapter.lora_B.grad = None
-    a, b = adapter.lora_A, adapter.lora_B
-    xf = x.float()  # the reference in float32, from the same (rounded) inputs
-    y = nn.functional.linear(xf, layer.weight.float(), layer.bias.float()) + (xf * keep / 0.75) @ a.T @ b.T * adapter.scaling
-    y.square().sum().backward()
-    for ours, reference in zip(got, (a.grad, b.grad) + ((x.grad,) if x_grad else ())):
-        if dtype == torch.float32:
-            # The same arithmetic in another order: the fused node adds the adapter inside the base
-            # GEMM. Its longest sums run over the 48 inputs plus the 80 outputs (x's gradient).
-            assert_close_to_rounding(ours, reference, reduction=48 + 80)
-        else:
-            # bfloat16 GEMMs accumulate in float32 and round their results: the fused node rounds
-            # each intermediate (the r-wide product, the output, the gradients' products) to
-            # bfloat16 once, at most 6 roundings along any path, each within bfloat16's eps of the
-            # largest value. A wrong mask moves a quarter of the terms.
-            eps = torch.finfo(dtype).eps
-            scale = reference.abs().max().item()
-            torch.testing.assert_close(ours.float(), reference.float(), rtol=6 * eps, atol=6 * eps * scale)
-
-
-@pytest.mark.parametrize("vectorised_bernoulli", [False, True])
-def test_the_mask_converts_through_its_bytes_to_exactly_its_float_and_bfloat16_values(vectorised_bernoulli,
-                                                                                      monkeypatch):
-    # _multiplier reads the bool mask's bytes as int8 (vectorised); that is the mask only if every
-    # byte either draw writes is 0 or 1, on both CPU paths.
-    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
-    x = torch.zeros(300, 257)  # an odd element count: the random-word draw's last word is cut
-    for p in (0.05, 0.5, 0.999):
-        keep = minilora.layer.dropout_mask(x, p)
-        assert set(keep.view(torch.int8).unique().tolist()) <= {0, 1}
-        for dtype in (torch.float32, torch.bfloat16):
-            assert torch.equal(minilora.layer._multiplier(keep, x.to(dtype)), keep.to(dtype))
-
-
-@pytest.mark.parametrize("p", [1e-6, 0.05, 0.1, 0.5, 0.99999])
-def test_the_random_word_mask_drops_exactly_the_16_bit_uniforms_below_p(p, monkeypatch):
-    # The word path's threshold: element i is dropped when its 16-bit uniform (the words' bytes
-    # read as int16) is below round(p * 2^16) - 2^15, so p' = round(p * 2^16) / 2^16 (at most
-    # 2^16 - 1 of them), within 2^-17 of p.
-    monkeypatch.setattr(minilora.layer, "_cpu_bernoulli_is_vectorised", lambda: False)
-    x = torch.zeros(1000, 77)
-    torch.manual_seed(5)
-    keep = minilora.layer.dropout_mask(x, p)
-    torch.manual_seed(5)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
-    uniform = words.view(torch.int16)[:x.numel()].view(x.shape).to(torch.int32)
-    assert torch.equal(keep, uniform >= min(round(p * 2**16), 2**16 - 1) - 2**15)
-
-
 @pytest.mark.parametrize("path", MASK_PATHS)
 def test_the_benchmarks_mask_path_rows_draw_by_the_path_they_name(path):
     # The training section times minilora's dropout by both CPU paths on any machine: within
     # mask_path("bernoulli") the mask is bernoulli_'s draw, within "words" it is not, and the
     # machine's own choice is back afterwards.
-    own = minilora.layer._cpu_bernoulli_is_vectorised
+    own = minilora.dropout._cpu_bernoulli_is_vectorised
     x = torch.zeros(64, 48)
     with mask_path(path):
         torch.manual_seed(1)
-        drawn = minilora.layer.dropout_mask(x, 0.25)
+        drawn = minilora.dropout.dropout_mask(x, 0.25)
     torch.manual_seed(1)
     by_bernoulli = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
     assert torch.equal(drawn, by_bernoulli) == (path == "bernoulli")
-    assert minilora.layer._cpu_bernoulli_is_vectorised is own
+    assert minilora.dropout._cpu_bernoulli_is_vectorised is own
     with pytest.raises(ValueError, match="unknown mask path"):
         with mask_path("mkl"):
             pass

@@ -76,11 +76,14 @@ def test_minilora_dora_adapter_loads_in_peft_with_the_same_logits_and_the_same_f
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_training_step_matches_peft_outputs_and_gradients(tmp_path, dropout):
-    """Same weights, same dropout draws (both use nn.Dropout, seeded alike): the same loss and the
-    same gradients for A, B and the magnitude. A norm that was not detached, or dropout applied
-    to the base term differently, would change the gradients by far more than rounding."""
+    """Same weights, same dropout draws: the same loss and the same gradients for A, B and the
+    magnitude. A norm that was not detached, or dropout applied to the base term differently,
+    would change the gradients by far more than rounding."""
     theirs = peft_dora(dropout).train()
     theirs.save_pretrained(tmp_path)
+    for module in theirs.modules():  # PEFT's nn.Dropout draws other masks: give it minilora's, seeded alike
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict) and dropout:
+            module.lora_dropout["default"] = minilora.dropout.LoRADropout(dropout).train()
     ours = minilora.load_adapter(tiny_llama(**BASE), tmp_path, is_trainable=True).train()
     losses = []
     for model in (theirs, ours):
@@ -118,6 +121,16 @@ def test_merge_matches_peft_merged_weights_and_unmerge_restores_the_base(tmp_pat
     plain = minilora.merge_and_unload(ours)
     assert not list(minilora.lora_modules(plain))
     assert_close_to_rounding(plain(IDS).logits, expected, reduction=128 * 4)
+
+
+def test_dropout_draws_from_the_same_op_as_lora_s_one_mask_per_adapted_linear():
+    from test_layer import OpRecorder
+
+    model = ours_dora(dropout=0.1).train()
+    with OpRecorder() as recorder:
+        model(IDS, labels=IDS).loss.backward()
+    random_ops = [n for n, _ in recorder.ops if any(w in n for w in ("dropout", "bernoulli", "rand"))]
+    assert random_ops == ["minilora.dropout_mask.default"] * len(list(minilora.lora_modules(model)))
 
 
 def test_dropout_is_off_in_eval_and_the_magnitude_trains():

@@ -314,12 +314,12 @@ def test_fsdp_is_refused_without_torchrun_on_xla_and_with_a_resume():
 # itself SIGTERM in the first micro-batch of update 3, as a scheduler preempting one worker would.
 DDP_DROPOUT_WORKER = """
 import hashlib, os, signal, sys
-import minilora.layer
+import minilora.dropout
 import minilora_train.loop as loop
 from minilora_train.cli import main
 
 rank = os.environ["RANK"]
-draw, load = minilora.layer.dropout_mask, loop.load_model_and_tokenizer
+draw, load = minilora.dropout.dropout_mask, loop.load_model_and_tokenizer
 
 def noted_mask(x, p, *site):
     keep = draw(x, p, *site)
@@ -342,7 +342,7 @@ def load_and_arm(args):
     model.get_decoder().register_forward_hook(preempt)
     return model, tokenizer
 
-minilora.layer.dropout_mask = noted_mask  # what LoRAAdapter.forward calls
+minilora.dropout.dropout_mask = noted_mask  # what every adapter's LoRADropout calls
 loop.load_model_and_tokenizer = load_and_arm
 status = main(sys.argv[1:])
 import torch.distributed as dist
