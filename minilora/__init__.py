@@ -7,20 +7,20 @@
     minilora.save_adapter(model, "out/")                      # 4. export (PEFT loads it too)
 """
 
-from .checkpoint import (AdapterLoadError, load_adapter, lora_state_dict, peft_config, read_adapter_config, save_adapter,
-                         save_pretrained, validate_adapter)
+from .adapters import (active_adapter, adapter_modules, adapter_names, delete_adapter, disable_adapters,
+                       lora_modules, lora_parameters, mixed_batch, set_adapter)
+from .checkpoint import AdapterLoadError, load_adapter, read_adapter_config, validate_adapter
 from .combine import add_weighted_adapter
 from .config import LLAMA_TARGETS, LoRAConfig
 from .dora import DoRAAdapter
-from .inject import (active_adapter, adapter_modules, adapter_names, count_parameters, delete_adapter, disable_adapters,
-                     enable_input_require_grads, find_targets, inject, lora_modules, lora_parameters,
-                     mark_only_lora_trainable, mixed_batch, print_trainable_parameters, set_adapter,
-                     UnsupportedLayerError)
 from .embedding import LoRAEmbedding
+from .inject import (UnsupportedLayerError, count_parameters, enable_input_require_grads, find_targets, inject,
+                     mark_only_lora_trainable, print_trainable_parameters)
 from .layer import LoRAAdapter, LoRALinear
-from .modules_to_save import ModuleToSave
 from .merge import merge, merge_and_unload, unmerge
+from .modules_to_save import ModuleToSave
 from .quant import dequantize, quantize
+from .save import lora_state_dict, peft_config, save_adapter, save_pretrained
 from .weight import QuantizedWeight, QuantLinear
 
 __version__ = "0.1.0"

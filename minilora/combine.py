@@ -36,9 +36,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import _config_of
+from .adapters import adapted_layers, adapter_names, config_of, lora_modules, lora_parameters
 from .dora import DoRAAdapter
-from .inject import adapted_layers, adapter_names, find_targets, inject, lora_modules, lora_parameters
+from .inject import find_targets, inject
 
 # Combined on A and B separately (equal ranks), on the deltas then SVD, or concatenated.
 _ON_A_AND_B = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -73,7 +73,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     adapters, weights = list(adapters), list(weights)
     combination_type = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                                         density, majority_sign_method)
-    configs = [_config_of(model, name) for name in adapters]
+    configs = [config_of(model, name) for name in adapters]
     with_copies = [a for a, c in zip(adapters, configs) if c.modules_to_save]
     if with_copies:  # PEFT would give the new adapter fresh copies of the base modules, silently untrained
         raise ValueError(f"adapter {with_copies[0]!r} has modules_to_save (modules trained in full), which have no "

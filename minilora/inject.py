@@ -1,24 +1,25 @@
-"""Module surgery: put LoRALinear in place of the targeted nn.Linear modules."""
+"""Module surgery: put LoRALinear (and LoRAEmbedding, ModuleToSave) in place of the targeted
+modules, and set the model up to train only the adapter: freezing, counting parameters, and the
+input gradients that checkpointing needs. Switching between adapters is minilora.adapters'."""
 
 from __future__ import annotations
 
-import functools
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .adapters import (LORA_LAYERS, adapter_modules, adapter_names, adapter_state, bias_parameters, lora_modules,
+                       lora_parameters, set_adapter)
 from .config import LoRAConfig, inside_adapters, matches
 from .dora import DoRAAdapter, check_base
 from .embedding import LoRAEmbedding
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
+from .save import install_save_pretrained
 from .weight import QuantEmbedding, QuantLinear
 
-# The layers that hold LoRA adapters.
-LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 # What LoRA adapts as a Linear: nn.Linear, a Linear over a quantized weight (minilora.quantize),
 # and LoRALinear layers that already hold another adapter.
 LINEARS = (nn.Linear, QuantLinear, LoRALinear)
@@ -128,7 +129,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     set_adapter(model, adapter_name)
     mark_only_lora_trainable(model, bias=config.bias, adapter_name=adapter_name)
     _hook_input_require_grads(model, always=False)
-    _install_save_pretrained(model)
+    install_save_pretrained(model)
     return model
 
 
@@ -152,22 +153,6 @@ def remove_injected(model: nn.Module, adapter_name: str, replaced: list[tuple[st
     state = adapter_state(model)
     state.configs.pop(adapter_name, None)
     state.layers = None
-
-
-def _install_save_pretrained(model: nn.Module) -> None:
-    """Make this model's ``save_pretrained`` (an instance attribute; the class is untouched) write
-    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing."""
-    from .checkpoint import save_pretrained  # checkpoint imports this module
-
-    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
-        model.save_pretrained = functools.update_wrapper(functools.partial(save_pretrained, model), save_pretrained)
-
-
-def _remove_save_pretrained(model: nn.Module) -> None:
-    """Give the model its class's own ``save_pretrained`` back (after merge_and_unload)."""
-    installed = model.__dict__.get("save_pretrained")
-    if isinstance(installed, functools.partial) and installed.args[:1] == (model,):
-        del model.__dict__["save_pretrained"]
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
@@ -247,184 +232,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return new
 
 
-# -- what minilora remembers on a model -----------------------------------------------------------
-
-@dataclass
-class AdapterState:
-    """What minilora keeps on a model it adapted, beside the modules themselves; one object per
-    model (``adapter_state``), never a parameter or buffer, so the state dict is untouched."""
-
-    configs: dict = field(default_factory=dict)  # adapter name -> the LoRAConfig it was made with (for saving)
-    layers: Optional[list] = None  # the LoRA layers and ModuleToSave wrappers, cached for set_adapter; None: walk again
-    input_grads_always: bool = False  # enable_input_require_grads was called (else only while checkpointing)
-    input_grads_hook: Any = None  # the forward-hook handle on the input embeddings
-    untied: dict = field(default_factory=dict)  # LoRALinear name -> the weight it shared until merge untied it
-    input_grads_module: Any = None  # the embeddings module that hook is on (inject may replace it later)
-
-
-def adapter_state(model: nn.Module) -> AdapterState:
-    """The model's AdapterState, created on first use."""
-    state = model.__dict__.get("_minilora")
-    if state is None:
-        state = model.__dict__["_minilora"] = AdapterState()  # __dict__: not a submodule, not in the state dict
-    return state
-
-
-# -- adapters by name ---------------------------------------------------------------------------
-
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, layer) of every LoRA layer: LoRALinear and LoRAEmbedding."""
-    for name, module in model.named_modules():
-        if isinstance(module, LORA_LAYERS):
-            yield name, module
-
-
-def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every module that switches with the adapter: the LoRA layers and the
-    modules_to_save copies (ModuleToSave)."""
-    for name, module in model.named_modules():
-        if isinstance(module, LORA_LAYERS + (ModuleToSave,)):
-            yield name, module
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name present on the model, in the order they were added."""
-    names: dict[str, None] = {}
-    for _, module in lora_modules(model):
-        names.update(dict.fromkeys(module.adapters.keys()))
-    return list(names)
-
-
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the adapter every LoRALinear uses. Only a Python attribute changes: no
-    module, parameter or tensor shape does, so a compiled XLA graph is reused. The adapted
-    layers are remembered at inject/load time, so a switch walks no module tree."""
-    layers = adapted_layers(model)
-    known = list(dict.fromkeys(n for m in layers for n in m.adapters))
-    if name not in known:
-        raise ValueError(f"unknown adapter {name!r}; the model has: {', '.join(known) or '(no adapters)'}")
-    merged = {m.merged_adapter for m in layers} - {None}
-    if merged and merged != {name}:
-        raise ValueError(f"adapter {merged.pop()!r} is merged into the weights; call minilora.unmerge(model) "
-                         "before switching adapters")
-    for module in layers:
-        module.active_adapter = name if name in module.adapters else None
-
-
-def adapted_layers(model: nn.Module) -> list:
-    """The model's LoRA layers and modules_to_save wrappers, cached in its AdapterState (a module
-    walk of a 1B Llama costs milliseconds; an adapter switch should not)."""
-    state = adapter_state(model)
-    if state.layers is None:
-        state.layers = [m for _, m in adapter_modules(model)]
-    return state.layers
-
-
-def active_adapter(model: nn.Module) -> Optional[str]:
-    """The active adapter's name, or None when no adapter is active."""
-    for _, module in lora_modules(model):
-        if module.active_adapter is not None:
-            return module.active_adapter
-    return None
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer; if it was active, no adapter is active after."""
-    known = adapter_names(model)
-    if name not in known:
-        raise ValueError(f"unknown adapter {name!r}; the model has: {', '.join(known) or '(no adapters)'}")
-    for _, module in lora_modules(model):
-        if module.merged_adapter == name:
-            raise ValueError(f"adapter {name!r} is merged; call minilora.unmerge(model) before deleting it")
-    for _, module in adapter_modules(model):
-        if name in module.adapters:
-            del module.adapters[name]
-        if module.active_adapter == name:
-            module.active_adapter = None
-    state = adapter_state(model)
-    state.configs.pop(name, None)
-    state.layers = None
-
-
-class disable_adapters:
-    """``with disable_adapters(model):`` runs the base model alone (modules_to_save: the original
-    modules, not the copies); adapters come back after."""
-
-    def __init__(self, model: nn.Module):
-        self.modules = [m for _, m in adapter_modules(model)]
-        if any(m.merged for m in self.modules):
-            raise ValueError("an adapter is merged into the weights, so the base model is not available; "
-                             "call minilora.unmerge(model) first")
-
-    def __enter__(self):
-        self.before = [m.disabled for m in self.modules]
-        for m in self.modules:
-            m.disabled = True
-        return self
-
-    def __exit__(self, *exc):
-        for m, was in zip(self.modules, self.before):
-            m.disabled = was
-        return False
-
-
-class mixed_batch:
-    """``with mixed_batch(model, ["cardiology", None, "oncology"]):`` gives each batch row its own
-    adapter (``None``: the base model) in one forward pass; modules_to_save copies too: each row runs
-    its adapter's copy, or the original module for ``None`` or an adapter without a copy."""
-
-    def __init__(self, model: nn.Module, row_adapters):
-        known = adapter_names(model)
-        unknown = [n for n in row_adapters if n is not None and n not in known]
-        if unknown:
-            raise ValueError(f"unknown adapter {unknown[0]!r}; the model has: {', '.join(known) or '(no adapters)'}")
-        self.modules = [m for _, m in adapter_modules(model)]
-        if any(m.merged for m in self.modules):
-            raise ValueError("mixed batches need unmerged adapters; call minilora.unmerge(model) first")
-        dora = sorted({n for m in self.modules for n, a in m.adapters.items() if n in row_adapters
-                       and isinstance(a, DoRAAdapter)})
-        if dora:  # as in PEFT: DoRA rescales the whole base output, so rows cannot pick it alone
-            raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter, and mixed batches support plain LoRA "
-                             "adapters only; run its rows in a batch of their own with set_adapter")
-        self.rows = list(row_adapters)
-
-    def __enter__(self):
-        for m in self.modules:
-            m.row_adapters = self.rows
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            m.row_adapters = None
-        return False
-
-
-# -- parameters ---------------------------------------------------------------------------------
-
-def lora_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, nn.Parameter]]:
-    """(name, parameter) of the adapter weights: all adapters, or only ``adapter_name``; with
-    modules_to_save, every parameter of the adapter's copies (a tied copy once)."""
-    seen = set()
-    for name, module in adapter_modules(model):
-        for key, adapter in module.adapters.items():
-            if adapter_name is None or key == adapter_name:
-                for param_name, param in adapter.named_parameters(prefix=f"{name}.adapters.{key}"):
-                    if id(param) not in seen:
-                        seen.add(id(param))
-                        yield param_name, param
-
-
-def bias_parameters(model: nn.Module, bias: str) -> Iterator[tuple[str, nn.Parameter]]:
-    """The biases that train (and are saved) with an adapter under PEFT's ``bias`` mode."""
-    if bias == "all":
-        for name, param in model.named_parameters():
-            if (name == "bias" or name.endswith(".bias")) and not inside_adapters(name):  # copies: their own keys
-                yield name, param
-    elif bias == "lora_only":
-        for name, module in lora_modules(model):
-            if getattr(module, "bias", None) is not None:
-                yield f"{name}.bias", module.bias
-
+# -- training only the adapter ----------------------------------------------------------------
 
 def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter_name: Optional[str] = None) -> None:
     """Freeze everything except the adapter weights (all adapters, or only ``adapter_name``)

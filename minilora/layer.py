@@ -105,7 +105,7 @@ def init_adapter_slots(layer: nn.Module, base: nn.Module) -> None:
     layer.active_adapter = None   # Optional[str]
     layer.merged_adapter = None   # Optional[str]
     layer.disabled = False
-    # Per-row adapter names for a mixed batch (see minilora.inject.mixed_batch).
+    # Per-row adapter names for a mixed batch (see minilora.adapters.mixed_batch).
     layer.row_adapters = None     # Optional[Sequence[Optional[str]]]
     # A new nn.Module starts in training mode; inherit the replaced module's mode instead, or
     # adapter dropout would run inside a model the user had put in eval().

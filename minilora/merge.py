@@ -7,8 +7,10 @@ from torch import nn
 from . import quant
 from .weight import QuantizedBaseError, dense, is_quantized
 from .embedding import LoRAEmbedding
-from .inject import _remove_save_pretrained, adapter_modules, adapter_state, lora_modules, replace_module
+from .adapters import adapter_modules, adapter_state, lora_modules
+from .inject import replace_module
 from .modules_to_save import ModuleToSave
+from .save import remove_save_pretrained
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
@@ -111,7 +113,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
         else:
             replace_module(model, name, layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear())
     _untie_in_config(model)
-    _remove_save_pretrained(model)
+    remove_save_pretrained(model)
     state = adapter_state(model)
     state.configs.clear()
     state.untied.clear()  # a layer merge untied keeps its merged copy: the tie is gone for good

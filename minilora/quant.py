@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from .adapters import adapter_state
 from .config import LoRAConfig, inside_adapters, matches
 from .embedding import LoRAEmbedding
-from .inject import adapter_state, find_targets, replace_module
+from .inject import find_targets, replace_module
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave
 from .weight import QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear, as_parameter, check_scheme

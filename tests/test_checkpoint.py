@@ -1,5 +1,6 @@
-"""Saving and loading adapters: the files are PEFT's files, a round trip is exact, and loading is
-strict (every mismatch raises AdapterLoadError naming it, and leaves the model as it was)."""
+"""Loading adapters (minilora/checkpoint.py): a round trip is exact, and loading is strict (every
+mismatch raises AdapterLoadError naming it, and leaves the model as it was). What is written:
+tests/test_save.py."""
 
 import json
 import os
@@ -8,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import minilora
@@ -53,43 +53,6 @@ CASES = {
                        dict(attention_bias=True),
                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only")),
 }
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_saved_files_are_what_peft_writes_for_the_same_config(tmp_path, case):
-    import peft
-
-    ours_config, model_fields, peft_fields = CASES[case]
-    minilora.save_adapter(minilora.inject(tiny_llama(**model_fields), **ours_config), tmp_path / "ours")
-    peft.get_peft_model(tiny_llama(**model_fields), peft.LoraConfig(task_type="CAUSAL_LM", **peft_fields)) \
-        .save_pretrained(tmp_path / "peft")
-
-    assert sorted(os.listdir(tmp_path / "ours")) == ["adapter_config.json", "adapter_model.safetensors"]
-    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
-    assert sorted(ours) == sorted(theirs)
-    assert {k: (t.shape, t.dtype) for k, t in ours.items()} == {k: (t.shape, t.dtype) for k, t in theirs.items()}
-    with safe_open(tmp_path / "ours" / "adapter_model.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt"}  # what PEFT (and transformers) write
-
-    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft"))
-    assert set(ours) <= set(theirs)  # every field we write is a PEFT field; PEFT adds ones we leave at default
-    # target_modules: PEFT writes a set (order varies) and resolves all-linear to names before applying
-    # exclude_modules; what matters is that both files select the same modules.
-    selected = [sorted(n for n, _ in minilora.find_targets(tiny_llama(**model_fields),
-                                                           minilora.read_adapter_config(tmp_path / d)[0]))
-                for d in ("ours", "peft")]
-    assert selected[0] == selected[1]
-    assert {k: v for k, v in ours.items() if k != "target_modules"} == \
-           {k: theirs[k] for k in ours if k != "target_modules"}
-
-
-def test_lora_state_dict_uses_peft_names_and_holds_the_live_parameters():
-    model = minilora.inject(tiny_llama(), r=4, target_modules=["q_proj"])
-    state = minilora.lora_state_dict(model)
-    assert sorted(state) == [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight"
-                             for i in (0, 1) for ab in "AB"]
-    assert state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] is \
-        model.model.layers[0].self_attn.q_proj.lora_A
 
 
 def test_save_then_load_into_a_fresh_base_reproduces_the_logits_exactly(tmp_path):
