@@ -85,8 +85,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def adapted_layers(model: nn.Module) -> list:
-    """The model's LoRA layers and modules_to_save wrappers, cached in its AdapterState (a module
-    walk of a 1B Llama costs milliseconds; an adapter switch should not)."""
+    """The model's LoRA layers and modules_to_save wrappers, cached in its AdapterState, so that
+    an adapter switch sets attributes and walks no module tree (a Llama has hundreds of modules)."""
     state = adapter_state(model)
     if state.layers is None:
         state.layers = [m for _, m in adapter_modules(model)]

@@ -56,7 +56,7 @@ def _apply_mask(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False, into
     """t ⊙ keep in t's dtype (keep bool or t's dtype; see _multiplier), in place on ``t`` when
     allowed, or written into ``keep`` when it is a transient of t's dtype that _multiplier made
     (``into_keep``): either way no further (N, in) tensor is allocated. On the CPU a fresh tensor of
-    this size is fresh pages from the kernel, whose first touch costs several times the multiply."""
+    this size is fresh pages from the kernel, whose first touch costs more than the multiply."""
     if keep.dtype == torch.bool:
         return torch.where(keep, t, 0)
     if inplace:

@@ -1,4 +1,5 @@
-"""`import minilora` stays light (torch and safetensors only) and exports the public API."""
+"""`import minilora` stays light (torch and safetensors only), exports the public API, and its modules
+import each other in one direction only."""
 
 from conftest import run_python
 
@@ -51,3 +52,36 @@ def test_the_wheel_installs_only_names_that_cannot_clash(tmp_path):
     for command in ("minilora-train = minilora_train.cli:main", "minilora-generate = minilora_train.inference:main",
                     "minilora-eval = minilora_train.evaluate:main", "minilora-bench = minilora_bench.cli:main"):
         assert command in scripts
+
+
+def test_minilora_modules_import_each_other_in_one_direction_only():
+    # Lower layers never know higher ones, not even through an import inside a function: the
+    # modules sort into layers, each importing only the layers below it (weight, dropout and
+    # config at the bottom; checkpoint and combine at the top).
+    import ast
+    import pathlib
+
+    import minilora
+
+    package = pathlib.Path(minilora.__file__).parent
+    modules = {path.stem: path for path in package.glob("*.py") if path.stem != "__init__"}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").split(".")[0] == "minilora"):
+                parts = (node.module or "").split(".")[0 if node.level else 1:]
+                found |= {parts[0]} if parts and parts[0] else {alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == "minilora":  # "import minilora" loads every module
+                        found |= {parts[1]} if len(parts) > 1 else set(modules)
+        imports[name] = (found & set(modules)) - {name}
+    placed, left = [], dict(imports)
+    while left:
+        ready = sorted(m for m, needs in left.items() if needs <= set(placed))
+        assert ready, f"import circle: {', '.join(f'{m} -> {sorted(n - set(placed))}' for m, n in sorted(left.items()))}"
+        placed += ready
+        for m in ready:
+            del left[m]

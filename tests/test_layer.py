@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minilora import LoRALinear
+from conftest import assert_close_to_rounding
+from minilora import LoRALinear, QuantLinear
+from minilora.weight import QuantizedBaseError
 
 
 def lora_linear(in_features=48, out_features=80, r=4, alpha=8.0, bias=True, dtype=torch.float32, seed=0, **kw):
@@ -199,3 +201,61 @@ def test_adding_an_adapter_name_twice_is_refused():
     _, layer = lora_linear()
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         layer.add_adapter("default", 4, 8.0)
+
+
+class RowScaledWeight(nn.Module):
+    """A stored weight that is not minilora's own: float16 rows times a float32 scale per row, with
+    QuantizedWeight's interface (what a GGUF block type, say, would offer)."""
+
+    def __init__(self, weight: torch.Tensor, tile_rows: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype, self.tile_rows = weight.dtype, tile_rows
+        scale = weight.abs().amax(1).clamp(min=1e-12)
+        self.register_buffer("rows", (weight / scale.unsqueeze(1)).half())
+        self.register_buffer("row_scale", scale.float())
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return self.dequantize_rows(slice(None), dtype)
+
+    def dequantize_rows(self, rows, dtype=None) -> torch.Tensor:
+        return (self.rows[rows].float() * self.row_scale[rows].unsqueeze(1)).to(dtype or self.dtype)
+
+    def row_tiles(self) -> list[slice]:
+        return [slice(i, min(i + self.tile_rows, self.out_features)) for i in range(0, self.out_features, self.tile_rows)]
+
+    def nbytes(self) -> int:
+        return self.rows.numel() * 2 + self.row_scale.numel() * 4
+
+
+@pytest.mark.parametrize("tile_rows", [80, 24])  # the whole weight at once, and in four row tiles
+def test_any_stored_weight_with_the_interface_works_as_a_base_without_naming_its_scheme(tile_rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80)
+    stored = RowScaledWeight(linear.weight.detach(), tile_rows)
+    layer = LoRALinear(QuantLinear(stored, linear.bias))
+    adapter = layer.add_adapter("default", 4, 8.0)
+    layer.active_adapter = "default"
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+
+    dense, a, b = stored.dequantize(), adapter.lora_A.detach().requires_grad_(), adapter.lora_B.detach().requires_grad_()
+    xr = x.detach().requires_grad_()
+    expected = nn.functional.linear(xr, dense, linear.bias) + xr @ a.T @ b.T * 2.0
+    expected.backward(g)
+    assert_close_to_rounding(out, expected, reduction=48 + 4)
+    for ours, reference in ((x.grad, xr.grad), (adapter.lora_A.grad, a.grad), (adapter.lora_B.grad, b.grad)):
+        assert_close_to_rounding(ours, reference, reduction=48 + 80)
+    with torch.no_grad():
+        assert_close_to_rounding(layer(x), expected, reduction=48 + 4)
+    assert layer.quantized and layer.to_linear().weight is stored
+    with pytest.raises(QuantizedBaseError, match="cannot merge"):
+        layer.merge()
