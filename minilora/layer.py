@@ -73,12 +73,13 @@ class LoRAAdapter(nn.Module):
         adds row by row). A and B are cast to x's dtype (an r-wide cast; autograd still accumulates
         float32 gradients); the output has the base output's dtype. B·A is never formed.
         """
-        if not torch.is_grad_enabled():
-            lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        if not torch.is_grad_enabled():  # the formula as written
+            A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            lora = F.linear(F.linear(self.dropout(x), A), B) * self.scale  # B(A(drop(x))) * scale
             if weight is None:
                 return lora.to(x.dtype)
-            out = linear(x, weight, bias)
-            return out + lora.to(out.dtype)
+            base = linear(x, weight, bias)  # base(x)
+            return base + lora.to(base.dtype)
         # With autograd recording (training), the same sum as one autograd node, which keeps the
         # byte dropout mask for backward instead of drop(x): minilora/fused.py says why.
         return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scale, self.dropout)
