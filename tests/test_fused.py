@@ -98,7 +98,8 @@ def test_the_fused_node_computes_what_the_plain_formula_computes(dtype, base, p)
     if dtype == torch.float32:
         assert_close_to_rounding(through_node, as_written, reduction=48 + 4)
     else:
-        # Each path rounds the r-wide product, the adapter term and the sum to bfloat16 in its own
-        # order: a few roundings, each within bfloat16's eps of the largest value.
+        # Each path rounds the r-wide product, the adapter term, the base output and the sum to
+        # bfloat16 in its own order: at most 6 roundings along any path (as in the test above),
+        # each within bfloat16's eps of the largest value.
         eps, scale = torch.finfo(dtype).eps, as_written.abs().max().item()
-        torch.testing.assert_close(through_node, as_written, rtol=4 * eps, atol=4 * eps * scale)
+        torch.testing.assert_close(through_node, as_written, rtol=6 * eps, atol=6 * eps * scale)
