@@ -272,3 +272,25 @@ def test_empty_after_filtering(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": "   "}] * 10)
     with pytest.raises(UsageError, match="no training text"):
         prepare_data(args_for(path), tokenizer)
+
+
+# -- JSON of any layout, documents of any length, prompts longer than the window (issue 30) --------
+
+def test_a_pretty_printed_json_array_is_read_whatever_comes_before_its_bracket(tmp_path, tokenizer):
+    records = [{"text": t} for t in medical_sentences(12)]
+    lines = write_jsonl(tmp_path / "notes.jsonl", records)
+    for name, lead in (("newline.json", "\n"), ("indented.json", "\r\n \t\n   "), ("bom.json", "\ufeff\n  ")):
+        (tmp_path / name).write_text(lead + json.dumps(records, indent=4) + "\n", encoding="utf-8")
+        assert load_records(str(tmp_path / name))["train"][0:12] == load_records(lines)["train"][0:12], name
+
+
+def test_one_json_object_over_several_lines_is_named_as_such(tmp_path, tokenizer):
+    path = tmp_path / "export.json"
+    path.write_text("\n" + json.dumps({"data": [{"text": t} for t in medical_sentences(3)]}, indent=2))
+    with pytest.raises(UsageError, match=r"export\.json: holds one JSON object spread over several lines, not "
+                                         r"records.*jq -c '\.data\[\]'"):
+        load_records(str(path))
+    broken = tmp_path / "broken.jsonl"  # a JSON lines file whose first line is cut: still the line's error
+    broken.write_text('{"text": "cut\n{"text": "fine"}\n')
+    with pytest.raises(UsageError, match=r"broken\.jsonl:1: malformed JSON line"):
+        load_records(str(broken))

@@ -269,9 +269,9 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
     would vanish as if it were empty."""
     _check_utf8(path)
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows exports) is fine, as for datasets
-        head = f.read(1).lstrip()
+        head = _first_visible_character(f)
         f.seek(0)
-        if head == "[":  # one JSON array, not JSON lines
+        if head == "[":  # one JSON array (pretty-printed ones start with a line end or spaces), not JSON lines
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
@@ -282,11 +282,16 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
                 kinds.check(value, f"{path}: record {number}")
                 yield value
             return
+        first = True  # no line parsed yet: a pretty-printed object fails on its first line, "{"
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
+                    if first and head == "{" and _is_one_json_object(path):
+                        raise UsageError(f"{path}: holds one JSON object spread over several lines, not records; give "
+                                         "JSON lines (one object per line) or a JSON array of objects (records kept "
+                                         "under a key, say 'data', come out as JSON lines with: jq -c '.data[]')") from None
                     raise UsageError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
                 except RecursionError:
                     raise UsageError(f"{path}:{number}: JSON nested too deeply to read; each line is one flat "
@@ -294,7 +299,25 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
                 if not isinstance(value, dict):
                     raise UsageError(f"{path}:{number}: each JSON line must be an object, found {type(value).__name__}")
                 kinds.check(value, f"{path}:{number}")
+                first = False
                 yield value
+
+
+def _first_visible_character(f) -> str:
+    """The first character of text file ``f`` that is not white space ("" for none), read a block at a time."""
+    while block := f.read(1 << 16):
+        if block.strip():
+            return block.lstrip()[0]
+    return ""
+
+
+def _is_one_json_object(path: str) -> bool:
+    """Whether the whole file parses as one JSON object (asked only when its first line did not parse)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return isinstance(json.load(f), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 class _RecordKinds:
