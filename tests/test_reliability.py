@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -182,7 +183,19 @@ BAD_INPUT = [
      ["--model_name", "{tmp}/base"], "base: its weights could not be read (SafetensorError"),
     ("base-pickled", lambda t: _base_copy(t, _pickled_weights), ["--model_name", "{tmp}/base"],
      "base: its weights could not be read (UnpicklingError"),
+    # issue 30: it stopped at update 1 blaming the learning rate for a loss over no tokens
+    ("prompts-fill-the-window", lambda t: write_jsonl(t / "qa.jsonl", _questions(20, sentences=3)),
+     ["--train_on_responses_only"], "--train_on_responses_only: the prompt (question and context) of every one of the "
+                                    "19 training examples takes"),
 ]
+
+
+def _questions(n, sentences):
+    """Question/response records whose questions are ``sentences`` clinical sentences long; with the
+    template, the tiny tokenizer makes a prompt of about 50 tokens of 0 sentences, 170 of 3."""
+    notes = medical_sentences(sentences)
+    return [{"question": " ".join(notes) + f" What now for case {i}?", "response": f"Rest and fluids, case {i}."}
+            for i in range(n)]
 
 
 def _config(tmp, values) -> None:
@@ -702,3 +715,23 @@ def test_long_documents_empty_lines_and_mixed_unicode_pack_into_the_expected_win
                                         "--max_steps", "2", "--general_eval_dataset", "none")))
     assert summary["train_windows"] == expected and expected > 300
     assert summary["updates"] == 2 and math.isfinite(summary["final"]["validation"]["loss"])
+
+
+def test_responses_only_leaves_out_prompts_longer_than_the_window_says_how_many_and_trains(tiny_model_dir, tmp_path,
+                                                                                           capsys):
+    """One window a micro-batch, a logged loss every update: a window of prompt alone used to make
+    an update with no loss tokens, logged as nan and blamed on the learning rate (issue 30)."""
+    records = _questions(12, sentences=3) + _questions(28, sentences=0)
+    path = write_jsonl(tmp_path / "qa.jsonl", [records[i] for i in torch.randperm(40, generator=torch.Generator().manual_seed(0))])
+    out = tmp_path / "out"
+    status = main(argv(tiny_model_dir, path, out, "--train_on_responses_only", "--max_seq_length", "96",
+                       "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_steps", "8"))
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    note = next(line for line in captured.out.splitlines() if line.startswith("note: --train_on_responses_only"))
+    counts = re.findall(r"(\d+) of (\d+) (training|validation) examples", note)
+    assert sum(int(left) for left, _, _ in counts) == 12 and ("38", "training") in [c[1:] for c in counts], note
+    losses = [record["train_loss"] for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "train_loss" in record]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+
