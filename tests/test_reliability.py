@@ -398,6 +398,54 @@ def test_a_resume_that_would_change_what_the_checkpoint_means_is_refused(flags, 
     assert snapshot(out) == before
 
 
+# (id, {flag: path under tmp} for the run, words): output directories that would change a folder the run reads
+READ_FOLDERS = [
+    ("the-base-folder", {"--model_name": "base", "--output_dir": "base/../base/"},
+     "is the folder of the base model (--model_name"),
+    ("the-tokenizer-folder", {"--tokenizer_name_or_path": "base", "--output_dir": "base"},
+     "is the folder of the base model (--tokenizer_name_or_path"),
+    ("inside-the-data-folder", {"--dataset_dir": "data", "--output_dir": "data/runs/one"},
+     "is inside the data folder (--dataset_dir"),
+    ("a-base-named-like-a-checkpoint", {"--model_name": "runs/checkpoint-500", "--output_dir": "runs"},
+     "holds --model_name"),
+]
+
+
+@pytest.mark.parametrize("paths, words", [c[1:] for c in READ_FOLDERS], ids=[c[0] for c in READ_FOLDERS])
+def test_an_output_directory_the_run_reads_from_is_refused_and_nothing_changes(paths, words, tiny_model_dir, data,
+                                                                               tmp_path, capsys):
+    """Issue 30: --output_dir equal to the base's folder exited 0, and from_pretrained of the base
+    folder then loaded base + adapter without a word."""
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "checkpoint-500")
+    (tmp_path / "data").mkdir()
+    shutil.copy(data, tmp_path / "data" / "notes.jsonl")
+    before = snapshot(tmp_path)
+    args = argv(tiny_model_dir, tmp_path / "data", tmp_path / "out")
+    for flag, path in paths.items():  # the flags given here replace the usual ones (last one wins in argparse)
+        args += [flag, str(tmp_path / path)]
+    line = cli_error(args, capsys)
+    assert words in line and "choose another --output_dir" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_directory_inside_the_base_folder_leaves_what_the_base_loads_unchanged(tiny_model_dir, data,
+                                                                                         tmp_path):
+    """The decision beside the test above: from_pretrained reads only a folder's own files, so a run
+    written into a subfolder of the base changes nothing the base loads."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    before = snapshot(tmp_path / "base")
+    run(parse_args(argv(tmp_path / "base", data, tmp_path / "base" / "runs" / "one", "--max_steps", "1")))
+    after = snapshot(tmp_path / "base")
+    assert {k: v for k, v in after.items() if not k.startswith("runs" + os.sep)} == before
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
+
+
 def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, data, tmp_path, capsys):
     """issue 18: two runs into one directory both reported success and one run's results were gone."""
     from minilora_train.outputs import LOCK, RunDir

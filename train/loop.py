@@ -33,8 +33,8 @@ from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .loss import module_called, nll_result, predicted_tokens
 from .loss import summed_nll as model_nll
-from .outputs import (FINISHED, RunDir, check_resume_settings, load_safetensors, load_tensors_safely, resume_settings,
-                      save_tensors_safely)
+from .outputs import (FINISHED, RunDir, check_output_dir_apart, check_resume_settings, load_safetensors,
+                      load_tensors_safely, resume_settings, save_tensors_safely)
 from .report import Reporter, write_report
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
@@ -79,6 +79,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     evaluation, its chat answers) is measured once and reused while model, evaluation windows and
     prompts are the same (see ``_base_key``)."""
     args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
+    check_output_dir_apart(args)  # never into the base's folder or a data folder
     run_dir = RunDir(args.output_dir, args.tmp_dir)
     try:
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 holds the directory for every rank

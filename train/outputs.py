@@ -232,6 +232,46 @@ class RunDir:
         return local
 
 
+def check_output_dir_apart(args) -> None:
+    """UsageError when --output_dir would write into a folder the run reads, before anything is
+    written:
+
+    - the base model's (or tokenizer's) folder itself: the adapter files would sit next to the
+      base's, and transformers' ``from_pretrained`` of that folder then loads base + adapter,
+      silently; the tokenizer files would be rewritten. An output folder *inside* the base's
+      folder is allowed: ``from_pretrained`` reads only the folder's own files, so the base loads
+      as before.
+    - a local data folder (--dataset_dir, --general_eval_dataset, --replay_general_dataset) or
+      a folder inside it: data folders are read recursively, so the run's own metrics.jsonl,
+      configs, report.md and tokenizer files would become records of the next run or resume.
+    - a folder holding one of those as a ``checkpoint-N`` entry: the run prunes, clears
+      (--overwrite_output_dir) and resumes (``latest``) its checkpoints by that name.
+    Object-store outputs (``gs://``) are not compared."""
+    if "://" in args.output_dir and not args.output_dir.startswith("file://"):
+        return
+    out = os.path.realpath(os.path.expanduser(args.output_dir.removeprefix("file://")))
+    read = [("--model_name", args.model_name, False), ("--tokenizer_name_or_path", args.tokenizer_name_or_path, False)]
+    read += [(f"--{name}", getattr(args, name), True)
+             for name in ("dataset_dir", "general_eval_dataset", "replay_general_dataset")]
+    for flag, name, is_data in read:
+        folder = os.path.expanduser(name) if isinstance(name, str) and "://" not in name else None
+        if folder is None or not os.path.isdir(folder):
+            continue
+        folder = os.path.realpath(folder)
+        if out == folder or is_data and out.startswith(folder + os.sep):
+            what = ("the data folder" if is_data else "the folder of the base model") + f" ({flag} {name})"
+            why = ("data folders are read with every file under them, so the run's own metrics, configs and "
+                   "report would become training records" if is_data else
+                   "the adapter would sit next to the base's weights, and from_pretrained of that folder would "
+                   "then load the base with the adapter applied")
+            where = "is" if out == folder else "is inside"
+            raise UsageError(f"--output_dir {args.output_dir} {where} {what}: {why}; choose another --output_dir")
+        if os.path.dirname(folder) == out and _CKPT.match(os.path.basename(folder)):
+            raise UsageError(f"--output_dir {args.output_dir} holds {flag} {name} as {os.path.basename(folder)}, a "
+                             "name this run gives its own checkpoints (it removes old ones, and --overwrite_output_dir "
+                             "all of them); choose another --output_dir")
+
+
 # Settings that give a checkpoint its meaning: the base and adapter shape its weights fit, and the
 # data order and window boundaries its position (epoch, micro-batch) counts in. Learning rate,
 # steps, logging and saving may change on resume (lowering the learning rate after a divergence
