@@ -373,14 +373,26 @@ def test_an_output_directory_holding_a_run_is_refused_unless_told(finished, fini
     assert not (out / "latest").exists()
 
 
-# (id, flags of the resumed run, words): settings that change what the checkpoint means (issue 18)
+# (id, flags of the resumed run, words): settings that change what the checkpoint means (issue 18, issue 30)
 CHANGED_ON_RESUME = [
     ("another-base", ["--model_name", "{tmp}/same-shape-copy"], "the checkpoint was made with --model_name"),
-    ("alpha", ["--lora_alpha", "64"], "made with --lora_alpha 8.0 and this run has 64.0"),
-    ("rank", ["--lora_r", "8"], "made with --lora_r 4 and this run has 8"),
-    ("batch-size", ["--per_device_train_batch_size", "4"], "made with --per_device_train_batch_size 2 and this run has 4"),
-    ("window-length", ["--max_seq_length", "16"], "made with --max_seq_length 32 and this run has 16"),
+    ("alpha", ["--lora_alpha", "64"], "made with --lora_alpha 8.0 and this run has --lora_alpha 64.0"),
+    ("rank", ["--lora_r", "8"], "made with --lora_r 4 and this run has --lora_r 8"),
+    ("batch-size", ["--per_device_train_batch_size", "4"],
+     "made with --per_device_train_batch_size 2 and this run has --per_device_train_batch_size 4"),
+    ("window-length", ["--max_seq_length", "16"], "made with --max_seq_length 32 and this run has --max_seq_length 16"),
     ("data", ["--dataset_dir", "{tmp}/other.jsonl"], "the checkpoint was made with --dataset_dir"),
+    # the base as loaded: its tokenizer, quantization and dtype
+    ("another-tokenizer", ["--tokenizer_name_or_path", "{tmp}/same-shape-copy"],
+     "the checkpoint was made with --tokenizer_name_or_path"),
+    ("quantized-now", ["--quantize", "int8"], "made with no --quantize and this run has --quantize int8"),
+    ("bf16-now", ["--bf16"], "made with --no-bf16 and this run has --bf16"),
+    # the adapter's layers; the data's reading and formatting; what the base's evaluation was measured on
+    ("top-layers", ["--lora_top_layers", "1"], "made with no --lora_top_layers and this run has --lora_top_layers 1"),
+    ("chat-template", ["--chat_template"], "made with --no-chat_template and this run has --chat_template"),
+    ("evaluation-cap", ["--max_eval_samples", "3"], "made with no --max_eval_samples and this run has --max_eval_samples 3"),
+    ("general-evaluation", ["--general_eval_dataset", "{tmp}/other.jsonl"],
+     "made with --general_eval_dataset none and this run has --general_eval_dataset"),
 ]
 
 
@@ -394,7 +406,7 @@ def test_a_resume_that_would_change_what_the_checkpoint_means_is_refused(flags, 
     before = snapshot(out)
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     line = cli_error(argv(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", *flags), capsys)
-    assert words in line and "Resume with --" in line
+    assert words in line and "Resume with" in line
     assert snapshot(out) == before
 
 
@@ -444,6 +456,51 @@ def test_an_output_directory_inside_the_base_folder_leaves_what_the_base_loads_u
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits,
                            AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
+
+
+def test_a_checkpoint_over_a_quantized_base_resumes_only_over_the_same_quantization(tiny_model_dir, data, tmp_path,
+                                                                                     capsys):
+    """Issue 30: a checkpoint made with --quantize nf4 resumed under --quantize int8 with exit 0."""
+    out = tmp_path / "run"
+    run(parse_args(argv(tiny_model_dir, data, out, "--quantize", "nf4", "--max_steps", "2",
+                        "--save_epoch_percentage", "0.01")))
+    before = snapshot(out)
+    for flags, words in ((["--quantize", "int8"], "made with --quantize nf4 and this run has --quantize int8"),
+                         ([], "made with --quantize nf4 and this run has no --quantize")):
+        line = cli_error(argv(tiny_model_dir, data, out, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                              *flags), capsys)
+        assert words in line and "Resume with --quantize nf4" in line
+        assert snapshot(out) == before
+    assert main(argv(tiny_model_dir, data, out, "--quantize", "nf4", "--max_steps", "2",
+                     "--resume_from_checkpoint", "latest")) == 0
+
+
+def test_the_batch_a_checkpoint_counts_in_is_compared_over_all_devices(tiny_model_dir, data):
+    """Its position counts micro-batches of per-device rows x data-parallel devices: 8 x 1 resumes
+    as 4 x 2, and 8 x 2 would skip twice the windows (torchrun, SPMD: tests/test_scaling.py runs them)."""
+    from minilora_train.outputs import check_resume_settings, resume_settings
+
+    saved = resume_settings(parse_args(argv(tiny_model_dir, data, "out", "--per_device_train_batch_size", "8")), 1)
+    check_resume_settings(saved, parse_args(argv(tiny_model_dir, data, "out", "--per_device_train_batch_size", "4")),
+                          "ckpt", devices=2)
+    with pytest.raises(UsageError, match=r"made with micro-batches of 8 windows over all devices and this run's take "
+                                         r"16 \(--per_device_train_batch_size 8 on 2 device\(s\)\).*Resume with "
+                                         r"--per_device_train_batch_size 4 on these 2 device\(s\)"):
+        check_resume_settings(saved, parse_args(argv(tiny_model_dir, data, "out", "--per_device_train_batch_size", "8")),
+                              "ckpt", devices=2)
+
+
+def test_the_data_format_is_compared_as_the_reader_used(tiny_model_dir, data):
+    """No --dataset_format, json and jsonl all read a .jsonl file the same way; text reads it otherwise."""
+    from minilora_train.outputs import check_resume_settings, resume_settings
+
+    def settings(*flags):
+        return resume_settings(parse_args(argv(tiny_model_dir, data, "out", *flags)))
+
+    assert settings() == settings("--dataset_format", "json") == settings("--dataset_format", "jsonl")
+    with pytest.raises(UsageError, match="made with --dataset_format json and this run has --dataset_format text"):
+        check_resume_settings(settings(), parse_args(argv(tiny_model_dir, data, "out", "--dataset_format", "text")),
+                              "ckpt")
 
 
 def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, data, tmp_path, capsys):

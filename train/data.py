@@ -143,6 +143,15 @@ def _data_files(root: str, dataset_format: Optional[str]) -> tuple[str, dict[str
     return builder, splits
 
 
+def reader_of(dataset_dir: str, dataset_format: Optional[str]) -> Optional[str]:
+    """The reader (json, text, parquet, csv) ``load_records`` uses for local files: --dataset_format,
+    or the one the file names give; None for a saved `datasets` folder or a remote URL."""
+    if "://" in dataset_dir or not os.path.exists(dataset_dir) or any(
+            os.path.exists(os.path.join(dataset_dir, name)) for name in ("dataset_dict.json", "state.json")):
+        return None
+    return _data_files(dataset_dir, dataset_format)[0]
+
+
 def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, streaming: bool = False,
                  tmp_dir: Optional[str] = None, storage_options: Optional[dict] = None):
     """The records by split: {'train': ..., maybe 'validation': ...}.

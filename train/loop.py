@@ -350,7 +350,7 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
             raise ValueError("negative counters, or a history that is not a list of records")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged ({e!r})") from None
-    check_resume_settings(state.get("settings"), args, path)
+    check_resume_settings(state.get("settings"), args, path, device.global_batch(1))
     # Safetensors and torch.load(weights_only=True) only: reading a checkpoint runs no code.
     optimizer_state = load_tensors_safely(os.path.join(path, "optimizer.pt"))
     rng_state = load_tensors_safely(os.path.join(path, "rng.pt"))
@@ -648,7 +648,7 @@ def _save_checkpoint(run_dir: RunDir, model, optimizer, device: Device, pos: Pos
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
                    "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history,
-                   "settings": resume_settings(args)}, f, indent=2)
+                   "settings": resume_settings(args, device.global_batch(1))}, f, indent=2)
     run_dir.commit_checkpoint(tmp, pos.update, args.save_total_limit)
 
 

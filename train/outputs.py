@@ -272,45 +272,88 @@ def check_output_dir_apart(args) -> None:
                              "all of them); choose another --output_dir")
 
 
-# Settings that give a checkpoint its meaning: the base and adapter shape its weights fit, and the
-# data order and window boundaries its position (epoch, micro-batch) counts in. Learning rate,
-# steps, logging and saving may change on resume (lowering the learning rate after a divergence
-# is the advice the run itself gives).
-RESUME_SETTINGS = ("model_name", "use_lora", "dataset_dir", "max_seq_length", "per_device_train_batch_size",
-                   "gradient_accumulation_steps", "seed", "validation_split_percentage", "train_on_responses_only",
-                   "streaming_data", "replay_general", "replay_general_dataset", "replay_self")
-LORA_RESUME_SETTINGS = ("lora_r", "lora_alpha", "lora_target_modules", "lora_bias", "use_rslora")
+# Settings that give a checkpoint its meaning: the base as the run loads it (weights, tokenizer,
+# quantization, dtype) and the adapter's shape, which its weights fit; the data, its formatting and
+# window boundaries, and the batch layout its position (epoch, micro-batch) counts in; and what its
+# recorded history was measured on (the base's evaluation is kept from the first start and compared
+# with the final one). Learning rate, steps, warm-up, dropout, logging and saving may change on
+# resume (lowering the learning rate after a divergence is the advice the run itself gives), and
+# so may the device: its numbers differ only by rounding.
+RESUME_SETTINGS = ("model_name", "tokenizer_name_or_path", "quantize", "quantize_embeddings", "bf16", "use_lora",
+                   "dataset_dir", "dataset_format", "chat_template", "max_seq_length", "gradient_accumulation_steps",
+                   "seed", "validation_split_percentage", "train_on_responses_only", "streaming_data",
+                   "replay_general", "replay_general_dataset", "replay_self", "max_eval_samples",
+                   "general_eval_dataset")
+LORA_RESUME_SETTINGS = ("lora_r", "lora_alpha", "lora_target_modules", "lora_bias", "use_rslora", "lora_top_layers")
+STREAMING_RESUME_SETTINGS = ("shuffle_buffer_size",)  # the order a stream is read in
+LOCAL_PATHS = ("model_name", "tokenizer_name_or_path", "dataset_dir", "replay_general_dataset", "general_eval_dataset")
 
 
-def resume_settings(args) -> dict:
-    """The settings a checkpoint records so that a resume can check them (see check_resume_settings)."""
-    names = RESUME_SETTINGS + (LORA_RESUME_SETTINGS if args.use_lora else ())
+def resume_settings(args, devices: int = 1) -> dict:
+    """The settings a checkpoint records so that a resume can check them (see check_resume_settings).
+    ``devices``: how many data-parallel devices share a micro-batch (``global_batch`` is
+    --per_device_train_batch_size times that: the windows one micro-batch of the position takes)."""
+    names = (RESUME_SETTINGS + (LORA_RESUME_SETTINGS if args.use_lora else ())
+             + (STREAMING_RESUME_SETTINGS if args.streaming_data else ()))
     settings = {name: getattr(args, name) for name in names}
-    for name in ("model_name", "dataset_dir"):  # one local folder, however it is spelt
+    for name in LOCAL_PATHS:  # one local folder, however it is spelt
         value = settings[name]
         if isinstance(value, str) and os.path.exists(value):
             settings[name] = os.path.realpath(value)
+    if isinstance(args.dataset_dir, str):  # the reader used, given or inferred: json for .jsonl, jsonl or none
+        from .data import reader_of
+
+        settings["dataset_format"] = reader_of(args.dataset_dir, args.dataset_format) or args.dataset_format
     if args.use_lora and settings["lora_alpha"] is None:
         settings["lora_alpha"] = 2 * args.lora_r  # the default, spelt out: 16 given is 16 defaulted
     if isinstance(settings.get("lora_alpha"), (int, float)):
         settings["lora_alpha"] = float(settings["lora_alpha"])
+    settings["per_device_train_batch_size"] = args.per_device_train_batch_size
+    settings["global_batch"] = args.per_device_train_batch_size * devices
     return settings
 
 
-def check_resume_settings(saved, args, path: str) -> None:
+def check_resume_settings(saved, args, path: str, devices: int = 1) -> None:
     """UsageError naming the first setting in which this run differs from the checkpoint at
-    ``path`` (a checkpoint from before settings were recorded is not checked)."""
+    ``path`` (a checkpoint from before settings were recorded is not checked, nor settings a
+    checkpoint predates). The batch is compared over all devices: a checkpoint made with 8
+    windows per device on 1 device resumes with 4 per device on 2."""
     if saved is None:
         return
     if not isinstance(saved, dict):
         raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged (settings is not a mapping)")
-    now = resume_settings(args)
+    now = resume_settings(args, devices)
+    if "global_batch" in saved:
+        now.pop("per_device_train_batch_size")
+    advice = ("resuming would change what the checkpoint means (other weights or another position in other data). "
+              "Resume {}, or start a new run in another --output_dir")
     for name, value in now.items():
-        if name in saved and saved[name] != value:
-            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with --{name} {saved[name]!r} "
-                             f"and this run has {value!r}; resuming would change what the checkpoint means (other "
-                             f"weights or another position in other data). Resume with --{name} {saved[name]!r}, or "
-                             "start a new run in another --output_dir")
+        if name not in saved or saved[name] == value:
+            continue
+        if name == "global_batch" and saved[name] == saved.get("per_device_train_batch_size", 0) * devices:
+            name, value = "per_device_train_batch_size", args.per_device_train_batch_size  # as many devices as then
+        elif name == "global_batch":
+            per_device, rest = divmod(saved[name], devices)
+            fix = (f"with --per_device_train_batch_size {per_device} on these {devices} device(s)" if not rest and per_device
+                   else f"with {saved[name]} windows per micro-batch over all devices")
+            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with micro-batches of "
+                             f"{saved[name]} windows over all devices and this run's take {value} "
+                             f"(--per_device_train_batch_size {args.per_device_train_batch_size} on {devices} "
+                             f"device(s)); its position counts micro-batches, so " + advice.format(fix))
+        raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with {_as_flag(name, saved[name])} "
+                         f"and this run has {_as_flag(name, value)}; "
+                         + advice.format(f"without --{name}" if saved[name] is None else f"with {_as_flag(name, saved[name])}"))
+
+
+def _as_flag(name: str, value) -> str:
+    """A setting as the command line gives it: --bf16, --no-bf16, no --quantize, --lora_r 8."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if value is None:
+        return f"no --{name}"
+    if isinstance(value, list):
+        return f"--{name} {' '.join(map(str, value))}"
+    return f"--{name} {value}"
 
 
 def save_tensors_safely(obj, path: str) -> None:
