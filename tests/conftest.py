@@ -160,6 +160,22 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def instruct_model_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer has a chat template, as an instruct base's does (chat drift, self-replay)."""
+    path = tmp_path_factory.mktemp("tiny-instruct")
+    tokenizer = make_tokenizer(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    return str(path)
+
+
 def write_jsonl(path, records) -> str:
     with open(path, "w") as f:
         for r in records:

@@ -183,6 +183,13 @@ BAD_INPUT = [
      ["--model_name", "{tmp}/base"], "base: its weights could not be read (SafetensorError"),
     ("base-pickled", lambda t: _base_copy(t, _pickled_weights), ["--model_name", "{tmp}/base"],
      "base: its weights could not be read (UnpicklingError"),
+    # issue 30's scan: a TypeError traceback; errors blamed on the weights; an empty output directory left behind
+    ("base-config-not-a-mapping", lambda t: _base_copy(t, lambda d: open(os.path.join(d, "config.json"), "w").write("[1]")),
+     ["--model_name", "{tmp}/base"], "base: its config.json could not be read"),
+    ("base-tokenizer-damaged", lambda t: _base_copy(t, lambda d: open(os.path.join(d, "tokenizer.json"), "w").write("{")),
+     ["--model_name", "{tmp}/base"], "base: its tokenizer files could not be read (JSONDecodeError"),
+    ("saved-dataset-damaged", lambda t: os.path.dirname(_write((t / "saved").mkdir() or t / "saved", "state.json", b"{")), [],
+     "saved: a folder saved by datasets' save_to_disk that cannot be read"),
     # issue 30: a struct.error traceback and exit 1
     ("gguf-cut-in-its-header", lambda t: _cut(write_small_gguf(t / "base.gguf"), 100), ["--model_name", "{tmp}/base.gguf"],
      "base.gguf: the file ends at byte 100, inside its GGUF header"),
@@ -346,6 +353,38 @@ def test_a_damaged_or_hostile_checkpoint_is_refused_and_runs_no_code(damage, wor
     assert words in line
     assert not marker.exists()  # nothing was unpickled
     assert snapshot(out) == before  # a refused resume changes nothing
+
+
+@pytest.fixture(scope="module")
+def instruct_run(instruct_model_dir, data, tmp_path_factory) -> str:
+    """A finished run on an instruct base, with checkpoints, chat drift and self-replay: its output
+    directory holds the base's chat answers and self-distillation answers that a resume reads back."""
+    out = tmp_path_factory.mktemp("rel-instruct") / "run"
+    run(parse_args(argv(instruct_model_dir, data, out, "--max_steps", "2", "--save_epoch_percentage", "0.01",
+                        "--chat_drift_prompts", "2", "--replay_self", "0.2")))
+    return str(out)
+
+
+# (id, file of the run directory, what is written into it): issue 30's scan, a raw traceback each before
+RUN_FILES = [
+    ("chat-probe-not-json", "chat_probe.json", '{"prompts": ['),
+    ("chat-probe-wrong-shape", "chat_probe.json", json.dumps({"prompts": ["hi"], "prompt_ids": [["a"]],
+                                                              "answer_ids": [[1]], "base_nll": 1.0})),
+    ("self-answers-wrong-shape", "self_distillation.json", json.dumps([[[1, 2], [3]], [[4]]])),
+]
+
+
+@pytest.mark.parametrize("name, content", [c[1:] for c in RUN_FILES], ids=[c[0] for c in RUN_FILES])
+def test_a_damaged_file_the_resume_reads_from_the_run_is_one_line(name, content, instruct_run, instruct_model_dir, data,
+                                                                  tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(instruct_run, out)
+    (out / name).write_text(content)
+    before = snapshot(out)
+    line = cli_error(argv(instruct_model_dir, data, out, "--max_steps", "2", "--chat_drift_prompts", "2",
+                          "--replay_self", "0.2", "--resume_from_checkpoint", "latest"), capsys)
+    assert f"{name} is damaged (" in line and "restore it, or start the run over with --overwrite_output_dir" in line
+    assert snapshot(out) == before
 
 
 def test_the_planted_pickle_would_run_code_if_unpickled(tmp_path):

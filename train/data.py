@@ -167,7 +167,12 @@ def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, stre
                                 or os.path.exists(os.path.join(root, "state.json"))):
         import datasets
 
-        loaded = datasets.load_from_disk(root)
+        try:
+            loaded = datasets.load_from_disk(root)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged state.json or dataset_dict.json
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--dataset_dir {dataset_dir}: a folder saved by datasets' save_to_disk that cannot be "
+                             f"read ({type(e).__name__}: {first}); save it again") from None
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
         loaded = datasets.DatasetDict({SPLIT_WORDS.get(k, k): v for k, v in loaded.items()})

@@ -72,7 +72,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     """Train per ``args`` (on ``device``, default the one ``args`` names); returns the summary
     that is also written to train_summary.json. Bad settings or input raise UsageError (or
     AdapterLoadError) before anything is written, and an output directory this call created is
-    removed again.
+    removed again (after any failure that left it empty).
 
     ``base_cache``: a dict shared by runs in one process that start from the same base (the
     --compare_full_finetune run, a sweep): what a run measures of the base before training (its
@@ -85,7 +85,7 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 holds the directory for every rank
             run_dir.lock()
         return _run(args, run_dir, device, model, tokenizer, general_windows, base_cache)
-    except (UsageError, minilora.AdapterLoadError):
+    except BaseException:  # a folder this run created and wrote nothing into goes, whatever stopped it
         run_dir.unlock()
         run_dir.discard_if_unused()
         raise
@@ -212,7 +212,7 @@ def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
 # -- model init ---------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(args: TrainArgs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = args.tokenizer_name_or_path or args.model_name
     if not args.model_name:
@@ -222,22 +222,31 @@ def load_model_and_tokenizer(args: TrainArgs):
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
             raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained, "
                              "or a .gguf file)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=args.huggingface_token)
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model_name, token=args.huggingface_token,
-            dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    except OSError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if args.huggingface_token:
-            first = first.replace(args.huggingface_token, "<redacted>")
-        raise UsageError(f"--model_name {args.model_name}: could not load it ({first}); give a local directory "
-                         "saved with save_pretrained, or a hub id with network access") from None
-    except (ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # truncated, or an unsafe pickle
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--model_name {args.model_name}: its weights could not be read ({type(e).__name__}: {first}); "
-                         "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, "
-                         "or convert it to safetensors where you trust its source") from None
+    def read(flag: str, name: str, what: str, advice: str, load):
+        """``load()``; a model that cannot be found, or files of it that cannot be read, as one line."""
+        try:
+            return load()
+        except OSError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if args.huggingface_token:
+                first = first.replace(args.huggingface_token, "<redacted>")
+            raise UsageError(f"{flag} {name}: could not load it ({first}); " + (
+                damaged if os.path.isdir(os.path.expanduser(name)) else
+                "give a local directory saved with save_pretrained, or a hub id with network access")) from None
+        except (ValueError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{flag} {name}: its {what} could not be read ({type(e).__name__}: {first}); {advice}") from None
+
+    damaged = "a truncated or damaged download: download it again"
+    config = read("--model_name", args.model_name, "config.json", damaged,  # (a config.json holding a list: TypeError)
+                  lambda: AutoConfig.from_pretrained(args.model_name, token=args.huggingface_token))
+    tokenizer = read("--tokenizer_name_or_path" if source != args.model_name else "--model_name", source,
+                     "tokenizer files", damaged, lambda: AutoTokenizer.from_pretrained(source, token=args.huggingface_token))
+    model = read("--model_name", args.model_name, "weights",  # truncated, or an unsafe pickle
+                 "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, or "
+                 "convert it to safetensors where you trust its source",
+                 lambda: AutoModelForCausalLM.from_pretrained(args.model_name, config=config, token=args.huggingface_token,
+                                                              dtype=torch.bfloat16 if args.bf16 else torch.float32))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -123,6 +123,22 @@ class RunDir:
         else:
             self.fs.put(source, target)
 
+    def read_json(self, rel: str, fits, holds: str):
+        """What the run's first start wrote into ``rel`` for its resumes (the base's chat answers,
+        its self-distillation answers), if ``fits(value)``; a file that is damaged or of another
+        shape is a UsageError saying what it should hold (``holds``), not a traceback later."""
+        path = self.path(rel)
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
+            problem = None if fits(value) else f"it does not hold {holds}"
+        except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8
+            problem = f"not JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if problem:
+            raise UsageError(f"{path} is damaged ({problem}); resuming needs it as the run's first start wrote it: "
+                             "restore it, or start the run over with --overwrite_output_dir")
+        return value
+
     def write_json(self, rel: str, value) -> None:
         _write_aside(self.path(rel), json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
         self.publish(rel)
@@ -354,6 +370,13 @@ def _as_flag(name: str, value) -> str:
     if isinstance(value, list):
         return f"--{name} {' '.join(map(str, value))}"
     return f"--{name} {value}"
+
+
+def is_token_lists(value, count: Optional[int] = None) -> bool:
+    """Whether ``value`` is a list (of ``count`` items) of lists of token ids (ints that are not bools)."""
+    return isinstance(value, list) and (count is None or len(value) == count) and all(
+        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        for ids in value)
 
 
 def save_tensors_safely(obj, path: str) -> None:
