@@ -542,6 +542,30 @@ def test_the_data_format_is_compared_as_the_reader_used(tiny_model_dir, data):
                               "ckpt")
 
 
+def test_an_output_directory_holding_files_no_run_wrote_is_refused_unless_told(tiny_model_dir, data, tmp_path, capsys):
+    """Issue 30's scan: a folder holding another model (not this run's base) took the run's adapter
+    and tokenizer files over its own without a word."""
+    from minilora_train.outputs import RunDir
+
+    out = tmp_path / "another-model"
+    tiny_llama(seed=3).save_pretrained(out)
+    before = snapshot(out)
+    line = cli_error(argv(tiny_model_dir, data, out), capsys)
+    assert "holds files no minilora-train run wrote (config.json, generation_config.json, model.safetensors)" in line
+    assert "--overwrite_output_dir" in line and snapshot(out) == before
+    run(parse_args(argv(tiny_model_dir, data, out, "--overwrite_output_dir", "--max_steps", "1")))
+    assert (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").exists()
+    # what counts as a run's folder: one with a file a run writes first; hidden files alone are no one's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".DS_Store").write_text("")
+    assert RunDir(str(other)).foreign_entries() == []
+    (other / "notes.txt").write_text("mine")
+    assert RunDir(str(other)).foreign_entries() == ["notes.txt"]
+    (other / "train_config.json").write_text("{}")
+    assert RunDir(str(other)).foreign_entries() == []
+
+
 def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, data, tmp_path, capsys):
     """issue 18: two runs into one directory both reported success and one run's results were gone."""
     from minilora_train.outputs import LOCK, RunDir

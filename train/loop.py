@@ -197,7 +197,8 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
 
 
 def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
-    """A finished run, or an unfinished one's checkpoints, are replaced or continued only when asked."""
+    """A finished run, or an unfinished one's checkpoints, are replaced or continued only when asked;
+    a folder holding files that no run wrote is written into only when asked."""
     if args.overwrite_output_dir or args.resume_from_checkpoint:
         return
     if run_dir.exists(FINISHED):
@@ -207,6 +208,13 @@ def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
         raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run; pass "
                          "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
                          "or choose another directory")
+    foreign = run_dir.foreign_entries()
+    if foreign:  # someone's model or project folder: the run would replace its files of the same names
+        raise UsageError(f"--output_dir {args.output_dir} holds files no minilora-train run wrote ("
+                         f"{', '.join(foreign[:4])}{', …' if len(foreign) > 4 else ''}); the run would write its "
+                         "adapter or model, tokenizer and reports among them, replacing files of the same names "
+                         "(config.json, tokenizer.json …): choose a new or empty directory, or pass "
+                         "--overwrite_output_dir to write into it anyway")
 
 
 # -- model init ---------------------------------------------------------------------------------

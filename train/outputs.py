@@ -192,14 +192,27 @@ class RunDir:
         _write_aside(self.path(LATEST), name + "\n")
         self.publish(LATEST)
 
+    def listing(self) -> list[str]:
+        """The names directly in the output directory."""
+        if self.remote:
+            return [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)] if self.fs.exists(self.root) else []
+        return os.listdir(self.local)
+
     def checkpoints(self) -> list[str]:
         """Complete checkpoint folder names, oldest first."""
-        if self.remote:
-            names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)] if self.fs.exists(self.root) else []
-        else:
-            names = os.listdir(self.local)
-        found = [(int(m.group(1)), n) for n in names if (m := _CKPT.match(n))]
+        found = [(int(m.group(1)), n) for n in self.listing() if (m := _CKPT.match(n))]
         return [n for _, n in sorted(found)]
+
+    def foreign_entries(self) -> list[str]:
+        """What the directory holds when no minilora-train run wrote there (else nothing): the
+        visible entries of a folder with none of the files a run writes before anything else
+        (its settings, the base's chat answers kept for a resume, checkpoints)."""
+        from .drift import PROBE_FILE
+        from .replay import SELF_ANSWERS_FILE
+
+        names = sorted(n for n in self.listing() if not n.startswith("."))
+        ours = {"train_config.json", PROBE_FILE, SELF_ANSWERS_FILE, LATEST, FINISHED}
+        return [] if ours & set(names) or self.checkpoints() else names
 
     def _remove(self, name: str) -> None:
         shutil.rmtree(self.path(name), ignore_errors=True)
