@@ -303,9 +303,10 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
                     if first and head == "{" and _is_one_json_object(path):
-                        raise UsageError(f"{path}: holds one JSON object spread over several lines, not records; give "
-                                         "JSON lines (one object per line) or a JSON array of objects (records kept "
-                                         "under a key, say 'data', come out as JSON lines with: jq -c '.data[]')") from None
+                        raise UsageError(f"{path}: holds one JSON object spread over several lines, not records; "
+                                         "give JSON lines (one object per line) or a JSON array of objects (records "
+                                         "kept under a key, say 'data', come out as JSON lines with: "
+                                         "jq -c '.data[]')") from None
                     raise UsageError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
                 except RecursionError:
                     raise UsageError(f"{path}:{number}: JSON nested too deeply to read; each line is one flat "
@@ -511,12 +512,13 @@ def _say_what_was_left_out(packers: dict[str, Packer]) -> None:
 
     for split, p in left.items():
         if p.left_out == p.examples:
+            shortest, longest = p.left_out_lengths
             raise UsageError(
                 f"--train_on_responses_only: the prompt (question and context) of every one of the {p.examples} "
                 f"{split} examples takes {lengths(p)} tokens, the whole window of --max_seq_length {length} or more, "
-                f"so no answer token can be learned with its question in view; raise --max_seq_length above "
-                f"{p.left_out_lengths[1]}" + (f" (above {p.left_out_lengths[0]} keeps some)" if p.left_out_lengths[0]
-                                              < p.left_out_lengths[1] else "") + ", or shorten the questions and contexts")
+                f"so no answer token can be learned with its question in view; raise --max_seq_length above {longest}"
+                + (f" (above {shortest} keeps some)" if shortest < longest else "")
+                + ", or shorten the questions and contexts")
     if os.environ.get("RANK", "0") == "0":  # torchrun: every rank packs the same data; one says so
         counts = " and ".join(f"{p.left_out} of {p.examples} {split} examples" for split, p in left.items())
         longest = max(p.left_out_lengths[1] for p in left.values())

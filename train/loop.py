@@ -230,6 +230,8 @@ def load_model_and_tokenizer(args: TrainArgs):
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
             raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained, "
                              "or a .gguf file)")
+    damaged = "a truncated or damaged download: download it again"
+
     def read(flag: str, name: str, what: str, advice: str, load):
         """``load()``; a model that cannot be found, or files of it that cannot be read, as one line."""
         try:
@@ -243,18 +245,20 @@ def load_model_and_tokenizer(args: TrainArgs):
                 "give a local directory saved with save_pretrained, or a hub id with network access")) from None
         except (ValueError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise UsageError(f"{flag} {name}: its {what} could not be read ({type(e).__name__}: {first}); {advice}") from None
+            raise UsageError(f"{flag} {name}: its {what} could not be read ({type(e).__name__}: {first}); "
+                             + advice) from None
 
-    damaged = "a truncated or damaged download: download it again"
     config = read("--model_name", args.model_name, "config.json", damaged,  # (a config.json holding a list: TypeError)
                   lambda: AutoConfig.from_pretrained(args.model_name, token=args.huggingface_token))
     tokenizer = read("--tokenizer_name_or_path" if source != args.model_name else "--model_name", source,
-                     "tokenizer files", damaged, lambda: AutoTokenizer.from_pretrained(source, token=args.huggingface_token))
+                     "tokenizer files", damaged,
+                     lambda: AutoTokenizer.from_pretrained(source, token=args.huggingface_token))
     model = read("--model_name", args.model_name, "weights",  # truncated, or an unsafe pickle
                  "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, or "
                  "convert it to safetensors where you trust its source",
-                 lambda: AutoModelForCausalLM.from_pretrained(args.model_name, config=config, token=args.huggingface_token,
-                                                              dtype=torch.bfloat16 if args.bf16 else torch.float32))
+                 lambda: AutoModelForCausalLM.from_pretrained(
+                     args.model_name, config=config, token=args.huggingface_token,
+                     dtype=torch.bfloat16 if args.bf16 else torch.float32))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

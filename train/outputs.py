@@ -194,9 +194,11 @@ class RunDir:
 
     def listing(self) -> list[str]:
         """The names directly in the output directory."""
-        if self.remote:
-            return [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)] if self.fs.exists(self.root) else []
-        return os.listdir(self.local)
+        if not self.remote:
+            return os.listdir(self.local)
+        if not self.fs.exists(self.root):
+            return []
+        return [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
 
     def checkpoints(self) -> list[str]:
         """Complete checkpoint folder names, oldest first."""
@@ -363,15 +365,15 @@ def check_resume_settings(saved, args, path: str, devices: int = 1) -> None:
             name, value = "per_device_train_batch_size", args.per_device_train_batch_size  # as many devices as then
         elif name == "global_batch":
             per_device, rest = divmod(saved[name], devices)
-            fix = (f"with --per_device_train_batch_size {per_device} on these {devices} device(s)" if not rest and per_device
-                   else f"with {saved[name]} windows per micro-batch over all devices")
+            fix = (f"with --per_device_train_batch_size {per_device} on these {devices} device(s)"
+                   if not rest and per_device else f"with {saved[name]} windows per micro-batch over all devices")
             raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with micro-batches of "
                              f"{saved[name]} windows over all devices and this run's take {value} "
                              f"(--per_device_train_batch_size {args.per_device_train_batch_size} on {devices} "
                              f"device(s)); its position counts micro-batches, so " + advice.format(fix))
+        fix = f"without --{name}" if saved[name] is None else f"with {_as_flag(name, saved[name])}"
         raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with {_as_flag(name, saved[name])} "
-                         f"and this run has {_as_flag(name, value)}; "
-                         + advice.format(f"without --{name}" if saved[name] is None else f"with {_as_flag(name, saved[name])}"))
+                         f"and this run has {_as_flag(name, value)}; " + advice.format(fix))
 
 
 def _as_flag(name: str, value) -> str:

@@ -55,7 +55,8 @@ def self_distillation_pool(args, model, tokenizer, run_dir, is_main: bool,
     in one process that start from the same base (a sweep)."""
     key = ("self_distillation", args.model_name, args.bf16)  # answered before --quantize: it does not change them
     if args.resume_from_checkpoint and run_dir.exists(SELF_ANSWERS_FILE):
-        pairs = run_dir.read_json(SELF_ANSWERS_FILE, lambda v: isinstance(v, list) and all(is_token_lists(p, 2) for p in v),
+        pairs = run_dir.read_json(SELF_ANSWERS_FILE,
+                                  lambda v: isinstance(v, list) and all(is_token_lists(p, 2) for p in v),
                                   "a list of [prompt ids, answer ids] pairs")
     elif base_cache is not None and key in base_cache:
         pairs = base_cache[key]
