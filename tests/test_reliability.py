@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import minilora
-from conftest import ROOT, medical_sentences, run_xla, tiny_llama, train_argv, write_jsonl
+from conftest import ROOT, medical_sentences, run_xla, tiny_llama, train_argv, write_jsonl, write_small_gguf
 from minilora_train.cli import main
 from minilora_train.config import UsageError, parse_args
 from minilora_train.loop import run
@@ -182,7 +183,34 @@ BAD_INPUT = [
      ["--model_name", "{tmp}/base"], "base: its weights could not be read (SafetensorError"),
     ("base-pickled", lambda t: _base_copy(t, _pickled_weights), ["--model_name", "{tmp}/base"],
      "base: its weights could not be read (UnpicklingError"),
+    # issue 30's scan: a TypeError traceback; errors blamed on the weights; an empty output directory left behind
+    ("base-config-not-a-mapping", lambda t: _base_copy(t, lambda d: open(os.path.join(d, "config.json"), "w").write("[1]")),
+     ["--model_name", "{tmp}/base"], "base: its config.json could not be read"),
+    ("base-tokenizer-damaged", lambda t: _base_copy(t, lambda d: open(os.path.join(d, "tokenizer.json"), "w").write("{")),
+     ["--model_name", "{tmp}/base"], "base: its tokenizer files could not be read (JSONDecodeError"),
+    ("saved-dataset-damaged", lambda t: os.path.dirname(_write((t / "saved").mkdir() or t / "saved", "state.json", b"{")), [],
+     "saved: a folder saved by datasets' save_to_disk that cannot be read"),
+    # issue 30: a struct.error traceback and exit 1
+    ("gguf-cut-in-its-header", lambda t: _cut(write_small_gguf(t / "base.gguf"), 100), ["--model_name", "{tmp}/base.gguf"],
+     "base.gguf: the file ends at byte 100, inside its GGUF header"),
+    # issue 30: it stopped at update 1 blaming the learning rate for a loss over no tokens
+    ("prompts-fill-the-window", lambda t: write_jsonl(t / "qa.jsonl", _questions(20, sentences=3)),
+     ["--train_on_responses_only"], "--train_on_responses_only: the prompt (question and context) of every one of the "
+                                    "19 training examples takes"),
 ]
+
+
+def _cut(path, size) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _questions(n, sentences):
+    """Question/response records whose questions are ``sentences`` clinical sentences long; with the
+    template, the tiny tokenizer makes a prompt of about 50 tokens of 0 sentences, 170 of 3."""
+    notes = medical_sentences(sentences)
+    return [{"question": " ".join(notes) + f" What now for case {i}?", "response": f"Rest and fluids, case {i}."}
+            for i in range(n)]
 
 
 def _config(tmp, values) -> None:
@@ -327,6 +355,38 @@ def test_a_damaged_or_hostile_checkpoint_is_refused_and_runs_no_code(damage, wor
     assert snapshot(out) == before  # a refused resume changes nothing
 
 
+@pytest.fixture(scope="module")
+def instruct_run(instruct_model_dir, data, tmp_path_factory) -> str:
+    """A finished run on an instruct base, with checkpoints, chat drift and self-replay: its output
+    directory holds the base's chat answers and self-distillation answers that a resume reads back."""
+    out = tmp_path_factory.mktemp("rel-instruct") / "run"
+    run(parse_args(argv(instruct_model_dir, data, out, "--max_steps", "2", "--save_epoch_percentage", "0.01",
+                        "--chat_drift_prompts", "2", "--replay_self", "0.2")))
+    return str(out)
+
+
+# (id, file of the run directory, what is written into it): issue 30's scan, a raw traceback each before
+RUN_FILES = [
+    ("chat-probe-not-json", "chat_probe.json", '{"prompts": ['),
+    ("chat-probe-wrong-shape", "chat_probe.json", json.dumps({"prompts": ["hi"], "prompt_ids": [["a"]],
+                                                              "answer_ids": [[1]], "base_nll": 1.0})),
+    ("self-answers-wrong-shape", "self_distillation.json", json.dumps([[[1, 2], [3]], [[4]]])),
+]
+
+
+@pytest.mark.parametrize("name, content", [c[1:] for c in RUN_FILES], ids=[c[0] for c in RUN_FILES])
+def test_a_damaged_file_the_resume_reads_from_the_run_is_one_line(name, content, instruct_run, instruct_model_dir, data,
+                                                                  tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(instruct_run, out)
+    (out / name).write_text(content)
+    before = snapshot(out)
+    line = cli_error(argv(instruct_model_dir, data, out, "--max_steps", "2", "--chat_drift_prompts", "2",
+                          "--replay_self", "0.2", "--resume_from_checkpoint", "latest"), capsys)
+    assert f"{name} is damaged (" in line and "restore it, or start the run over with --overwrite_output_dir" in line
+    assert snapshot(out) == before
+
+
 def test_the_planted_pickle_would_run_code_if_unpickled(tmp_path):
     """The check above means something: the same file, loaded the unsafe way, runs the code."""
     marker = tmp_path / "code-ran"
@@ -352,14 +412,26 @@ def test_an_output_directory_holding_a_run_is_refused_unless_told(finished, fini
     assert not (out / "latest").exists()
 
 
-# (id, flags of the resumed run, words): settings that change what the checkpoint means (issue 18)
+# (id, flags of the resumed run, words): settings that change what the checkpoint means (issue 18, issue 30)
 CHANGED_ON_RESUME = [
     ("another-base", ["--model_name", "{tmp}/same-shape-copy"], "the checkpoint was made with --model_name"),
-    ("alpha", ["--lora_alpha", "64"], "made with --lora_alpha 8.0 and this run has 64.0"),
-    ("rank", ["--lora_r", "8"], "made with --lora_r 4 and this run has 8"),
-    ("batch-size", ["--per_device_train_batch_size", "4"], "made with --per_device_train_batch_size 2 and this run has 4"),
-    ("window-length", ["--max_seq_length", "16"], "made with --max_seq_length 32 and this run has 16"),
+    ("alpha", ["--lora_alpha", "64"], "made with --lora_alpha 8.0 and this run has --lora_alpha 64.0"),
+    ("rank", ["--lora_r", "8"], "made with --lora_r 4 and this run has --lora_r 8"),
+    ("batch-size", ["--per_device_train_batch_size", "4"],
+     "made with --per_device_train_batch_size 2 and this run has --per_device_train_batch_size 4"),
+    ("window-length", ["--max_seq_length", "16"], "made with --max_seq_length 32 and this run has --max_seq_length 16"),
     ("data", ["--dataset_dir", "{tmp}/other.jsonl"], "the checkpoint was made with --dataset_dir"),
+    # the base as loaded: its tokenizer, quantization and dtype
+    ("another-tokenizer", ["--tokenizer_name_or_path", "{tmp}/same-shape-copy"],
+     "the checkpoint was made with --tokenizer_name_or_path"),
+    ("quantized-now", ["--quantize", "int8"], "made with no --quantize and this run has --quantize int8"),
+    ("bf16-now", ["--bf16"], "made with --no-bf16 and this run has --bf16"),
+    # the adapter's layers; the data's reading and formatting; what the base's evaluation was measured on
+    ("top-layers", ["--lora_top_layers", "1"], "made with no --lora_top_layers and this run has --lora_top_layers 1"),
+    ("chat-template", ["--chat_template"], "made with --no-chat_template and this run has --chat_template"),
+    ("evaluation-cap", ["--max_eval_samples", "3"], "made with no --max_eval_samples and this run has --max_eval_samples 3"),
+    ("general-evaluation", ["--general_eval_dataset", "{tmp}/other.jsonl"],
+     "made with --general_eval_dataset none and this run has --general_eval_dataset"),
 ]
 
 
@@ -373,8 +445,125 @@ def test_a_resume_that_would_change_what_the_checkpoint_means_is_refused(flags, 
     before = snapshot(out)
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     line = cli_error(argv(tiny_model_dir, data, out, "--resume_from_checkpoint", "latest", *flags), capsys)
-    assert words in line and "Resume with --" in line
+    assert words in line and "Resume with" in line
     assert snapshot(out) == before
+
+
+# (id, {flag: path under tmp} for the run, words): output directories that would change a folder the run reads
+READ_FOLDERS = [
+    ("the-base-folder", {"--model_name": "base", "--output_dir": "base/../base/"},
+     "is the folder of the base model (--model_name"),
+    ("the-tokenizer-folder", {"--tokenizer_name_or_path": "base", "--output_dir": "base"},
+     "is the folder of the base model (--tokenizer_name_or_path"),
+    ("inside-the-data-folder", {"--dataset_dir": "data", "--output_dir": "data/runs/one"},
+     "is inside the data folder (--dataset_dir"),
+    ("a-base-named-like-a-checkpoint", {"--model_name": "runs/checkpoint-500", "--output_dir": "runs"},
+     "holds --model_name"),
+]
+
+
+@pytest.mark.parametrize("paths, words", [c[1:] for c in READ_FOLDERS], ids=[c[0] for c in READ_FOLDERS])
+def test_an_output_directory_the_run_reads_from_is_refused_and_nothing_changes(paths, words, tiny_model_dir, data,
+                                                                               tmp_path, capsys):
+    """Issue 30: --output_dir equal to the base's folder exited 0, and from_pretrained of the base
+    folder then loaded base + adapter without a word."""
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "checkpoint-500")
+    (tmp_path / "data").mkdir()
+    shutil.copy(data, tmp_path / "data" / "notes.jsonl")
+    before = snapshot(tmp_path)
+    args = argv(tiny_model_dir, tmp_path / "data", tmp_path / "out")
+    for flag, path in paths.items():  # the flags given here replace the usual ones (last one wins in argparse)
+        args += [flag, str(tmp_path / path)]
+    line = cli_error(args, capsys)
+    assert words in line and "choose another --output_dir" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_directory_inside_the_base_folder_leaves_what_the_base_loads_unchanged(tiny_model_dir, data,
+                                                                                         tmp_path):
+    """The decision beside the test above: from_pretrained reads only a folder's own files, so a run
+    written into a subfolder of the base changes nothing the base loads."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    before = snapshot(tmp_path / "base")
+    run(parse_args(argv(tmp_path / "base", data, tmp_path / "base" / "runs" / "one", "--max_steps", "1")))
+    after = snapshot(tmp_path / "base")
+    assert {k: v for k, v in after.items() if not k.startswith("runs" + os.sep)} == before
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
+
+
+def test_a_checkpoint_over_a_quantized_base_resumes_only_over_the_same_quantization(tiny_model_dir, data, tmp_path,
+                                                                                     capsys):
+    """Issue 30: a checkpoint made with --quantize nf4 resumed under --quantize int8 with exit 0."""
+    out = tmp_path / "run"
+    run(parse_args(argv(tiny_model_dir, data, out, "--quantize", "nf4", "--max_steps", "2",
+                        "--save_epoch_percentage", "0.01")))
+    before = snapshot(out)
+    for flags, words in ((["--quantize", "int8"], "made with --quantize nf4 and this run has --quantize int8"),
+                         ([], "made with --quantize nf4 and this run has no --quantize")):
+        line = cli_error(argv(tiny_model_dir, data, out, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                              *flags), capsys)
+        assert words in line and "Resume with --quantize nf4" in line
+        assert snapshot(out) == before
+    assert main(argv(tiny_model_dir, data, out, "--quantize", "nf4", "--max_steps", "2",
+                     "--resume_from_checkpoint", "latest")) == 0
+
+
+def test_the_batch_a_checkpoint_counts_in_is_compared_over_all_devices(tiny_model_dir, data):
+    """Its position counts micro-batches of per-device rows x data-parallel devices: 8 x 1 resumes
+    as 4 x 2, and 8 x 2 would skip twice the windows (torchrun, SPMD: tests/test_scaling.py runs them)."""
+    from minilora_train.outputs import check_resume_settings, resume_settings
+
+    saved = resume_settings(parse_args(argv(tiny_model_dir, data, "out", "--per_device_train_batch_size", "8")), 1)
+    check_resume_settings(saved, parse_args(argv(tiny_model_dir, data, "out", "--per_device_train_batch_size", "4")),
+                          "ckpt", devices=2)
+    with pytest.raises(UsageError, match=r"made with micro-batches of 8 windows over all devices and this run's take "
+                                         r"16 \(--per_device_train_batch_size 8 on 2 device\(s\)\).*Resume with "
+                                         r"--per_device_train_batch_size 4 on these 2 device\(s\)"):
+        check_resume_settings(saved, parse_args(argv(tiny_model_dir, data, "out", "--per_device_train_batch_size", "8")),
+                              "ckpt", devices=2)
+
+
+def test_the_data_format_is_compared_as_the_reader_used(tiny_model_dir, data):
+    """No --dataset_format, json and jsonl all read a .jsonl file the same way; text reads it otherwise."""
+    from minilora_train.outputs import check_resume_settings, resume_settings
+
+    def settings(*flags):
+        return resume_settings(parse_args(argv(tiny_model_dir, data, "out", *flags)))
+
+    assert settings() == settings("--dataset_format", "json") == settings("--dataset_format", "jsonl")
+    with pytest.raises(UsageError, match="made with --dataset_format json and this run has --dataset_format text"):
+        check_resume_settings(settings(), parse_args(argv(tiny_model_dir, data, "out", "--dataset_format", "text")),
+                              "ckpt")
+
+
+def test_an_output_directory_holding_files_no_run_wrote_is_refused_unless_told(tiny_model_dir, data, tmp_path, capsys):
+    """Issue 30's scan: a folder holding another model (not this run's base) took the run's adapter
+    and tokenizer files over its own without a word."""
+    from minilora_train.outputs import RunDir
+
+    out = tmp_path / "another-model"
+    tiny_llama(seed=3).save_pretrained(out)
+    before = snapshot(out)
+    line = cli_error(argv(tiny_model_dir, data, out), capsys)
+    assert "holds files no minilora-train run wrote (config.json, generation_config.json, model.safetensors)" in line
+    assert "--overwrite_output_dir" in line and snapshot(out) == before
+    run(parse_args(argv(tiny_model_dir, data, out, "--overwrite_output_dir", "--max_steps", "1")))
+    assert (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").exists()
+    # what counts as a run's folder: one with a file a run writes first; hidden files alone are no one's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".DS_Store").write_text("")
+    assert RunDir(str(other)).foreign_entries() == []
+    (other / "notes.txt").write_text("mine")
+    assert RunDir(str(other)).foreign_entries() == ["notes.txt"]
+    (other / "train_config.json").write_text("{}")
+    assert RunDir(str(other)).foreign_entries() == []
 
 
 def test_a_second_run_into_a_busy_output_directory_is_refused(tiny_model_dir, data, tmp_path, capsys):
@@ -702,3 +891,23 @@ def test_long_documents_empty_lines_and_mixed_unicode_pack_into_the_expected_win
                                         "--max_steps", "2", "--general_eval_dataset", "none")))
     assert summary["train_windows"] == expected and expected > 300
     assert summary["updates"] == 2 and math.isfinite(summary["final"]["validation"]["loss"])
+
+
+def test_responses_only_leaves_out_prompts_longer_than_the_window_says_how_many_and_trains(tiny_model_dir, tmp_path,
+                                                                                           capsys):
+    """One window a micro-batch, a logged loss every update: a window of prompt alone used to make
+    an update with no loss tokens, logged as nan and blamed on the learning rate (issue 30)."""
+    records = _questions(12, sentences=3) + _questions(28, sentences=0)
+    path = write_jsonl(tmp_path / "qa.jsonl", [records[i] for i in torch.randperm(40, generator=torch.Generator().manual_seed(0))])
+    out = tmp_path / "out"
+    status = main(argv(tiny_model_dir, path, out, "--train_on_responses_only", "--max_seq_length", "96",
+                       "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_steps", "8"))
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    note = next(line for line in captured.out.splitlines() if line.startswith("note: --train_on_responses_only"))
+    counts = re.findall(r"(\d+) of (\d+) (training|validation) examples", note)
+    assert sum(int(left) for left, _, _ in counts) == 12 and ("38", "training") in [c[1:] for c in counts], note
+    losses = [record["train_loss"] for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "train_loss" in record]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+

@@ -8,25 +8,11 @@ import json
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_llama, train_argv
+from conftest import train_argv
 from minilora_train import data, drift, replay
 from minilora_train.config import UsageError, parse_args
 from minilora_train.demo_assets import default_general_training, default_general_validation
 from minilora_train.loop import run, train_and_report
-
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def instruct_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("instruct-base")
-    tokenizer = make_tokenizer(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
-    return path
 
 
 def test_replay_text_is_held_apart_from_what_the_forgetting_check_scores():
@@ -68,15 +54,15 @@ def test_bad_replay_settings_are_refused_in_one_line(flags, message, tmp_path):
         parse_args(["--model_name", "x", "--dataset_dir", str(tmp_path), *flags])
 
 
-def test_a_run_with_both_remedies_trains_on_the_mixed_windows(instruct_dir, tiny_text_file, tmp_path, monkeypatch):
+def test_a_run_with_both_remedies_trains_on_the_mixed_windows(instruct_model_dir, tiny_text_file, tmp_path, monkeypatch):
     probes = []
     original = drift.probe_base
     monkeypatch.setattr(drift, "probe_base", lambda *a, **k: probes.append(1) or original(*a, **k))
     out = tmp_path / "run"
-    argv = train_argv(instruct_dir, tiny_text_file, out, "--max_steps", "2", "--chat_drift_prompts", "3",
+    argv = train_argv(instruct_model_dir, tiny_text_file, out, "--max_steps", "2", "--chat_drift_prompts", "3",
                       "--replay_general", "0.2", "--replay_self", "0.2", "--compare_full_finetune",
                       "--full_finetune_learning_rate", "1e-3")
-    plain = run(parse_args(train_argv(instruct_dir, tiny_text_file, tmp_path / "plain", "--max_steps", "1",
+    plain = run(parse_args(train_argv(instruct_model_dir, tiny_text_file, tmp_path / "plain", "--max_steps", "1",
                                       "--chat_drift_prompts", "0", "--general_eval_dataset", "none")))
     summary = train_and_report(parse_args(argv))
     assert summary["replay"] == {"general": 0.2, "self": 0.2}

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -272,3 +273,131 @@ def test_empty_after_filtering(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": "   "}] * 10)
     with pytest.raises(UsageError, match="no training text"):
         prepare_data(args_for(path), tokenizer)
+
+
+# -- JSON of any layout, documents of any length, prompts longer than the window (issue 30) --------
+
+def test_a_pretty_printed_json_array_is_read_whatever_comes_before_its_bracket(tmp_path, tokenizer):
+    records = [{"text": t} for t in medical_sentences(12)]
+    lines = write_jsonl(tmp_path / "notes.jsonl", records)
+    for name, lead in (("newline.json", "\n"), ("indented.json", "\r\n \t\n   "), ("bom.json", "\ufeff\n  ")):
+        (tmp_path / name).write_text(lead + json.dumps(records, indent=4) + "\n", encoding="utf-8")
+        assert load_records(str(tmp_path / name))["train"][0:12] == load_records(lines)["train"][0:12], name
+
+
+def test_one_json_object_over_several_lines_is_named_as_such(tmp_path, tokenizer):
+    path = tmp_path / "export.json"
+    path.write_text("\n" + json.dumps({"data": [{"text": t} for t in medical_sentences(3)]}, indent=2))
+    with pytest.raises(UsageError, match=r"export\.json: holds one JSON object spread over several lines, not "
+                                         r"records.*jq -c '\.data\[\]'"):
+        load_records(str(path))
+    broken = tmp_path / "broken.jsonl"  # a JSON lines file whose first line is cut: still the line's error
+    broken.write_text('{"text": "cut\n{"text": "fine"}\n')
+    with pytest.raises(UsageError, match=r"broken\.jsonl:1: malformed JSON line"):
+        load_records(str(broken))
+
+
+def _reference_cut(docs, length, pad):
+    """The windows of ``docs`` computed at once, independently of Packer: the whole stream cut
+    into rows of ``length``, the last padded, rows that predict nothing (labels after the first
+    all -100) left out."""
+    ids = np.concatenate([np.asarray(d[0], np.int64) for d in docs])
+    labels = np.concatenate([np.asarray(d[1], np.int64) for d in docs])
+    rows = -(-len(ids) // length)
+    ids = np.concatenate([ids, np.full(rows * length - len(ids), pad)]).reshape(rows, length)
+    labels = np.concatenate([labels, np.full(rows * length - len(labels), IGNORE)]).reshape(rows, length)
+    keep = (labels[:, 1:] != IGNORE).any(axis=1)
+    return ids[keep], labels[keep]
+
+
+@pytest.mark.parametrize("length", [2, 7, 32, 128])
+def test_a_long_document_among_short_ones_is_cut_like_the_whole_stream_at_once(length, tokenizer):
+    rng = np.random.default_rng(length)
+    docs = []
+    for size in [*rng.integers(1, 40, 30), 50_000, *rng.integers(1, 40, 30), 3 * length, length - 1]:
+        ids = rng.integers(3, 200, size).tolist()
+        # prompt-like stretches (-100) of every length, some longer than a window, some at the end
+        labels = [IGNORE if (i // length) % 3 == 1 else t for i, t in enumerate(ids)]
+        docs.append((ids, labels))
+    windows = list(Packer(tokenizer, length).windows(iter(docs)))
+    expected_ids, expected_labels = _reference_cut(docs, length, tokenizer.pad_token_id)
+    assert len(windows) == len(expected_ids)
+    np.testing.assert_array_equal(np.stack([w[0] for w in windows]), expected_ids)
+    np.testing.assert_array_equal(np.stack([w[1] for w in windows]), expected_labels)
+
+
+def test_cutting_windows_is_linear_in_a_documents_length(tokenizer):
+    """One 4-million-token document at 8 tokens a window. Deleting each window from the head of a
+    list (the old cut) moves the rest of the document every time, 1e12 list entries per buffer
+    here: about ten minutes of memmove (docs/reliability.md has the command that compares both
+    cuts). Cut linearly it takes seconds. The assertions are on the windows; the alarm only
+    keeps a quadratic cut from stalling the suite."""
+    import signal
+
+    n, length = 4_000_000, 8
+    ids = [i % 251 for i in range(n)]  # small ints: no objects allocated per token
+    packer = Packer(tokenizer, length)
+
+    def too_slow(signum, frame):
+        raise AssertionError(f"cutting a {n:,}-token document took more than 120 s: quadratic again?")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(120)
+    try:
+        windows = list(packer.windows(iter([(ids, ids)])))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    expected = np.arange(n, dtype=np.int64) % 251  # n is a multiple of 8: no padded window
+    assert len(windows) == n // length
+    np.testing.assert_array_equal(np.stack([w[0] for w in windows]).ravel(), expected)
+    np.testing.assert_array_equal(np.stack([w[1] for w in windows]).ravel(), expected)
+
+
+def _long_and_short_questions(n_long, n_short):
+    """Question/response records: ``n_long`` with a question of about 160 tokens, ``n_short`` of
+    about 10, each response one short sentence that names its record."""
+    sentences = medical_sentences(8)
+    long_records = [{"question": " ".join(sentences[:8]) + f" Case {i}?", "response": f"Answer {i}."}
+                    for i in range(n_long)]
+    short_records = [{"question": f"What helps case {i}?", "response": f"Answer {n_long + i}."} for i in range(n_short)]
+    return long_records + short_records
+
+
+def test_examples_whose_prompt_fills_the_window_are_left_out_and_counted(tokenizer, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "qa.jsonl", _long_and_short_questions(6, 34))
+    data = prepare_data(args_for(path, "--max_seq_length", "64", "--train_on_responses_only",
+                                 "--validation_split_percentage", "10"), tokenizer)
+    note = capsys.readouterr().out
+    windows = [data.train, data.validation]
+    text = tokenizer.decode(torch.cat([w.input_ids for w in windows]).flatten())
+    # the 6 long-question examples are gone, every short one is there
+    assert [n for n in range(40) if f"Answer {n}." in text] == list(range(6, 40))
+    for w in windows:  # every window predicts something: no update can be all prompt
+        assert ((w.labels[:, 1:] != IGNORE).sum(dim=1) > 0).all()
+    assert "note: --train_on_responses_only left out" in note and "training examples" in note
+    left = sum(int(part.split(" of ")[0].split()[-1]) for part in note.split(" and "))
+    assert left == 6 and "Raise --max_seq_length above" in note
+    without_flag = prepare_data(args_for(path, "--max_seq_length", "64", "--validation_split_percentage", "10"),
+                                tokenizer)
+    assert capsys.readouterr().out == ""  # without --train_on_responses_only the prompts are text to learn
+    assert len(without_flag.train) > len(data.train)
+
+
+def test_when_every_prompt_fills_the_window_the_error_says_so_before_training(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", _long_and_short_questions(20, 0))
+    with pytest.raises(UsageError, match=r"--train_on_responses_only: the prompt \(question and context\) of every one "
+                                         r"of the 19 training examples takes \d+( to \d+)? tokens, the whole window of "
+                                         r"--max_seq_length 64 or more.*raise --max_seq_length above \d+"):
+        prepare_data(args_for(path, "--max_seq_length", "64", "--train_on_responses_only"), tokenizer)
+    with pytest.raises(UsageError, match="every one of the .* validation examples"):  # streaming: the same, up front
+        prepare_data(args_for(path, "--max_seq_length", "64", "--train_on_responses_only", "--streaming_data"),
+                     tokenizer)
+
+
+def test_a_stream_with_no_training_text_is_an_error_not_an_endless_run(tokenizer, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "  "}, {"text": None}] * 5)
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": t} for t in medical_sentences(5)])
+    data = prepare_data(args_for(tmp_path, "--streaming_data", "--max_steps", "3"), tokenizer)
+    with pytest.raises(UsageError, match="no training text left after dropping empty records"):
+        next(data.stream(0))

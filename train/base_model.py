@@ -22,8 +22,10 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import shutil
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -98,6 +100,89 @@ def is_converted(folder: Path) -> bool:
     return (Path(folder) / SOURCE_NAME).is_file()
 
 
+def check_gguf_complete(gguf_path: os.PathLike) -> None:
+    """BaseModelError unless the file holds its whole header and every byte of the tensors that
+    header lists: a download or copy cut short is named as such, in one line, before transformers
+    reads it (its reader failed with a raw ``struct.error`` on a header cut anywhere).
+
+    A walk over the header's fields (GGUF v2 and v3: magic, version, counts, key/value metadata,
+    tensor table) that only checks lengths against the file's size, then the end of the last
+    tensor's data. Files that are no GGUF at all, or of a version this walk does not know, are
+    left to transformers, whose errors say so."""
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES
+
+    path = Path(gguf_path)
+    size = path.stat().st_size
+    if size < 4:
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        if blob[:4] != b"GGUF":
+            return
+        pos = 4
+
+        def take(fmt: str) -> tuple:
+            nonlocal pos
+            width = struct.calcsize(fmt)
+            skip(width)
+            return struct.unpack_from(fmt, blob, pos - width)
+
+        def skip(width: int) -> None:
+            nonlocal pos
+            if pos + width > size:
+                raise BaseModelError(f"{path}: the file ends at byte {size:,}, inside its GGUF header (a field at "
+                                     f"byte {pos:,} runs past the end): a download or copy cut short, or a damaged "
+                                     "file; download it again")
+            pos += width
+
+        def skip_value(kind: int) -> None:
+            if kind in _GGUF_WIDTHS:
+                skip(_GGUF_WIDTHS[kind])
+            elif kind == 8:  # string: a uint64 length, then that many bytes
+                skip(take("<Q")[0])
+            elif kind == 9:  # array: element type, count, elements
+                element, count = take("<IQ")
+                if element in _GGUF_WIDTHS:
+                    skip(count * _GGUF_WIDTHS[element])
+                else:
+                    for _ in range(count):  # each element takes at least 8 bytes: bounded by the file's size
+                        skip_value(element)
+            else:
+                raise BaseModelError(f"{path}: a metadata value of unknown type {kind} at byte {pos:,}: the GGUF "
+                                     "header is damaged; download the file again")
+
+        if take("<I")[0] not in (2, 3):
+            return
+        tensor_count, kv_count = take("<QQ")
+        alignment = 32  # llama.cpp's default when general.alignment is absent
+        for _ in range(kv_count):
+            (length,) = take("<Q")
+            key = blob[pos:pos + length]
+            skip(length)
+            (kind,) = take("<I")
+            if key == b"general.alignment" and kind == 4:
+                (alignment,) = take("<I")
+            else:
+                skip_value(kind)
+        ends = []
+        for _ in range(tensor_count):
+            skip(take("<Q")[0])  # name
+            (dims,) = take("<I")
+            shape = take(f"<{dims}Q")
+            ggml_type, offset = take("<IQ")
+            if ggml_type in GGML_QUANT_SIZES:  # an unknown type is left to transformers, which names it
+                block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+                ends.append(offset + math.prod(shape) // block * block_bytes)
+        data_start = -(-pos // max(alignment, 1)) * max(alignment, 1)
+        if ends and data_start + max(ends) > size:
+            raise BaseModelError(f"{path}: the file holds {size:,} bytes but its header lists tensors up to byte "
+                                 f"{data_start + max(ends):,}: a download or copy cut short; download it again")
+
+
+_GGUF_WIDTHS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # fixed-size metadata types
+
+
 def load_gguf(gguf_path: os.PathLike):
     """(model, tokenizer) straight from the GGUF file: float32 weights, still marked as GGUF-quantized."""
     import torch
@@ -105,11 +190,12 @@ def load_gguf(gguf_path: os.PathLike):
 
     _require_gguf_reader()
     path = Path(gguf_path)
+    check_gguf_complete(path)
     try:
         with _without_conversion_bar():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+    except (OSError, ValueError, KeyError, NotImplementedError, struct.error) as e:  # struct.error: damaged fields
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BaseModelError(f"{path}: transformers could not read it as a GGUF causal LM ({first}); "
                              "architectures it reads include llama, mistral, qwen2 and phi3") from None

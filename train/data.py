@@ -143,6 +143,15 @@ def _data_files(root: str, dataset_format: Optional[str]) -> tuple[str, dict[str
     return builder, splits
 
 
+def reader_of(dataset_dir: str, dataset_format: Optional[str]) -> Optional[str]:
+    """The reader (json, text, parquet, csv) ``load_records`` uses for local files: --dataset_format,
+    or the one the file names give; None for a saved `datasets` folder or a remote URL."""
+    if "://" in dataset_dir or not os.path.exists(dataset_dir) or any(
+            os.path.exists(os.path.join(dataset_dir, name)) for name in ("dataset_dict.json", "state.json")):
+        return None
+    return _data_files(dataset_dir, dataset_format)[0]
+
+
 def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, streaming: bool = False,
                  tmp_dir: Optional[str] = None, storage_options: Optional[dict] = None):
     """The records by split: {'train': ..., maybe 'validation': ...}.
@@ -158,7 +167,12 @@ def load_records(dataset_dir: str, *, dataset_format: Optional[str] = None, stre
                                 or os.path.exists(os.path.join(root, "state.json"))):
         import datasets
 
-        loaded = datasets.load_from_disk(root)
+        try:
+            loaded = datasets.load_from_disk(root)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged state.json or dataset_dict.json
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--dataset_dir {dataset_dir}: a folder saved by datasets' save_to_disk that cannot be "
+                             f"read ({type(e).__name__}: {first}); save it again") from None
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
         loaded = datasets.DatasetDict({SPLIT_WORDS.get(k, k): v for k, v in loaded.items()})
@@ -269,9 +283,9 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
     would vanish as if it were empty."""
     _check_utf8(path)
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows exports) is fine, as for datasets
-        head = f.read(1).lstrip()
+        head = _first_visible_character(f)
         f.seek(0)
-        if head == "[":  # one JSON array, not JSON lines
+        if head == "[":  # one JSON array (pretty-printed ones start with a line end or spaces), not JSON lines
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
@@ -282,11 +296,17 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
                 kinds.check(value, f"{path}: record {number}")
                 yield value
             return
+        first = True  # no line parsed yet: a pretty-printed object fails on its first line, "{"
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
+                    if first and head == "{" and _is_one_json_object(path):
+                        raise UsageError(f"{path}: holds one JSON object spread over several lines, not records; "
+                                         "give JSON lines (one object per line) or a JSON array of objects (records "
+                                         "kept under a key, say 'data', come out as JSON lines with: "
+                                         "jq -c '.data[]')") from None
                     raise UsageError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
                 except RecursionError:
                     raise UsageError(f"{path}:{number}: JSON nested too deeply to read; each line is one flat "
@@ -294,7 +314,25 @@ def _json_records(path: str, kinds: "_RecordKinds") -> Iterator[dict]:
                 if not isinstance(value, dict):
                     raise UsageError(f"{path}:{number}: each JSON line must be an object, found {type(value).__name__}")
                 kinds.check(value, f"{path}:{number}")
+                first = False
                 yield value
+
+
+def _first_visible_character(f) -> str:
+    """The first character of text file ``f`` that is not white space ("" for none), read a block at a time."""
+    while block := f.read(1 << 16):
+        if block.strip():
+            return block.lstrip()[0]
+    return ""
+
+
+def _is_one_json_object(path: str) -> bool:
+    """Whether the whole file parses as one JSON object (asked only when its first line did not parse)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return isinstance(json.load(f), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 class _RecordKinds:
@@ -336,6 +374,11 @@ class Packer:
 
     Each document becomes [bos] + tokens + [eos]; documents follow each other with no padding,
     so only the very last window of a split can hold padding.
+
+    With --train_on_responses_only a question/response example whose prompt alone fills a window
+    (``max_seq_length`` tokens or more) is left out: none of its answer tokens could be learned
+    with its question in view, only after a fragment of it. ``examples`` and ``left_out`` count
+    them (``left_out_lengths``: the shortest and longest such prompt), for the run to say so.
     """
 
     def __init__(self, tokenizer, max_seq_length: int, responses_only: bool = False, chat_template: bool = False):
@@ -344,6 +387,7 @@ class Packer:
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.examples, self.left_out, self.left_out_lengths = 0, 0, (math.inf, 0)
 
     def encode(self, records: list[dict], kind: str) -> list[tuple[list[int], list[int]]]:
         chat = self.chat and kind == "qa"
@@ -354,26 +398,46 @@ class Packer:
         tok = self.tokenizer
         prompts = tok([p for p, _ in parts], add_special_tokens=False)["input_ids"]
         texts = tok([t for _, t in parts], add_special_tokens=False)["input_ids"]
+        masked = self.responses_only and kind == "qa"
         out = []
         for prompt_ids, text_ids in zip(prompts, texts):
             head = ([self.bos] if self.bos is not None and not chat else []) + prompt_ids
+            if masked:
+                self.examples += 1
+                if len(head) >= self.length:
+                    self.left_out += 1
+                    shortest, longest = self.left_out_lengths
+                    self.left_out_lengths = (min(shortest, len(head)), max(longest, len(head)))
+                    continue
             ids = head + text_ids + ([self.eos] if self.eos is not None and not chat else [])
-            masked = self.responses_only and kind == "qa"
             labels = ([IGNORE] * len(head) if masked else list(head)) + text_ids + ids[len(head) + len(text_ids):]
             out.append((ids, labels))
         return out
 
     def windows(self, docs: Iterator[tuple[list[int], list[int]]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Fixed windows from a document stream; the final partial window is padded."""
+        """Fixed windows, (L,) int64 ids and labels each, from a document stream; the final partial
+        window is padded. A window that predicts nothing (every label after its first is -100: a
+        stretch of prompt under --train_on_responses_only) is left out: it would add no loss and
+        no gradient, and an update made only of such windows would have no loss to log.
+
+        Linear in the number of tokens, however long a document: tokens gather in a list until
+        at least one window is full, all full windows are then cut from one array at once, and
+        only the rest, under L tokens, is carried on. (Deleting each window's tokens from the
+        head of the list instead moves everything behind them: quadratic in a document's length.)"""
         L = self.length
         ids_buf: list[int] = []
         lab_buf: list[int] = []
         for ids, labels in docs:
-            ids_buf.extend(ids)
-            lab_buf.extend(labels)
-            while len(ids_buf) >= L:
-                yield np.asarray(ids_buf[:L], np.int64), np.asarray(lab_buf[:L], np.int64)
-                del ids_buf[:L], lab_buf[:L]
+            ids_buf += ids
+            lab_buf += labels
+            if len(ids_buf) < L:
+                continue
+            full = len(ids_buf) // L * L
+            ids_rows = np.asarray(ids_buf, np.int64)[:full].reshape(-1, L)  # (windows, L)
+            lab_rows = np.asarray(lab_buf, np.int64)[:full].reshape(-1, L)
+            ids_buf, lab_buf = ids_buf[full:], lab_buf[full:]
+            for row in np.flatnonzero((lab_rows[:, 1:] != IGNORE).any(axis=1)):
+                yield ids_rows[row], lab_rows[row]
         if any(label != IGNORE for label in lab_buf[1:]):  # only if a prediction remains
             pad = L - len(ids_buf)
             yield (np.asarray(ids_buf + [self.pad] * pad, np.int64), np.asarray(lab_buf + [IGNORE] * pad, np.int64))
@@ -403,12 +467,13 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
     dataset_dir = dataset_dir or args.dataset_dir
     records = load_records(dataset_dir, dataset_format=args.dataset_format, streaming=args.streaming_data,
                            tmp_dir=args.tmp_dir)
-    packer = Packer(tokenizer, args.max_seq_length, args.train_on_responses_only, args.chat_template)
+    packers = {split: Packer(tokenizer, args.max_seq_length, args.train_on_responses_only, args.chat_template)
+               for split in ("training", "validation")}  # one each: each counts what it left out
     train = records["train"]
     columns = _columns(train)
     kind = record_kind(columns, dataset_dir)
     if args.streaming_data:
-        return _streaming(args, packer, records, kind, dataset_dir)
+        return _streaming(args, packers, records, kind, dataset_dir)
     if "validation" in records:
         validation = records["validation"]
         record_kind(validation.column_names, f"{dataset_dir} (validation)")
@@ -423,8 +488,9 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
                              f"records holds out {n_val}, leaving none to train on; lower it or add a validation file")
         split = train.train_test_split(test_size=n_val, seed=args.seed)
         train, validation = split["train"], split["test"]
-    train_windows = packer.pack(train, kind)
-    val_windows = packer.pack(validation, kind)
+    train_windows = packers["training"].pack(train, kind)
+    val_windows = packers["validation"].pack(validation, kind)
+    _say_what_was_left_out(packers)
     if len(train_windows) == 0:
         raise UsageError(f"--dataset_dir {dataset_dir}: no training text left after dropping empty records")
     if len(val_windows) == 0:
@@ -432,22 +498,56 @@ def prepare_data(args, tokenizer, dataset_dir: Optional[str] = None) -> TrainDat
     return TrainData(train=train_windows, stream=None, validation=cap_windows(val_windows, args.max_eval_samples))
 
 
-def _streaming(args, packer: Packer, records, kind: str, dataset_dir: str) -> TrainData:
+def _say_what_was_left_out(packers: dict[str, Packer]) -> None:
+    """--train_on_responses_only: a UsageError when a split lost every example to prompts that
+    fill the window (its loss would have nothing to measure), else one note with the counts."""
+    left = {split: p for split, p in packers.items() if p.left_out}
+    if not left:
+        return
+    length = next(iter(left.values())).length
+
+    def lengths(p: Packer) -> str:
+        shortest, longest = p.left_out_lengths
+        return f"{shortest}" if shortest == longest else f"{shortest} to {longest}"
+
+    for split, p in left.items():
+        if p.left_out == p.examples:
+            shortest, longest = p.left_out_lengths
+            raise UsageError(
+                f"--train_on_responses_only: the prompt (question and context) of every one of the {p.examples} "
+                f"{split} examples takes {lengths(p)} tokens, the whole window of --max_seq_length {length} or more, "
+                f"so no answer token can be learned with its question in view; raise --max_seq_length above {longest}"
+                + (f" (above {shortest} keeps some)" if shortest < longest else "")
+                + ", or shorten the questions and contexts")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: every rank packs the same data; one says so
+        counts = " and ".join(f"{p.left_out} of {p.examples} {split} examples" for split, p in left.items())
+        longest = max(p.left_out_lengths[1] for p in left.values())
+        print(f"note: --train_on_responses_only left out {counts}: their prompts take "
+              f"{' / '.join(lengths(p) for p in left.values())} tokens, the whole window of --max_seq_length {length} "
+              f"or more, so their answers cannot be learned with their questions in view; training on the rest. "
+              f"Raise --max_seq_length above {longest} to keep them", flush=True)
+
+
+def _streaming(args, packers: dict[str, Packer], records, kind: str, dataset_dir: str) -> TrainData:
     """Streaming: records are shuffled through a buffer and packed on the fly; validation is
-    taken from the validation split, or every k-th record when there is none."""
+    taken from the validation split, or every k-th record when there is none. What
+    --train_on_responses_only leaves out of the stream is not known before training: a stream
+    left with nothing at all is a UsageError when the first epoch ends empty."""
     import itertools
 
     every = max(2, round(100 / args.validation_split_percentage)) if args.validation_split_percentage > 0 else 0
     has_val = "validation" in records
     cap = args.max_eval_samples or 1000
+    packer = packers["training"]
 
     def val_docs():
         source = records["validation"] if has_val else (r for i, r in enumerate(records["train"]) if every and i % every == 0)
         for chunk in _chunks(source, 256):
-            yield from packer.encode(chunk, kind)
+            yield from packers["validation"].encode(chunk, kind)
 
-    pairs = list(itertools.islice(packer.windows(val_docs()), cap))
+    pairs = list(itertools.islice(packers["validation"].windows(val_docs()), cap))
     if not pairs:
+        _say_what_was_left_out({"validation": packers["validation"]})
         raise UsageError(f"--dataset_dir {dataset_dir}: the validation split holds no text")
     validation = Windows(torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
 
@@ -459,8 +559,13 @@ def _streaming(args, packer: Packer, records, kind: str, dataset_dir: str) -> Tr
         else:
             source = records["train"].shuffle(buffer_size=args.shuffle_buffer_size, seed=args.seed + epoch)
         docs = (d for chunk in _chunks(source, 256) for d in packer.encode(chunk, kind))
+        empty = True
         for ids, labels in packer.windows(docs):
+            empty = False
             yield torch.from_numpy(ids), torch.from_numpy(labels)
+        if empty:  # else the loop would start epoch after empty epoch, for ever
+            _say_what_was_left_out({"training": packer})
+            raise UsageError(f"--dataset_dir {dataset_dir}: no training text left after dropping empty records")
 
     return TrainData(train=None, stream=stream, validation=validation)
 

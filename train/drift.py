@@ -146,6 +146,17 @@ def answer_nll(model, probe: ChatProbe, batch_size: int = 20) -> float:
 PROBE_FILE = "chat_probe.json"  # in the run directory: a resumed run compares against the same answers
 
 
+def _is_probe(value) -> bool:
+    """Whether ``value`` is what ``dataclasses.asdict(ChatProbe)`` wrote: one prompt, prompt and answer per entry."""
+    from .outputs import is_token_lists
+
+    return (isinstance(value, dict) and set(value) == {f.name for f in dataclasses.fields(ChatProbe)}
+            and isinstance(value["prompts"], list) and all(isinstance(p, str) for p in value["prompts"])
+            and is_token_lists(value["prompt_ids"], len(value["prompts"]))
+            and is_token_lists(value["answer_ids"], len(value["prompts"]))
+            and isinstance(value["base_nll"], (int, float)) and math.isfinite(value["base_nll"]))
+
+
 def probe_for_run(args, model, tokenizer, run_dir, device) -> tuple[Optional[ChatProbe], Optional[str]]:
     """(probe, None) for a run that measures chat drift, else (None, why not). Called before
     the first update; a resumed run reads the probe its first start wrote, since the base may be
@@ -159,8 +170,7 @@ def probe_for_run(args, model, tokenizer, run_dir, device) -> tuple[Optional[Cha
         # with every process taking part: measure drift on one eager device instead.
         return None, "not measured: chat drift runs on a single eager device (CPU or one GPU)"
     if args.resume_from_checkpoint and run_dir.exists(PROBE_FILE):
-        with open(run_dir.path(PROBE_FILE)) as f:
-            return ChatProbe(**json.load(f)), None
+        return ChatProbe(**run_dir.read_json(PROBE_FILE, _is_probe, "prompts, prompt_ids, answer_ids, base_nll")), None
     prompts = load_prompts()[:args.chat_drift_prompts] if args.chat_drift_prompts else None
     probe = probe_base(model, tokenizer, prompts)
     if device.is_main:

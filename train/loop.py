@@ -33,8 +33,8 @@ from .config import TrainArgs, UsageError
 from .device import Device, move_model
 from .loss import module_called, nll_result, predicted_tokens
 from .loss import summed_nll as model_nll
-from .outputs import (FINISHED, RunDir, check_resume_settings, load_safetensors, load_tensors_safely, resume_settings,
-                      save_tensors_safely)
+from .outputs import (FINISHED, RunDir, check_output_dir_apart, check_resume_settings, load_safetensors,
+                      load_tensors_safely, resume_settings, save_tensors_safely)
 from .report import Reporter, write_report
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
@@ -72,19 +72,20 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
     """Train per ``args`` (on ``device``, default the one ``args`` names); returns the summary
     that is also written to train_summary.json. Bad settings or input raise UsageError (or
     AdapterLoadError) before anything is written, and an output directory this call created is
-    removed again.
+    removed again (after any failure that left it empty).
 
     ``base_cache``: a dict shared by runs in one process that start from the same base (the
     --compare_full_finetune run, a sweep): what a run measures of the base before training (its
     evaluation, its chat answers) is measured once and reused while model, evaluation windows and
     prompts are the same (see ``_base_key``)."""
     args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
+    check_output_dir_apart(args)  # never into the base's folder or a data folder
     run_dir = RunDir(args.output_dir, args.tmp_dir)
     try:
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 holds the directory for every rank
             run_dir.lock()
         return _run(args, run_dir, device, model, tokenizer, general_windows, base_cache)
-    except (UsageError, minilora.AdapterLoadError):
+    except BaseException:  # a folder this run created and wrote nothing into goes, whatever stopped it
         run_dir.unlock()
         run_dir.discard_if_unused()
         raise
@@ -196,7 +197,8 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
 
 
 def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
-    """A finished run, or an unfinished one's checkpoints, are replaced or continued only when asked."""
+    """A finished run, or an unfinished one's checkpoints, are replaced or continued only when asked;
+    a folder holding files that no run wrote is written into only when asked."""
     if args.overwrite_output_dir or args.resume_from_checkpoint:
         return
     if run_dir.exists(FINISHED):
@@ -206,12 +208,19 @@ def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
         raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run; pass "
                          "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
                          "or choose another directory")
+    foreign = run_dir.foreign_entries()
+    if foreign:  # someone's model or project folder: the run would replace its files of the same names
+        raise UsageError(f"--output_dir {args.output_dir} holds files no minilora-train run wrote ("
+                         f"{', '.join(foreign[:4])}{', …' if len(foreign) > 4 else ''}); the run would write its "
+                         "adapter or model, tokenizer and reports among them, replacing files of the same names "
+                         "(config.json, tokenizer.json …): choose a new or empty directory, or pass "
+                         "--overwrite_output_dir to write into it anyway")
 
 
 # -- model init ---------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(args: TrainArgs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = args.tokenizer_name_or_path or args.model_name
     if not args.model_name:
@@ -221,22 +230,35 @@ def load_model_and_tokenizer(args: TrainArgs):
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
             raise UsageError(f"{flag} {name}: no such directory (a local model is a folder written by save_pretrained, "
                              "or a .gguf file)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=args.huggingface_token)
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model_name, token=args.huggingface_token,
-            dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    except OSError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if args.huggingface_token:
-            first = first.replace(args.huggingface_token, "<redacted>")
-        raise UsageError(f"--model_name {args.model_name}: could not load it ({first}); give a local directory "
-                         "saved with save_pretrained, or a hub id with network access") from None
-    except (ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # truncated, or an unsafe pickle
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--model_name {args.model_name}: its weights could not be read ({type(e).__name__}: {first}); "
-                         "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, "
-                         "or convert it to safetensors where you trust its source") from None
+    damaged = "a truncated or damaged download: download it again"
+
+    def read(flag: str, name: str, what: str, advice: str, load):
+        """``load()``; a model that cannot be found, or files of it that cannot be read, as one line."""
+        try:
+            return load()
+        except OSError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if args.huggingface_token:
+                first = first.replace(args.huggingface_token, "<redacted>")
+            raise UsageError(f"{flag} {name}: could not load it ({first}); " + (
+                damaged if os.path.isdir(os.path.expanduser(name)) else
+                "give a local directory saved with save_pretrained, or a hub id with network access")) from None
+        except (ValueError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{flag} {name}: its {what} could not be read ({type(e).__name__}: {first}); "
+                             + advice) from None
+
+    config = read("--model_name", args.model_name, "config.json", damaged,  # (a config.json holding a list: TypeError)
+                  lambda: AutoConfig.from_pretrained(args.model_name, token=args.huggingface_token))
+    tokenizer = read("--tokenizer_name_or_path" if source != args.model_name else "--model_name", source,
+                     "tokenizer files", damaged,
+                     lambda: AutoTokenizer.from_pretrained(source, token=args.huggingface_token))
+    model = read("--model_name", args.model_name, "weights",  # truncated, or an unsafe pickle
+                 "a truncated download or a pickle file (.bin) that may run code is refused: re-download it, or "
+                 "convert it to safetensors where you trust its source",
+                 lambda: AutoModelForCausalLM.from_pretrained(
+                     args.model_name, config=config, token=args.huggingface_token,
+                     dtype=torch.bfloat16 if args.bf16 else torch.float32))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -349,7 +371,7 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
             raise ValueError("negative counters, or a history that is not a list of records")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged ({e!r})") from None
-    check_resume_settings(state.get("settings"), args, path)
+    check_resume_settings(state.get("settings"), args, path, device.global_batch(1))
     # Safetensors and torch.load(weights_only=True) only: reading a checkpoint runs no code.
     optimizer_state = load_tensors_safely(os.path.join(path, "optimizer.pt"))
     rng_state = load_tensors_safely(os.path.join(path, "rng.pt"))
@@ -647,7 +669,7 @@ def _save_checkpoint(run_dir: RunDir, model, optimizer, device: Device, pos: Pos
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"update": pos.update, "epoch": pos.epoch, "micro": pos.micro,
                    "nonfinite_skipped": pos.nonfinite_skipped, "history": pos.history,
-                   "settings": resume_settings(args)}, f, indent=2)
+                   "settings": resume_settings(args, device.global_batch(1))}, f, indent=2)
     run_dir.commit_checkpoint(tmp, pos.update, args.save_total_limit)
 
 

@@ -123,6 +123,22 @@ class RunDir:
         else:
             self.fs.put(source, target)
 
+    def read_json(self, rel: str, fits, holds: str):
+        """What the run's first start wrote into ``rel`` for its resumes (the base's chat answers,
+        its self-distillation answers), if ``fits(value)``; a file that is damaged or of another
+        shape is a UsageError saying what it should hold (``holds``), not a traceback later."""
+        path = self.path(rel)
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
+            problem = None if fits(value) else f"it does not hold {holds}"
+        except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8
+            problem = f"not JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if problem:
+            raise UsageError(f"{path} is damaged ({problem}); resuming needs it as the run's first start wrote it: "
+                             "restore it, or start the run over with --overwrite_output_dir")
+        return value
+
     def write_json(self, rel: str, value) -> None:
         _write_aside(self.path(rel), json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
         self.publish(rel)
@@ -176,14 +192,29 @@ class RunDir:
         _write_aside(self.path(LATEST), name + "\n")
         self.publish(LATEST)
 
+    def listing(self) -> list[str]:
+        """The names directly in the output directory."""
+        if not self.remote:
+            return os.listdir(self.local)
+        if not self.fs.exists(self.root):
+            return []
+        return [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+
     def checkpoints(self) -> list[str]:
         """Complete checkpoint folder names, oldest first."""
-        if self.remote:
-            names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)] if self.fs.exists(self.root) else []
-        else:
-            names = os.listdir(self.local)
-        found = [(int(m.group(1)), n) for n in names if (m := _CKPT.match(n))]
+        found = [(int(m.group(1)), n) for n in self.listing() if (m := _CKPT.match(n))]
         return [n for _, n in sorted(found)]
+
+    def foreign_entries(self) -> list[str]:
+        """What the directory holds when no minilora-train run wrote there (else nothing): the
+        visible entries of a folder with none of the files a run writes before anything else
+        (its settings, the base's chat answers kept for a resume, checkpoints)."""
+        from .drift import PROBE_FILE
+        from .replay import SELF_ANSWERS_FILE
+
+        names = sorted(n for n in self.listing() if not n.startswith("."))
+        ours = {"train_config.json", PROBE_FILE, SELF_ANSWERS_FILE, LATEST, FINISHED}
+        return [] if ours & set(names) or self.checkpoints() else names
 
     def _remove(self, name: str) -> None:
         shutil.rmtree(self.path(name), ignore_errors=True)
@@ -232,45 +263,135 @@ class RunDir:
         return local
 
 
-# Settings that give a checkpoint its meaning: the base and adapter shape its weights fit, and the
-# data order and window boundaries its position (epoch, micro-batch) counts in. Learning rate,
-# steps, logging and saving may change on resume (lowering the learning rate after a divergence
-# is the advice the run itself gives).
-RESUME_SETTINGS = ("model_name", "use_lora", "dataset_dir", "max_seq_length", "per_device_train_batch_size",
-                   "gradient_accumulation_steps", "seed", "validation_split_percentage", "train_on_responses_only",
-                   "streaming_data", "replay_general", "replay_general_dataset", "replay_self")
-LORA_RESUME_SETTINGS = ("lora_r", "lora_alpha", "lora_target_modules", "lora_bias", "use_rslora")
+def check_output_dir_apart(args) -> None:
+    """UsageError when --output_dir would write into a folder the run reads, before anything is
+    written:
+
+    - the base model's (or tokenizer's) folder itself: the adapter files would sit next to the
+      base's, and transformers' ``from_pretrained`` of that folder then loads base + adapter,
+      silently; the tokenizer files would be rewritten. An output folder *inside* the base's
+      folder is allowed: ``from_pretrained`` reads only the folder's own files, so the base loads
+      as before.
+    - a local data folder (--dataset_dir, --general_eval_dataset, --replay_general_dataset) or
+      a folder inside it: data folders are read recursively, so the run's own metrics.jsonl,
+      configs, report.md and tokenizer files would become records of the next run or resume.
+    - a folder holding one of those as a ``checkpoint-N`` entry: the run prunes, clears
+      (--overwrite_output_dir) and resumes (``latest``) its checkpoints by that name.
+    Object-store outputs (``gs://``) are not compared."""
+    if "://" in args.output_dir and not args.output_dir.startswith("file://"):
+        return
+    out = os.path.realpath(os.path.expanduser(args.output_dir.removeprefix("file://")))
+    read = [("--model_name", args.model_name, False), ("--tokenizer_name_or_path", args.tokenizer_name_or_path, False)]
+    read += [(f"--{name}", getattr(args, name), True)
+             for name in ("dataset_dir", "general_eval_dataset", "replay_general_dataset")]
+    for flag, name, is_data in read:
+        folder = os.path.expanduser(name) if isinstance(name, str) and "://" not in name else None
+        if folder is None or not os.path.isdir(folder):
+            continue
+        folder = os.path.realpath(folder)
+        if out == folder or is_data and out.startswith(folder + os.sep):
+            what = ("the data folder" if is_data else "the folder of the base model") + f" ({flag} {name})"
+            why = ("data folders are read with every file under them, so the run's own metrics, configs and "
+                   "report would become training records" if is_data else
+                   "the adapter would sit next to the base's weights, and from_pretrained of that folder would "
+                   "then load the base with the adapter applied")
+            where = "is" if out == folder else "is inside"
+            raise UsageError(f"--output_dir {args.output_dir} {where} {what}: {why}; choose another --output_dir")
+        if os.path.dirname(folder) == out and _CKPT.match(os.path.basename(folder)):
+            raise UsageError(f"--output_dir {args.output_dir} holds {flag} {name} as {os.path.basename(folder)}, a "
+                             "name this run gives its own checkpoints (it removes old ones, and --overwrite_output_dir "
+                             "all of them); choose another --output_dir")
 
 
-def resume_settings(args) -> dict:
-    """The settings a checkpoint records so that a resume can check them (see check_resume_settings)."""
-    names = RESUME_SETTINGS + (LORA_RESUME_SETTINGS if args.use_lora else ())
+# Settings that give a checkpoint its meaning: the base as the run loads it (weights, tokenizer,
+# quantization, dtype) and the adapter's shape, which its weights fit; the data, its formatting and
+# window boundaries, and the batch layout its position (epoch, micro-batch) counts in; and what its
+# recorded history was measured on (the base's evaluation is kept from the first start and compared
+# with the final one). Learning rate, steps, warm-up, dropout, logging and saving may change on
+# resume (lowering the learning rate after a divergence is the advice the run itself gives), and
+# so may the device: its numbers differ only by rounding.
+RESUME_SETTINGS = ("model_name", "tokenizer_name_or_path", "quantize", "quantize_embeddings", "bf16", "use_lora",
+                   "dataset_dir", "dataset_format", "chat_template", "max_seq_length", "gradient_accumulation_steps",
+                   "seed", "validation_split_percentage", "train_on_responses_only", "streaming_data",
+                   "replay_general", "replay_general_dataset", "replay_self", "max_eval_samples",
+                   "general_eval_dataset")
+LORA_RESUME_SETTINGS = ("lora_r", "lora_alpha", "lora_target_modules", "lora_bias", "use_rslora", "lora_top_layers")
+STREAMING_RESUME_SETTINGS = ("shuffle_buffer_size",)  # the order a stream is read in
+LOCAL_PATHS = ("model_name", "tokenizer_name_or_path", "dataset_dir", "replay_general_dataset", "general_eval_dataset")
+
+
+def resume_settings(args, devices: int = 1) -> dict:
+    """The settings a checkpoint records so that a resume can check them (see check_resume_settings).
+    ``devices``: how many data-parallel devices share a micro-batch (``global_batch`` is
+    --per_device_train_batch_size times that: the windows one micro-batch of the position takes)."""
+    names = (RESUME_SETTINGS + (LORA_RESUME_SETTINGS if args.use_lora else ())
+             + (STREAMING_RESUME_SETTINGS if args.streaming_data else ()))
     settings = {name: getattr(args, name) for name in names}
-    for name in ("model_name", "dataset_dir"):  # one local folder, however it is spelt
+    for name in LOCAL_PATHS:  # one local folder, however it is spelt
         value = settings[name]
         if isinstance(value, str) and os.path.exists(value):
             settings[name] = os.path.realpath(value)
+    if isinstance(args.dataset_dir, str):  # the reader used, given or inferred: json for .jsonl, jsonl or none
+        from .data import reader_of
+
+        settings["dataset_format"] = reader_of(args.dataset_dir, args.dataset_format) or args.dataset_format
     if args.use_lora and settings["lora_alpha"] is None:
         settings["lora_alpha"] = 2 * args.lora_r  # the default, spelt out: 16 given is 16 defaulted
     if isinstance(settings.get("lora_alpha"), (int, float)):
         settings["lora_alpha"] = float(settings["lora_alpha"])
+    settings["per_device_train_batch_size"] = args.per_device_train_batch_size
+    settings["global_batch"] = args.per_device_train_batch_size * devices
     return settings
 
 
-def check_resume_settings(saved, args, path: str) -> None:
+def check_resume_settings(saved, args, path: str, devices: int = 1) -> None:
     """UsageError naming the first setting in which this run differs from the checkpoint at
-    ``path`` (a checkpoint from before settings were recorded is not checked)."""
+    ``path`` (a checkpoint from before settings were recorded is not checked, nor settings a
+    checkpoint predates). The batch is compared over all devices: a checkpoint made with 8
+    windows per device on 1 device resumes with 4 per device on 2."""
     if saved is None:
         return
     if not isinstance(saved, dict):
         raise UsageError(f"--resume_from_checkpoint {path}: trainer_state.json is damaged (settings is not a mapping)")
-    now = resume_settings(args)
+    now = resume_settings(args, devices)
+    if "global_batch" in saved:
+        now.pop("per_device_train_batch_size")
+    advice = ("resuming would change what the checkpoint means (other weights or another position in other data). "
+              "Resume {}, or start a new run in another --output_dir")
     for name, value in now.items():
-        if name in saved and saved[name] != value:
-            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with --{name} {saved[name]!r} "
-                             f"and this run has {value!r}; resuming would change what the checkpoint means (other "
-                             f"weights or another position in other data). Resume with --{name} {saved[name]!r}, or "
-                             "start a new run in another --output_dir")
+        if name not in saved or saved[name] == value:
+            continue
+        if name == "global_batch" and saved[name] == saved.get("per_device_train_batch_size", 0) * devices:
+            name, value = "per_device_train_batch_size", args.per_device_train_batch_size  # as many devices as then
+        elif name == "global_batch":
+            per_device, rest = divmod(saved[name], devices)
+            fix = (f"with --per_device_train_batch_size {per_device} on these {devices} device(s)"
+                   if not rest and per_device else f"with {saved[name]} windows per micro-batch over all devices")
+            raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with micro-batches of "
+                             f"{saved[name]} windows over all devices and this run's take {value} "
+                             f"(--per_device_train_batch_size {args.per_device_train_batch_size} on {devices} "
+                             f"device(s)); its position counts micro-batches, so " + advice.format(fix))
+        fix = f"without --{name}" if saved[name] is None else f"with {_as_flag(name, saved[name])}"
+        raise UsageError(f"--resume_from_checkpoint {path}: the checkpoint was made with {_as_flag(name, saved[name])} "
+                         f"and this run has {_as_flag(name, value)}; " + advice.format(fix))
+
+
+def _as_flag(name: str, value) -> str:
+    """A setting as the command line gives it: --bf16, --no-bf16, no --quantize, --lora_r 8."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if value is None:
+        return f"no --{name}"
+    if isinstance(value, list):
+        return f"--{name} {' '.join(map(str, value))}"
+    return f"--{name} {value}"
+
+
+def is_token_lists(value, count: Optional[int] = None) -> bool:
+    """Whether ``value`` is a list (of ``count`` items) of lists of token ids (ints that are not bools)."""
+    return isinstance(value, list) and (count is None or len(value) == count) and all(
+        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        for ids in value)
 
 
 def save_tensors_safely(obj, path: str) -> None:

@@ -15,7 +15,6 @@ loop's shuffle spreads them over the run.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -25,6 +24,7 @@ import torch
 from . import data, drift
 from .config import UsageError
 from .loss import IGNORE
+from .outputs import is_token_lists
 
 DISTILL_PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "distill_prompts.jsonl")
 DISTILL_ANSWER_TOKENS = 128  # long enough to carry the assistant's style past its first sentence
@@ -55,8 +55,9 @@ def self_distillation_pool(args, model, tokenizer, run_dir, is_main: bool,
     in one process that start from the same base (a sweep)."""
     key = ("self_distillation", args.model_name, args.bf16)  # answered before --quantize: it does not change them
     if args.resume_from_checkpoint and run_dir.exists(SELF_ANSWERS_FILE):
-        with open(run_dir.path(SELF_ANSWERS_FILE)) as f:
-            pairs = json.load(f)
+        pairs = run_dir.read_json(SELF_ANSWERS_FILE,
+                                  lambda v: isinstance(v, list) and all(is_token_lists(p, 2) for p in v),
+                                  "a list of [prompt ids, answer ids] pairs")
     elif base_cache is not None and key in base_cache:
         pairs = base_cache[key]
     else:
