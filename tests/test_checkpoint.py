@@ -246,8 +246,14 @@ def _nan_in_lora_b(state):
     (None, lambda c: c.update(target_modules="(q_proj"), "is not a valid regex"),
     (None, lambda c: c.update(rank_pattern={"(a+)+": 4}), "exponential time"),
     (None, lambda c: c.update(target_modules=["q_proj", 7]), "give a list of module-name endings"),
+    # issue 30: modules_to_save entries reached re.match unchecked (a hang; a raw re.error)
+    (None, lambda c: c.update(modules_to_save=["(a|aa)*(.*)*x"]), "exponential time"),
+    (None, lambda c: c.update(modules_to_save=["lm_head("]), "is not a valid regex"),
+    (None, lambda c: c.update(exclude_modules=["k_proj", 7]), "a regex string, or None"),  # a raw TypeError
+    (None, lambda c: c.update(layers_to_transform=[True]), "give non-negative layer indices"),
 ], ids=["nan-weight", "integer-weight", "huge-rank", "overflowing-rank", "catastrophic-regex", "invalid-regex",
-        "catastrophic-rank-pattern", "non-text-target"])
+        "catastrophic-rank-pattern", "non-text-target", "catastrophic-modules-to-save", "invalid-modules-to-save",
+        "non-text-exclude", "boolean-layer"])
 def test_a_hostile_or_diverged_adapter_is_refused_before_any_layer_is_built(saved, change_weights, change_config,
                                                                            words, monkeypatch):
     if change_weights:
@@ -263,10 +269,10 @@ def test_a_hostile_or_diverged_adapter_is_refused_before_any_layer_is_built(save
     assert_untouched(model, reference)
 
 
-@pytest.mark.parametrize("name", ["with.dot", "", " padded"])
-def test_an_adapter_name_that_cannot_be_a_module_name_is_refused_and_nothing_changes(saved, name):
+@pytest.mark.parametrize("name", ["with.dot", "", " padded", "/some/absolute/path", "forward", "train"])
+def test_an_adapter_name_that_is_not_a_plain_name_is_refused_and_nothing_changes(saved, name):
     model, reference = tiny_llama(), tiny_llama()
-    with pytest.raises(AdapterLoadError, match="an adapter name is non-empty text without dots"):
+    with pytest.raises(AdapterLoadError, match="adapter_name=.*(a plain name|nn.ModuleDict)"):
         minilora.load_adapter(model, saved, adapter_name=name)
     assert_untouched(model, reference)
 
