@@ -4,6 +4,7 @@ input gradients that checkpointing needs. Switching between adapters is minilora
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Optional
 
@@ -134,10 +135,18 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
 
 
 def check_adapter_name(name) -> None:
-    """Adapter names become module names (``adapters.<name>``): text without dots."""
-    if not isinstance(name, str) or not name or "." in name or name.strip() != name:
-        raise ValueError(f"adapter_name={name!r}: an adapter name is non-empty text without dots or surrounding "
-                         "spaces, e.g. 'default' or 'cardiology'")
+    """Raise ValueError unless ``name`` is a plain name: letters, digits, ``_`` and ``-``.
+
+    An adapter name becomes a module name (``adapters.<name>``, so no dots), a key of the
+    nn.ModuleDict each layer holds its adapters in (so not one of its attributes: ``forward``,
+    ``train``, …), and a folder name (``save_pretrained(dir)`` writes adapter ``x`` into
+    ``dir/x``, so no separators: ``/etc/x`` or ``../x`` would be written outside ``dir``)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name):
+        raise ValueError(f"adapter_name={name!r}: an adapter name is a plain name of letters, digits, '_' and '-' "
+                         "(no dots, slashes or spaces), e.g. 'default' or 'cardiology'")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter_name={name!r} is the name of an attribute of torch's nn.ModuleDict, in which "
+                         "each layer holds its adapters; pick another plain name, e.g. 'cardiology'")
 
 
 def remove_injected(model: nn.Module, adapter_name: str, replaced: list[tuple[str, nn.Module]]) -> None:

@@ -1,6 +1,8 @@
 """inject and the parameter helpers: what gets adapted, what trains, what is counted, and the
 errors for targets that cannot work."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -337,12 +339,27 @@ def test_a_rank_that_cannot_be_allocated_leaves_the_model_as_it_was():
     assert minilora.adapter_names(model) == ["first"] and minilora.active_adapter(model) == "first"
 
 
-@pytest.mark.parametrize("name", ["a.b", "", 3])
-def test_an_adapter_name_that_cannot_be_a_module_name_is_refused(name):
+@pytest.mark.parametrize("name, words", [
+    ("a.b", "a plain name of letters, digits"), ("", "a plain name"), (3, "a plain name"), (" padded", "a plain name"),
+    # issue 30: a path escaped save_pretrained's folder; ModuleDict's attributes raised a raw KeyError
+    ("/some/absolute/path", "no dots, slashes or spaces"), ("../up", "no dots, slashes"), ("a\\b", "slashes"),
+    ("forward", "attribute of torch's nn.ModuleDict"), ("train", "attribute of torch's nn.ModuleDict"),
+])
+def test_an_adapter_name_that_is_not_a_plain_name_is_refused_and_nothing_changes(name, words):
     model = tiny_llama()
-    with pytest.raises(ValueError, match="an adapter name is non-empty text without dots"):
+    with pytest.raises(ValueError, match=words):
         minilora.inject(model, adapter_name=name)
-    assert not list(minilora.lora_modules(model))
+    assert not list(minilora.lora_modules(model)) and all(p.requires_grad for p in model.parameters())
+
+
+def test_no_adapter_name_makes_save_pretrained_write_outside_its_folder(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="a plain name"):
+        minilora.inject(model, adapter_name=str(tmp_path / "elsewhere"))
+    minilora.inject(model, adapter_name="cardiology-v2")  # letters, digits, '-' and '_' are plain
+    model.save_pretrained(tmp_path / "folder")
+    assert sorted(os.listdir(tmp_path)) == ["folder"]
+    assert sorted(os.listdir(tmp_path / "folder")) == ["cardiology-v2"]
 
 
 def test_a_string_target_that_only_matches_name_endings_says_how_strings_match():
