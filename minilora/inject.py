@@ -4,6 +4,7 @@ input gradients that checkpointing needs. Switching between adapters is minilora
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from typing import Optional
@@ -31,7 +32,8 @@ EMBEDDINGS = (nn.Embedding, QuantEmbedding, LoRAEmbedding)
 class UnsupportedLayerError(ValueError):
     """A targeted module that LoRALinear cannot stand in for faithfully: a quantized Linear
     (bitsandbytes' Linear4bit/Linear8bitLt: integer weights, their own forward) or any other
-    nn.Linear subclass with its own forward. Raised by ``inject`` before the model changes."""
+    nn.Linear subclass with its own forward; or a layer of zero size. Raised by ``inject`` (and
+    ``quantize``) before the model changes."""
 
 
 # nn.Linear subclasses that override forward yet compute x Wᵀ + b on a weight LoRALinear can use
@@ -187,6 +189,13 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                                  f"{type(module).__name__} (a subclass of nn.Embedding whose lookup may differ, "
                                  "e.g. scaled); LoRA here adapts plain nn.Embedding only, so leave it out")
             chosen.append((name, module))
+    empty = [(n, w.shape) for n, m in chosen if (w := getattr(m, "weight", None)) is not None
+             and math.prod(w.shape) == 0]
+    if empty:  # torch's own errors came later, from deep inside (torch.cat of no tiles, a reshape)
+        name, shape = empty[0]
+        raise UnsupportedLayerError(f"{name!r} has a weight of shape {tuple(shape)}, with no elements: there is "
+                                    "nothing to adapt or quantize; leave it out with exclude_modules (or a narrower "
+                                    "target_modules)")
     unsupported = [(n, reason) for n, m in chosen if (reason := unsupported_reason(m)) is not None]
     if unsupported:
         name, reason = unsupported[0]

@@ -367,3 +367,15 @@ def test_a_string_target_that_only_matches_name_endings_says_how_strings_match()
                                          r"'model.layers.0.self_attn.q_proj'\); for name endings give a list, "
                                          r"e.g. \['q_proj'\]"):
         minilora.inject(tiny_llama(), target_modules="q_proj")
+
+
+@pytest.mark.parametrize("module", [nn.Linear(0, 64), nn.Linear(64, 0), nn.Embedding(0, 64)],
+                         ids=["linear-in-0", "linear-out-0", "embedding-0"])
+def test_a_layer_of_zero_size_is_refused_with_its_name_and_shape(module):
+    """torch's own errors came from deep inside ("cannot reshape tensor of 0 elements", at the first forward)."""
+    model = tiny_llama()
+    model.model.layers[0].extra = module
+    with pytest.raises(minilora.UnsupportedLayerError, match=r"'model.layers.0.extra' has a weight of shape "
+                                                             r"\(\d+, \d+\), with no elements.*exclude_modules"):
+        minilora.inject(model, r=4, target_modules=["q_proj", "extra"])
+    assert not list(minilora.lora_modules(model))
