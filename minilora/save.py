@@ -26,6 +26,7 @@ from torch import nn
 from .adapters import adapter_modules, adapter_names, bias_parameters, config_of, lora_modules
 from .dora import DoRAAdapter
 from .layer import LoRALinear
+from .weight import QuantizedBaseError, is_quantized
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -172,7 +173,14 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
     transformers' own save_pretrained (push_to_hub, max_shard_size, …) are refused.
     """
     names = adapter_names(model)
-    if not names:  # every adapter was deleted: the model is the base again
+    if not names:  # no adapter (every one deleted, or installed by minilora.quantize): the model is a base
+        quantized = next((name for name, m in model.named_modules()  # a stored weight is a module of buffers
+                          if m._modules.get("weight") is not None and is_quantized(m._modules["weight"])), None)
+        if quantized is not None:
+            raise QuantizedBaseError(
+                f"the model's weights are stored quantized ({quantized}.weight …), and transformers' save_pretrained "
+                "would write codes that from_pretrained does not read: it would initialise every quantized layer at "
+                "random. Call minilora.dequantize(model) first for a plain checkpoint, or save an adapter instead")
         return type(model).save_pretrained(model, save_directory, safe_serialization=safe_serialization,
                                            is_main_process=is_main_process, state_dict=state_dict, **unsupported)
     if unsupported:
@@ -199,7 +207,8 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
 
 def install_save_pretrained(model: nn.Module) -> None:
     """Make this model's ``save_pretrained`` (an instance attribute; the class is untouched) write
-    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing (inject calls this)."""
+    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing (inject calls this),
+    and refuse a quantized base without adapters (quantize calls this)."""
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
         model.save_pretrained = functools.update_wrapper(functools.partial(save_pretrained, model), save_pretrained)
 
