@@ -147,8 +147,8 @@ def _check_table(name: str, module: nn.Module) -> None:
     if not module.weight.is_floating_point():
         raise ValueError(f"{name}: cannot quantize a {module.weight.dtype} table; quantize a floating-point model")
     if module.weight.numel() == 0:
-        raise ValueError(f"{name} has a table of shape {tuple(module.weight.shape)}, with no elements: there is nothing "
-                         "to quantize; leave it out (exclude_modules)")
+        raise ValueError(f"{name} has a table of shape {tuple(module.weight.shape)}, with no elements: there is "
+                         "nothing to quantize; leave it out (exclude_modules)")
 
 
 def _hold(model: nn.Module, name: str, module: nn.Module, weight: QuantizedWeight) -> None:
