@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import active_adapter, adapter_names, adapter_state, lora_modules, set_adapter
+from .adapters import active_adapter, adapter_names, adapter_state, check_not_disabled, lora_modules, set_adapter
 from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
 from .embedding import LoRAEmbedding
 from .inject import check_adapter_name, find_targets, inject, remove_injected, replace_module
@@ -117,6 +117,7 @@ def validate_adapter(model: nn.Module, config: LoRAConfig, state: Mapping[str, U
     """
     try:
         check_adapter_name(adapter_name)
+        check_not_disabled(model)
     except ValueError as e:
         raise AdapterLoadError(str(e)) from None
     if adapter_name in adapter_names(model):

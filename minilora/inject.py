@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapters import (LORA_LAYERS, adapter_modules, adapter_names, adapter_state, bias_parameters, lora_modules,
-                       lora_parameters, set_adapter)
+from .adapters import (LORA_LAYERS, adapter_modules, adapter_names, adapter_state, bias_parameters,
+                       check_not_disabled, lora_modules, lora_parameters, set_adapter)
 from .config import LoRAConfig, inside_adapters, matches
 from .dora import DoRAAdapter, check_base
 from .embedding import LoRAEmbedding
@@ -82,6 +82,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     """
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
     check_adapter_name(adapter_name)
+    check_not_disabled(model)
     targets = find_targets(model, config)
     if config.use_dora:
         for _, module in targets:
@@ -257,6 +258,9 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter_name:
     and the biases that ``bias`` names (none, all, lora_only)."""
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias={bias!r} is not one of none, all, lora_only")
+    known = adapter_names(model)
+    if adapter_name is not None and adapter_name not in known:  # it would freeze everything, silently
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has: {', '.join(known) or '(no adapters)'}")
     for param in model.parameters():
         param.requires_grad_(False)
     for _, param in lora_parameters(model, adapter_name):

@@ -121,6 +121,15 @@ def test_only_adapter_params_get_gradients_and_base_stays_bit_identical():
     assert all(torch.count_nonzero(p) > 0 for n, p in minilora.lora_parameters(model) if n.endswith("lora_B"))
 
 
+def test_mark_only_lora_trainable_refuses_an_unknown_adapter_name():
+    """It froze every parameter and trained nothing, silently (issue 30's search for siblings)."""
+    model = minilora.inject(minilora.inject(tiny_llama(), r=2, adapter_name="a"), r=2, adapter_name="b")
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="unknown adapter 'c'; the model has: a, b"):
+        minilora.mark_only_lora_trainable(model, adapter_name="c")
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
 def test_mark_only_lora_trainable_refreezes_after_user_changes():
     model = minilora.inject(tiny_llama(attention_bias=True), target_modules=["q_proj"])
     for p in model.parameters():
