@@ -305,15 +305,26 @@ def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
     if state.input_grads_hook is not None:  # a later inject replaced the embeddings (LoRA or modules_to_save)
         state.input_grads_hook.remove()
     state.input_grads_module = embeddings
-    model_ref = weakref.ref(model)
+    state.input_grads_hook = embeddings.register_forward_hook(_RequireInputGrads(model, state))
 
-    def hook(module, inputs, output):
-        owner = model_ref()
-        wanted = state.input_grads_always or _is_checkpointing(owner)
+
+class _RequireInputGrads:
+    """The forward hook on the input embeddings: their output requires grad while the model
+    checkpoints (or always, after enable_input_require_grads). A class rather than a closure so
+    that an adapted model pickles (torch.save(model), multiprocessing) as a plain one does; it
+    holds the model weakly (no reference cycle of its own) and pickles it, so a copy's hook
+    (deepcopy too) asks the copy."""
+
+    def __init__(self, model: nn.Module, state):
+        self.model_ref, self.state = weakref.ref(model), state
+
+    def __call__(self, module, inputs, output):
+        wanted = self.state.input_grads_always or _is_checkpointing(self.model_ref())
         if wanted and torch.is_grad_enabled() and not output.requires_grad:
             output.requires_grad_(True)
 
-    state.input_grads_hook = embeddings.register_forward_hook(hook)
+    def __reduce__(self):
+        return type(self), (self.model_ref(), self.state)
 
 
 def _is_checkpointing(model) -> bool:

@@ -2,6 +2,7 @@
 errors for targets that cannot work."""
 
 import os
+import pickle
 
 import pytest
 import torch
@@ -335,6 +336,20 @@ def test_an_admitted_linear_type_is_adapted():
         assert len(list(minilora.lora_modules(model))) == 2
     finally:
         _ADMITTED_LINEAR_TYPES.discard(PlainSubclass)
+
+
+def test_an_adapted_model_pickles_and_its_copy_is_whole(tmp_path):
+    """pickle.dumps failed on a local hook function (issue 30), so torch.save(model) and sending the
+    model to another process did, while state_dict and deepcopy worked. The copy computes the same,
+    saves its own adapter, and its hook serves the copy."""
+    model = randomize_adapters(minilora.inject(tiny_llama(), r=4))
+    minilora.enable_input_require_grads(model)
+    copy = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(copy(ids).logits, model(ids).logits)
+    assert copy.model.embed_tokens(ids).requires_grad
+    copy.save_pretrained(tmp_path)
+    assert torch.equal(minilora.load_adapter(tiny_llama(), tmp_path)(ids).logits, model(ids).logits)
 
 
 # -- inject is all or nothing ----------------------------------------------------------------------
