@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import uuid
 from typing import Optional
 
 import torch
@@ -108,14 +109,28 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
     state = _host_tensors(state if state_dict is None else _taken_from(model, state, state_dict))
     config = peft_config(model, adapter_name, base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    save_file(state, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
-    config_path = os.path.join(path, CONFIG_NAME)
-    with open(config_path + ".tmp", "w") as f:
+    _write_aside(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _write_aside(os.path.join(path, CONFIG_NAME), lambda tmp: _write_json(config, tmp))
+
+
+def _write_aside(final: str, write) -> None:
+    """``write(tmp)`` a file under a name of its own, then rename it to ``final``: a crash leaves no
+    half-written ``final``, and two processes saving into one folder at once never share a
+    temporary file (with one name for all, one renamed the other's away: FileNotFoundError)."""
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(config: dict, path: str) -> None:
+    with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(config_path + ".tmp", config_path)
 
 
 def _taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
