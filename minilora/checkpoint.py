@@ -204,6 +204,9 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise AdapterLoadError(f"{config_path} nests JSON too deeply to read; a PEFT adapter_config.json is a "
+                               "flat object of settings") from None
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object, found {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":

@@ -47,6 +47,9 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
     an unknown scheme or block size.
     """
     check_scheme(scheme, blocksize)
+    for flag, value in (("embeddings", embeddings), ("double_quant", double_quant)):
+        if not isinstance(value, bool):  # a string such as "false" would be truthy
+            raise ValueError(f"{flag}={value!r}: give True or False")
     config = LoRAConfig(target_modules=target_modules, exclude_modules=exclude_modules)
     targets = find_targets(model, config)
     holders = weight_holders(model)

@@ -202,6 +202,8 @@ def test_a_pickle_file_is_refused_and_never_unpickled(tmp_path, saved):
     (lambda p: rewrite_config(p, lambda c: c.update(r="4")), "r='4' should be int"),
     (lambda p: rewrite_config(p, lambda c: c.update(lora_alpha=-8)), "alpha=-8"),
     (lambda p: rewrite_config(p, lambda c: c.update(bias="some")), "bias='some'"),
+    (lambda p: (p / "adapter_config.json").write_text('{"r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+     "nests JSON too deeply"),  # a raw RecursionError
 ])
 def test_damaged_or_unsupported_adapters_raise_adapter_load_error(saved, damage, words):
     damage(saved)

@@ -130,6 +130,8 @@ def test_a_qlora_adapter_loads_on_the_plain_base_in_minilora_and_peft(tmp_path, 
     (dict(scheme="fp4"), "not one of nf4, int8"),
     (dict(scheme="nf4", blocksize=48), "blocksize=48"),
     (dict(scheme="nf4", target_modules=["q_proj", "lm_head"]), "shared with model.embed_tokens"),
+    (dict(scheme="nf4", embeddings="false"), "embeddings='false': give True or False"),  # it quantized the table
+    (dict(scheme="nf4", double_quant="no"), "double_quant='no': give True or False"),
 ])
 def test_bad_settings_raise_and_leave_the_model_as_it_was(kwargs, message):
     model = tiny_llama(tie_word_embeddings=True)
