@@ -159,6 +159,7 @@ def validate_adapter(model: nn.Module, config: LoRAConfig, state: Mapping[str, U
 
 
 def _check_dtypes(state: Mapping[str, Union[torch.Tensor, Stored]], where: str) -> None:
+    """Every tensor (or header entry) floating-point: integer codes are no adapter's weights."""
     for key, tensor in state.items():
         if not (isinstance(tensor.dtype, torch.dtype) and tensor.dtype.is_floating_point):
             raise AdapterLoadError(f"{where}: {key} holds {tensor.dtype} values; adapter weights are floating-point")
