@@ -33,6 +33,7 @@ class AdapterState:
     input_grads_hook: Any = None  # the forward-hook handle on the input embeddings
     untied: dict = field(default_factory=dict)  # LoRALinear name -> the weight it shared until merge untied it
     input_grads_module: Any = None  # the embeddings module that hook is on (inject may replace it later)
+    disabled_blocks: int = 0  # `with disable_adapters(model):` blocks open now (inject refuses inside one)
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -121,24 +122,38 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 class disable_adapters:
     """``with disable_adapters(model):`` runs the base model alone (modules_to_save: the original
-    modules, not the copies); adapters come back after."""
+    modules, not the copies); adapters come back after. Blocks nest, also of one object entered
+    again. Inside one, adding an adapter (inject, load_adapter) or merging is refused: either would
+    make the block run adapted."""
 
     def __init__(self, model: nn.Module):
+        self.state = adapter_state(model)
         self.modules = [m for _, m in adapter_modules(model)]
         if any(m.merged for m in self.modules):
             raise ValueError("an adapter is merged into the weights, so the base model is not available; "
                              "call minilora.unmerge(model) first")
+        self.saved = []  # the flags each open entry found, innermost last
 
     def __enter__(self):
-        self.before = [m.disabled for m in self.modules]
+        self.saved.append([m.disabled for m in self.modules])
+        self.state.disabled_blocks += 1
         for m in self.modules:
             m.disabled = True
         return self
 
     def __exit__(self, *exc):
-        for m, was in zip(self.modules, self.before):
+        for m, was in zip(self.modules, self.saved.pop()):
             m.disabled = was
+        self.state.disabled_blocks -= 1
         return False
+
+
+def check_not_disabled(model: nn.Module) -> None:
+    """Raise ValueError inside ``with disable_adapters(model):``, where a new adapter would be
+    active although the block promises the base model."""
+    if adapter_state(model).disabled_blocks:
+        raise ValueError("adapters are disabled here (inside `with minilora.disable_adapters(model):`), which "
+                         "promises the base model, but a new adapter would be active in it; add it after the block")
 
 
 class mixed_batch:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Optional
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import active_adapter, adapter_names, adapter_state, lora_modules, set_adapter
+from .adapters import active_adapter, adapter_names, adapter_state, check_not_disabled, lora_modules, set_adapter
 from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
 from .embedding import LoRAEmbedding
 from .inject import check_adapter_name, find_targets, inject, remove_injected, replace_module
@@ -54,8 +55,10 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     was. Only safetensors are read; pickle files are refused, since unpickling runs code.
     """
     config, base_name = read_adapter_config(path)
+    # Names, dtypes and shapes from the file's header first: a header may claim a 12 GB tensor.
+    validate_adapter(model, config, _read_header(path), path, base_name, adapter_name)
     state = _read_weights(path)
-    validate_adapter(model, config, state, path, base_name, adapter_name)
+    _check_finite(state, os.path.join(path, WEIGHTS_NAME))
     previous = active_adapter(model)
     # What inject changes, so a load that fails can put it back: the modules it replaces (LoRA
     # layers, modules_to_save wrappers) and the requires_grad flags (it freezes all but the adapter).
@@ -86,24 +89,43 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     return model
 
 
-def validate_adapter(model: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor], path: str,
-                     base_name: Optional[str] = None, adapter_name: str = "default") -> None:
+class Stored(NamedTuple):
+    """A tensor as a safetensors header describes it, before any of its bytes are read."""
+
+    shape: tuple
+    dtype: Union[torch.dtype, str]  # safetensors' own name (e.g. "F8_E8M0") where torch has none
+
+
+# safetensors' dtype names, as the header spells them.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def validate_adapter(model: nn.Module, config: LoRAConfig, state: Mapping[str, Union[torch.Tensor, Stored]],
+                     path: str, base_name: Optional[str] = None, adapter_name: str = "default") -> None:
     """Check a saved adapter against ``model`` before anything is built; AdapterLoadError if not.
 
-    The file's tensors must all be finite floating-point values, and every module the config
-    targets must be one minilora can adapt and have ``lora_A`` (r, in) and ``lora_B`` (out, r)
-    in the file with the rank the config gives it. This runs before inject allocates a single
-    adapter tensor, so a config claiming ``r: 5000000`` beside a small file costs nothing.
-    (Keys the file has beyond these are judged by the strict copy after injection.)
+    ``state`` holds the file's tensors, or (as load_adapter passes it, before reading a byte of
+    them) their header entries. Every tensor must be floating-point (and, given tensors, finite);
+    every module the config targets must be one minilora can adapt and have ``lora_A`` (r, in)
+    and ``lora_B`` (out, r) (DoRA: ``lora_magnitude_vector`` (out,)) in the file with the rank the
+    config gives it; and every other tensor must have the shape of the model's tensor it names
+    (a modules_to_save copy, a bias, an embedding's rows). So neither a config claiming
+    ``r: 5000000`` beside a small file nor a header claiming a 12 GB tensor costs memory. (Which
+    of those other keys the adapter really has is checked by the strict copy after injection.)
     """
     try:
         check_adapter_name(adapter_name)
+        check_not_disabled(model)
     except ValueError as e:
         raise AdapterLoadError(str(e)) from None
     if adapter_name in adapter_names(model):
         raise AdapterLoadError(f"the model already has an adapter named {adapter_name!r}; "
                                "load under another adapter_name or delete that adapter first")
-    _check_finite(state, os.path.join(path, WEIGHTS_NAME))
+    where = os.path.join(path, WEIGHTS_NAME)
+    _check_dtypes(state, where)
+    _check_finite({k: t for k, t in state.items() if isinstance(t, torch.Tensor)}, where)
     trained_on = f" (it was trained on {base_name})" if base_name else ""
     try:
         targets = find_targets(model, config)
@@ -118,19 +140,36 @@ def validate_adapter(model: nn.Module, config: LoRAConfig, state: dict[str, torc
         else:
             expected[f"{PREFIX}{name}.lora_A.weight"] = (r, module.in_features)
             expected[f"{PREFIX}{name}.lora_B.weight"] = (module.out_features, r)
+            if config.use_dora:
+                expected[f"{PREFIX}{name}.lora_magnitude_vector"] = (module.out_features,)
+    # Any other key names a tensor of the model (PEFT keeps an adapted layer's own tensors under
+    # its "base_layer"), whose shape bounds it; a key naming none cannot belong to this adapter.
+    model_shapes = {f"{PREFIX}{n}": tuple(t.shape) for n, t in
+                    [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    for key in set(state) - set(expected):
+        named = model_shapes.get(key.replace(".base_layer.", "."))
+        if named is not None:
+            expected[key] = named
     missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     mismatched = [(k, tuple(state[k].shape), expected[k]) for k in sorted(set(expected) & set(state))
                   if tuple(state[k].shape) != expected[k]]
-    if missing or mismatched:
-        raise AdapterLoadError(_misfit(model, path, base_name, missing, [], mismatched))
+    if missing or unexpected or mismatched:
+        raise AdapterLoadError(_misfit(model, path, base_name, missing, unexpected, mismatched))
+
+
+def _check_dtypes(state: Mapping[str, Union[torch.Tensor, Stored]], where: str) -> None:
+    """Every tensor (or header entry) floating-point: integer codes are no adapter's weights."""
+    for key, tensor in state.items():
+        if not (isinstance(tensor.dtype, torch.dtype) and tensor.dtype.is_floating_point):
+            raise AdapterLoadError(f"{where}: {key} holds {tensor.dtype} values; adapter weights are floating-point")
 
 
 def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
-    """Every tensor floating-point and finite: a NaN in lora_B would pass every shape check and
-    turn every output of the adapted model into NaN (or, merged, the base weights themselves)."""
+    """Every tensor finite: a NaN in lora_B would pass every shape check and turn every output of
+    the adapted model into NaN (or, merged, the base weights themselves)."""
+    _check_dtypes(state, where)
     for key, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise AdapterLoadError(f"{where}: {key} holds {tensor.dtype} values; adapter weights are floating-point")
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise AdapterLoadError(f"{where}: {key} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "
@@ -144,6 +183,7 @@ def load_adapter_weights(model: nn.Module, path: str, adapter_name: str = "defau
     missing, unexpected, mis-shaped or non-finite tensor raises AdapterLoadError naming it,
     before anything is copied; only safetensors are read."""
     _, base_name = read_adapter_config(path)
+    _check_fit(model, _read_header(path), adapter_name, path, base_name)  # before a byte is read
     state = _read_weights(path)
     _check_finite(state, os.path.join(path, WEIGHTS_NAME))
     _copy_strict(model, state, adapter_name, path, base_name)
@@ -165,6 +205,9 @@ def read_adapter_config(path: str) -> tuple[LoRAConfig, Optional[str]]:
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise AdapterLoadError(f"{config_path} nests JSON too deeply to read; a PEFT adapter_config.json is a "
+                               "flat object of settings") from None
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object, found {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":
@@ -234,7 +277,31 @@ def _refuse_broken_link(path: str) -> None:
                                "or deleted file); copy the real file there or fix the link")
 
 
+def _read_header(path: str) -> dict[str, Stored]:
+    """The name, dtype and shape of every tensor in ``path``'s weights file, from its header alone
+    (safe_open reads no tensor data until asked)."""
+    weights = _weights_file(path)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            header = {}
+            for key in f.keys():
+                entry = f.get_slice(key)
+                header[key] = Stored(tuple(entry.get_shape()), _DTYPES.get(entry.get_dtype(), entry.get_dtype()))
+            return header
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise AdapterLoadError(f"{weights} is truncated or corrupted and cannot be read: {e}") from None
+
+
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor in ``path``'s weights file: call it once the header has been checked."""
+    weights = _weights_file(path)
+    try:
+        return load_file(weights)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise AdapterLoadError(f"{weights} is truncated or corrupted and cannot be read: {e}") from None
+
+
+def _weights_file(path: str) -> str:
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, PICKLE_NAME)):
@@ -245,14 +312,21 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
             )
         _refuse_broken_link(weights)
         raise AdapterLoadError(f"{path!r} has no {WEIGHTS_NAME} (found: {', '.join(sorted(os.listdir(path)))})")
-    try:
-        return load_file(weights)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise AdapterLoadError(f"{weights} is truncated or corrupted and cannot be read: {e}") from None
+    return weights
 
 
 def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, path: str,
                  base_name: Optional[str]) -> None:
+    expected = _check_fit(model, state, adapter_name, path, base_name)
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+
+
+def _check_fit(model: nn.Module, state: Mapping[str, Union[torch.Tensor, Stored]], adapter_name: str, path: str,
+               base_name: Optional[str]) -> dict[str, torch.Tensor]:
+    """Raise AdapterLoadError unless ``state`` (tensors or header entries) has exactly the keys and
+    shapes of the model's adapter ``adapter_name``; returns the model's tensors by file key."""
     expected = lora_state_dict(model, adapter_name)
     # PEFT also writes the base weights of a LoRA-adapted embedding (save_embedding_layers="auto"),
     # and loads them into the base: they carry rows of tokens added by resizing the vocabulary.
@@ -262,12 +336,10 @@ def _copy_strict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
-                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+                  for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
         raise AdapterLoadError(_misfit(model, path, base_name, missing, unexpected, mismatched))
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+    return expected
 
 
 def _misfit(model: nn.Module, path: str, base_name: Optional[str], missing: list, unexpected: list,

@@ -38,7 +38,7 @@ from torch import nn
 
 from .adapters import adapted_layers, adapter_names, config_of, lora_modules, lora_parameters
 from .dora import DoRAAdapter
-from .inject import find_targets, inject
+from .inject import check_adapter_name, find_targets, inject
 
 # Combined on A and B separately (equal ranks), on the deltas then SVD, or concatenated.
 _ON_A_AND_B = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -95,8 +95,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     for name, layer in lora_modules(model):
         present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
         if present:
-            combined[name] = _combine(name, layer, present, combination_type, new_rank, svd_clamp,
+            lora_A, lora_B = _combine(name, layer, present, combination_type, new_rank, svd_clamp,
                                       svd_full_matrices, svd_driver, density, majority_sign_method)
+            _check_finite(name, weights, lora_A, lora_B, lora_B @ lora_A)  # B·A: the delta forward applies
+            combined[name] = lora_A, lora_B
     config = _combined_config(model, configs, combined, new_rank)
 
     previous = {layer: layer.active_adapter for layer in adapted_layers(model)}
@@ -119,6 +121,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
 def _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                      majority_sign_method) -> str:
+    check_adapter_name(adapter_name)
     known = adapter_names(model)
     if adapter_name in known:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another adapter_name "
@@ -187,6 +190,7 @@ def _combine(name, layer, present, combination_type, new_rank, svd_clamp, full_m
     method = "linear" if combination_type == "svd" else combination_type.removesuffix("_svd")
     delta = _weighted_sum([a.delta_weight() for a, _ in present], torch.tensor([w for _, w in present]), method,
                           density, majority_sign_method)  # (out, in)
+    _check_finite(name, [w for _, w in present], delta)  # before the SVD, which fails on non-finite input
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     U = U[:, :new_rank] @ torch.diag(S[:new_rank])  # (out, rank)
     Vh = Vh[:new_rank, :]  # (rank, in)
@@ -194,6 +198,14 @@ def _combine(name, layer, present, combination_type, new_rank, svd_clamp, full_m
         high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), svd_clamp)
         U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
     return Vh, U
+
+
+def _check_finite(name: str, weights, *tensors: torch.Tensor) -> None:
+    """Raise if the combination overflowed float32 in layer ``name``: an adapter holding inf would
+    make every output NaN, and its saved file would be refused on loading."""
+    if not all(t.isfinite().all() for t in tensors):
+        raise ValueError(f"weights {list(weights)} make the combined adapter overflow float32 (above "
+                         f"{torch.finfo(torch.float32).max:.1e}) in {name}; use smaller weights. Nothing was added")
 
 
 def _weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor, method: str, density: Optional[float],
@@ -245,8 +257,8 @@ def _combined_config(model, configs, combined, new_rank):
     else:
         union = None
     if union is not None:
-        candidate = configs[0].replace(target_modules=union, **fields)
-        try:
+        try:  # a union of long regexes may exceed the pattern limit: then the names below serve
+            candidate = configs[0].replace(target_modules=union, **fields)
             if {name for name, _ in find_targets(model, candidate)} == set(ranks):
                 return candidate
         except ValueError:

@@ -80,6 +80,8 @@ class LoRAConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.modules_to_save, (tuple, str)):
@@ -96,8 +98,9 @@ class LoRAConfig:
             raise ValueError(f"dropout={self.dropout!r} is outside [0, 1); use e.g. 0.05 or 0.1, or 0 for none")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not one of {', '.join(BIAS_MODES)}")
-        if not isinstance(self.use_dora, bool):
-            raise ValueError(f"use_dora={self.use_dora!r}: give True or False")
+        for flag in ("use_rslora", "use_dora"):  # a string such as "false" would be truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r}: give True or False")
         if self.init not in INIT_MODES:
             raise ValueError(f"init={self.init!r} is not one of {', '.join(INIT_MODES)}")
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules \
@@ -108,6 +111,10 @@ class LoRAConfig:
             )
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             check_pattern("target_modules", self.target_modules)
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str) and not (
+                isinstance(self.exclude_modules, list) and all(isinstance(t, str) and t for t in self.exclude_modules)):
+            raise ValueError(f"exclude_modules={self.exclude_modules!r}: give a list of module-name endings "
+                             "(e.g. ['lm_head']), a regex string, or None")
         if isinstance(self.exclude_modules, str):
             check_pattern("exclude_modules", self.exclude_modules)
         for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
@@ -119,8 +126,8 @@ class LoRAConfig:
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{key!r}]", value)
-        if self.layers_to_transform is not None and not all(
-            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        if self.layers_to_transform is not None and not all(  # True is an int too, and would mean layer 1
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform
         ):
             raise ValueError(f"layers_to_transform={self.layers_to_transform!r}: give non-negative layer indices")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
@@ -130,6 +137,8 @@ class LoRAConfig:
         if self.modules_to_save is not None and not all(isinstance(n, str) and n for n in self.modules_to_save):
             raise ValueError(f"modules_to_save={self.modules_to_save!r}: give module-name endings, "
                              "e.g. ['lm_head', 'embed_tokens']")
+        for key in self.modules_to_save or ():  # each is a regex inside selects' PEFT rule
+            check_pattern("modules_to_save entry", key, "modules_to_save holds module-name endings such as 'lm_head'")
         if not isinstance(self.ensure_weight_tying, bool):
             raise ValueError(f"ensure_weight_tying={self.ensure_weight_tying!r} should be True or False")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
@@ -223,7 +232,9 @@ _REPEATS = {_sre_parse.MAX_REPEAT, _sre_parse.MIN_REPEAT} | (
     {_sre_parse.POSSESSIVE_REPEAT} if hasattr(_sre_parse, "POSSESSIVE_REPEAT") else set())
 
 
-def check_pattern(what: str, pattern: str) -> None:
+def check_pattern(what: str, pattern: str,
+                  hint: str = "a string target is a regex matched against the whole module name, a list holds "
+                              "module-name endings") -> None:
     """Raise ValueError unless ``pattern`` is a regex whose matching time stays bounded.
 
     Python's backtracking matcher takes exponential time on a repeated group that itself
@@ -237,8 +248,7 @@ def check_pattern(what: str, pattern: str) -> None:
     try:
         parsed = _sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as e:
-        raise ValueError(f"{what}={pattern!r} is not a valid regex ({e}); a string target is a regex matched "
-                         "against the whole module name, a list holds module-name endings") from None
+        raise ValueError(f"{what}={pattern!r} is not a valid regex ({e}); {hint}") from None
     if _backtracks_exponentially(parsed, in_repeat=False):
         raise ValueError(f"{what}={pattern!r} repeats a group that itself repeats or alternates (like (a+)+, (.*)* "
                          "or (a|ab)*), which can make matching take exponential time; write it without the nested "

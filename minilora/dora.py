@@ -66,6 +66,7 @@ class DoRAAdapter(LoRAAdapter):
         # The row norm of W0 + s·BA at merge time: unmerging needs it, and the merged weight alone
         # does not determine it (its row norms are |m|, whatever n was).
         self._merged_norm: Optional[torch.Tensor] = None
+        self._lost_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (indices, W's rows) merging destroyed
 
     @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class DoRAAdapter(LoRAAdapter):
         if weight is None:
             raise ValueError("a DoRA adapter rescales the base layer's whole output, so it has no term of its own "
                              "to add to it: run it through its LoRALinear (mixed batches cannot use DoRA adapters)")
-        ratio = (self.lora_magnitude_vector / self.weight_norm(weight)).to(x.dtype)  # (out,): m/n
+        ratio = self.ratio(self.weight_norm(weight)).to(x.dtype)  # (out,): m/n
         if self.training and isinstance(self.dropout, LoRADropout):
             dropped = self.dropout(x)  # d = drop(x): LoRA's dropout
             base_of_dropped = F.linear(dropped, weight)  # W0 d
@@ -99,20 +100,44 @@ class DoRAAdapter(LoRAAdapter):
         out = super().forward(x, weight) * ratio  # (W0 x + s·BAx) ⊙ m/n: LoRA's forward, its dropout off here
         return out if bias is None else out + bias
 
+    def ratio(self, norm: torch.Tensor) -> torch.Tensor:
+        """(out,) float32 ``m / n`` for the row norms ``norm`` of W + s·BA, and 1 where a row is all
+        zeros (n = 0): such a row computes 0 whatever it is scaled by, and 0/0 would make it NaN (a
+        base Linear with a zero row, whose fresh magnitude is 0 too). The zero rows are kept out of
+        the division, so m's gradient there is 0, not NaN."""
+        zero = norm == 0
+        return torch.where(zero, 1.0, self.lora_magnitude_vector.float() / torch.where(zero, 1.0, norm))
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """(out, in) float32 ``(m/n) ⊙ (W + s·BA)``, the weight whose plain forward equals DoRA's.
-        Remembers n, the row norm before rescaling, for unmerged_weight."""
+
+        Remembers what unmerged_weight needs: n, the row norm before rescaling (the merged weight's
+        row norms are |m|, whatever n was), and W's rows that the rescaling destroys in W's dtype,
+        so that unmerging gives them back bit for bit rather than dividing by 0: rows where m is 0
+        (the merged row is all zeros), or where a value overflows or sinks below the dtype's normal
+        range. Usually there are none."""
         combined = super().merged_weight(weight)
         self._merged_norm = torch.linalg.vector_norm(combined, dim=1)
-        return (self.lora_magnitude_vector.float() / self._merged_norm).unsqueeze(1) * combined
+        ratio = self.ratio(self._merged_norm)
+        merged = ratio.unsqueeze(1) * combined
+        stored = merged.to(weight.dtype).abs()
+        lost = (ratio == 0) | ((stored < torch.finfo(weight.dtype).tiny) & (combined != 0)).any(dim=1) \
+            | ~stored.isfinite().all(dim=1)
+        rows = lost.nonzero().squeeze(1)
+        self._lost_rows = (rows, weight.detach()[rows].clone())
+        return merged
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """(out, in) float32 ``W' / (m/n) − s·BA``: the base weight back from a merged one."""
+        """(out, in) float32 ``W' / (m/n) − s·BA``: the base weight back from a merged one (the rows
+        merging destroyed from the copy merged_weight kept)."""
         if self._merged_norm is None:
             raise ValueError("this DoRA adapter was not merged into the weight, so there is nothing to unmerge")
-        ratio = self.lora_magnitude_vector.float() / self._merged_norm
+        ratio = self.ratio(self._merged_norm)
+        rows, kept = self._lost_rows
+        ratio[rows] = 1.0  # those rows come from the copy; keep the division finite
         restored = super().unmerged_weight(weight.float() / ratio.unsqueeze(1))
-        self._merged_norm = None
+        restored[rows] = kept.float()
+        self._merged_norm = self._lost_rows = None
         return restored
 
     def extra_repr(self) -> str:

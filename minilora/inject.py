@@ -4,14 +4,16 @@ input gradients that checkpointing needs. Switching between adapters is minilora
 
 from __future__ import annotations
 
+import math
+import re
 import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .adapters import (LORA_LAYERS, adapter_modules, adapter_names, adapter_state, bias_parameters, lora_modules,
-                       lora_parameters, set_adapter)
+from .adapters import (LORA_LAYERS, adapter_modules, adapter_names, adapter_state, bias_parameters,
+                       check_not_disabled, lora_modules, lora_parameters, set_adapter)
 from .config import LoRAConfig, inside_adapters, matches
 from .dora import DoRAAdapter, check_base
 from .embedding import LoRAEmbedding
@@ -30,7 +32,8 @@ EMBEDDINGS = (nn.Embedding, QuantEmbedding, LoRAEmbedding)
 class UnsupportedLayerError(ValueError):
     """A targeted module that LoRALinear cannot stand in for faithfully: a quantized Linear
     (bitsandbytes' Linear4bit/Linear8bitLt: integer weights, their own forward) or any other
-    nn.Linear subclass with its own forward. Raised by ``inject`` before the model changes."""
+    nn.Linear subclass with its own forward; or a layer of zero size. Raised by ``inject`` (and
+    ``quantize``) before the model changes."""
 
 
 # nn.Linear subclasses that override forward yet compute x Wᵀ + b on a weight LoRALinear can use
@@ -79,6 +82,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     """
     config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
     check_adapter_name(adapter_name)
+    check_not_disabled(model)
     targets = find_targets(model, config)
     if config.use_dora:
         for _, module in targets:
@@ -134,10 +138,18 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
 
 
 def check_adapter_name(name) -> None:
-    """Adapter names become module names (``adapters.<name>``): text without dots."""
-    if not isinstance(name, str) or not name or "." in name or name.strip() != name:
-        raise ValueError(f"adapter_name={name!r}: an adapter name is non-empty text without dots or surrounding "
-                         "spaces, e.g. 'default' or 'cardiology'")
+    """Raise ValueError unless ``name`` is a plain name: letters, digits, ``_`` and ``-``.
+
+    An adapter name becomes a module name (``adapters.<name>``, so no dots), a key of the
+    nn.ModuleDict each layer holds its adapters in (so not one of its attributes: ``forward``,
+    ``train``, …), and a folder name (``save_pretrained(dir)`` writes adapter ``x`` into
+    ``dir/x``, so no separators: ``/etc/x`` or ``../x`` would be written outside ``dir``)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name):
+        raise ValueError(f"adapter_name={name!r}: an adapter name is a plain name of letters, digits, '_' and '-' "
+                         "(no dots, slashes or spaces), e.g. 'default' or 'cardiology'")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter_name={name!r} is the name of an attribute of torch's nn.ModuleDict, in which "
+                         "each layer holds its adapters; pick another plain name, e.g. 'cardiology'")
 
 
 def remove_injected(model: nn.Module, adapter_name: str, replaced: list[tuple[str, nn.Module]]) -> None:
@@ -178,6 +190,13 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                                  f"{type(module).__name__} (a subclass of nn.Embedding whose lookup may differ, "
                                  "e.g. scaled); LoRA here adapts plain nn.Embedding only, so leave it out")
             chosen.append((name, module))
+    empty = [(n, w.shape) for n, m in chosen if (w := getattr(m, "weight", None)) is not None
+             and math.prod(w.shape) == 0]
+    if empty:  # torch's own errors came later, from deep inside (torch.cat of no tiles, a reshape)
+        name, shape = empty[0]
+        raise UnsupportedLayerError(f"{name!r} has a weight of shape {tuple(shape)}, with no elements: there is "
+                                    "nothing to adapt or quantize; leave it out with exclude_modules (or a narrower "
+                                    "target_modules)")
     unsupported = [(n, reason) for n, m in chosen if (reason := unsupported_reason(m)) is not None]
     if unsupported:
         name, reason = unsupported[0]
@@ -239,6 +258,9 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter_name:
     and the biases that ``bias`` names (none, all, lora_only)."""
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias={bias!r} is not one of none, all, lora_only")
+    known = adapter_names(model)
+    if adapter_name is not None and adapter_name not in known:  # it would freeze everything, silently
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has: {', '.join(known) or '(no adapters)'}")
     for param in model.parameters():
         param.requires_grad_(False)
     for _, param in lora_parameters(model, adapter_name):
@@ -283,15 +305,26 @@ def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
     if state.input_grads_hook is not None:  # a later inject replaced the embeddings (LoRA or modules_to_save)
         state.input_grads_hook.remove()
     state.input_grads_module = embeddings
-    model_ref = weakref.ref(model)
+    state.input_grads_hook = embeddings.register_forward_hook(_RequireInputGrads(model, state))
 
-    def hook(module, inputs, output):
-        owner = model_ref()
-        wanted = state.input_grads_always or _is_checkpointing(owner)
+
+class _RequireInputGrads:
+    """The forward hook on the input embeddings: their output requires grad while the model
+    checkpoints (or always, after enable_input_require_grads). A class rather than a closure so
+    that an adapted model pickles (torch.save(model), multiprocessing) as a plain one does; it
+    holds the model weakly (no reference cycle of its own) and pickles it, so a copy's hook
+    (deepcopy too) asks the copy."""
+
+    def __init__(self, model: nn.Module, state):
+        self.model_ref, self.state = weakref.ref(model), state
+
+    def __call__(self, module, inputs, output):
+        wanted = self.state.input_grads_always or _is_checkpointing(self.model_ref())
         if wanted and torch.is_grad_enabled() and not output.requires_grad:
             output.requires_grad_(True)
 
-    state.input_grads_hook = embeddings.register_forward_hook(hook)
+    def __reduce__(self):
+        return type(self), (self.model_ref(), self.state)
 
 
 def _is_checkpointing(model) -> bool:

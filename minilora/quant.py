@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import adapter_state
+from .adapters import adapter_names, adapter_state
 from .config import LoRAConfig, inside_adapters, matches
+from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
 from .inject import find_targets, replace_module
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave
-from .weight import QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear, as_parameter, check_scheme
+from .save import install_save_pretrained, remove_save_pretrained
+from .weight import (TILE_ELEMENTS, QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear, as_parameter,
+                     check_scheme)
 
 # -- whole models ----------------------------------------------------------------------------------
 
@@ -44,6 +47,9 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
     an unknown scheme or block size.
     """
     check_scheme(scheme, blocksize)
+    for flag, value in (("embeddings", embeddings), ("double_quant", double_quant)):
+        if not isinstance(value, bool):  # a string such as "false" would be truthy
+            raise ValueError(f"{flag}={value!r}: give True or False")
     config = LoRAConfig(target_modules=target_modules, exclude_modules=exclude_modules)
     targets = find_targets(model, config)
     holders = weight_holders(model)
@@ -60,6 +66,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
             if not isinstance(module, (nn.Embedding, LoRAEmbedding)):
                 continue
             _check_table(name, module)
+            _check_finite(name, module.weight)
             tied = [(n, m) for n, m, _ in holders.get(id(module.weight), []) if m is not module]
             for tied_name, holder, attr in holders[id(module.weight)]:
                 if holder is not module and (attr != "weight" or not isinstance(holder, (nn.Linear, LoRALinear))
@@ -84,8 +91,14 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
                                      "embeddings=True, nn.Embedding tables) only")
         if isinstance(module, LoRALinear) and module.merged:
             raise QuantizedBaseError(f"{name} has a merged adapter; call minilora.unmerge(model) before quantizing")
+        dora = [n for n, a in getattr(module, "adapters", {}).items() if isinstance(a, DoRAAdapter)]
+        if dora:  # as inject refuses DoRA over a quantized base, for the same reason
+            raise QuantizedBaseError(f"{name} holds the DoRA adapter {dora[0]!r}, whose magnitude needs the weight's "
+                                     "row norms in every forward, so its base cannot be quantized; use plain LoRA over "
+                                     "a quantized base, or keep the base in float for DoRA")
         if not weight.is_floating_point():
             raise ValueError(f"{name}: cannot quantize a {weight.dtype} weight; quantize a floating-point model")
+        _check_finite(name, weight)
         others = [f"{n}.{attr}" for n, m, attr in holders.get(id(weight), []) if m is not module]
         if others:
             raise QuantizedBaseError(
@@ -100,7 +113,24 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
     for name, module in targets:
         _hold(model, name, module, QuantizedWeight(module.weight, scheme, blocksize, double_quant))
     adapter_state(model).layers = None  # LoRA layers may have been swapped
+    # transformers' own save_pretrained would write the codes, which from_pretrained does not read
+    # (it would initialise every quantized Linear at random): minilora's writes adapters, or refuses.
+    install_save_pretrained(model)
     return model
+
+
+def _check_finite(name: str, weight) -> None:
+    """Raise unless every value of ``weight`` is finite, counted a tile at a time (no weight-sized
+    mask). An inf makes its block's absmax inf, so the block dequantizes to NaN and 0; double
+    quantization subtracts the mean of all block absmaxes, which spreads it to every block."""
+    flat = weight.detach().reshape(-1)
+    if flat.is_meta:  # shapes only (sizing a model): no values to check
+        return
+    bad = sum(int((~flat[i:i + TILE_ELEMENTS].isfinite()).sum()) for i in range(0, flat.numel(), TILE_ELEMENTS))
+    if bad:
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf) of {flat.numel()}; quantized, they "
+                         "would spread over their block of weights (with double quantization, over the whole "
+                         "weight); the base is damaged: reload it from its files")
 
 
 def _check_table(name: str, module: nn.Module) -> None:
@@ -119,6 +149,9 @@ def _check_table(name: str, module: nn.Module) -> None:
         raise QuantizedBaseError(f"{name} has a merged adapter; call minilora.unmerge(model) before quantizing")
     if not module.weight.is_floating_point():
         raise ValueError(f"{name}: cannot quantize a {module.weight.dtype} table; quantize a floating-point model")
+    if module.weight.numel() == 0:
+        raise ValueError(f"{name} has a table of shape {tuple(module.weight.shape)}, with no elements: there is "
+                         "nothing to quantize; leave it out (exclude_modules)")
 
 
 def _hold(model: nn.Module, name: str, module: nn.Module, weight: QuantizedWeight) -> None:
@@ -168,6 +201,8 @@ def dequantize(model: nn.Module) -> nn.Module:
             del module.weight
             module.weight = param
     adapter_state(model).layers = None  # LoRA layers may have been swapped
+    if not adapter_names(model):  # quantize installed it; with adapters it writes them, as after inject
+        remove_save_pretrained(model)
     return model
 
 

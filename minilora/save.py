@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import uuid
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from .adapters import adapter_modules, adapter_names, bias_parameters, config_of, lora_modules
 from .dora import DoRAAdapter
 from .layer import LoRALinear
+from .weight import QuantizedBaseError, is_quantized
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -107,14 +109,28 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
     state = _host_tensors(state if state_dict is None else _taken_from(model, state, state_dict))
     config = peft_config(model, adapter_name, base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    save_file(state, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
-    config_path = os.path.join(path, CONFIG_NAME)
-    with open(config_path + ".tmp", "w") as f:
+    _write_aside(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _write_aside(os.path.join(path, CONFIG_NAME), lambda tmp: _write_json(config, tmp))
+
+
+def _write_aside(final: str, write) -> None:
+    """``write(tmp)`` a file under a name of its own, then rename it to ``final``: a crash leaves no
+    half-written ``final``, and two processes saving into one folder at once never share a
+    temporary file (with one name for all, one renamed the other's away: FileNotFoundError)."""
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(config: dict, path: str) -> None:
+    with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(config_path + ".tmp", config_path)
 
 
 def _taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
@@ -172,7 +188,14 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
     transformers' own save_pretrained (push_to_hub, max_shard_size, …) are refused.
     """
     names = adapter_names(model)
-    if not names:  # every adapter was deleted: the model is the base again
+    if not names:  # no adapter (every one deleted, or installed by minilora.quantize): the model is a base
+        quantized = next((name for name, m in model.named_modules()  # a stored weight is a module of buffers
+                          if m._modules.get("weight") is not None and is_quantized(m._modules["weight"])), None)
+        if quantized is not None:
+            raise QuantizedBaseError(
+                f"the model's weights are stored quantized ({quantized}.weight …), and transformers' save_pretrained "
+                "would write codes that from_pretrained does not read: it would initialise every quantized layer at "
+                "random. Call minilora.dequantize(model) first for a plain checkpoint, or save an adapter instead")
         return type(model).save_pretrained(model, save_directory, safe_serialization=safe_serialization,
                                            is_main_process=is_main_process, state_dict=state_dict, **unsupported)
     if unsupported:
@@ -199,7 +222,8 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
 
 def install_save_pretrained(model: nn.Module) -> None:
     """Make this model's ``save_pretrained`` (an instance attribute; the class is untouched) write
-    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing (inject calls this)."""
+    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing (inject calls this),
+    and refuse a quantized base without adapters (quantize calls this)."""
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
         model.save_pretrained = functools.update_wrapper(functools.partial(save_pretrained, model), save_pretrained)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minilora
-from conftest import run_xla, tiny_llama
+from conftest import randomize_adapters, run_xla, tiny_llama
 from test_checkpoint import IDS, trained
 
 
@@ -46,6 +46,44 @@ def test_disable_adapters_gives_the_base_and_restores_after(two_adapters):
         with minilora.disable_adapters(model):
             raise RuntimeError("the adapters come back even when the block fails")
     assert torch.equal(model(IDS).logits, expected["b"])
+
+
+def test_one_disable_adapters_object_entered_twice_nests(two_adapters):
+    """Each entry keeps its own flags: the inner exit used to overwrite what the outer one restores,
+    so the adapters stayed disabled after both blocks (issue 30)."""
+    model, expected = two_adapters
+    minilora.set_adapter(model, "a")
+    disabled = minilora.disable_adapters(model)
+    with disabled:
+        with disabled:
+            assert torch.equal(model(IDS).logits, expected[None])
+        assert torch.equal(model(IDS).logits, expected[None])
+    assert torch.equal(model(IDS).logits, expected["a"])
+
+
+@pytest.mark.parametrize("add", [
+    lambda model, tmp_path: minilora.inject(model, r=2, adapter_name="c"),
+    lambda model, tmp_path: minilora.load_adapter(model, save_b(tmp_path), adapter_name="c"),
+], ids=["inject", "load_adapter"])
+def test_adding_an_adapter_inside_disable_adapters_is_refused(add, tmp_path):
+    """The new adapter ran inside a block that promises the base model (issue 30), also on a model with
+    no adapter yet, whose block had no layer to disable."""
+    for model in (minilora.inject(tiny_llama(), r=2, target_modules=["q_proj"], adapter_name="a"), tiny_llama()):
+        names = minilora.adapter_names(model)
+        with minilora.disable_adapters(model):
+            with pytest.raises(ValueError, match="inside `with minilora.disable_adapters.*add it after the block"):
+                add(model, tmp_path)
+            assert torch.equal(model(IDS).logits, tiny_llama()(IDS).logits)
+        assert minilora.adapter_names(model) == names
+    add(model, tmp_path)  # after the block
+    assert minilora.adapter_names(model) == ["c"]
+
+
+def save_b(tmp_path):
+    path = tmp_path / "b"
+    if not path.exists():
+        minilora.save_adapter(randomize_adapters(minilora.inject(tiny_llama(), r=2, target_modules=["v_proj"])), path)
+    return path
 
 
 def test_mixed_batch_rows_equal_row_by_row_results(two_adapters):

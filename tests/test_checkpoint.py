@@ -3,8 +3,11 @@ mismatch raises AdapterLoadError naming it, and leaves the model as it was). Wha
 tests/test_save.py."""
 
 import json
+import math
 import os
 import pickle
+import re
+import struct
 import warnings
 
 import pytest
@@ -199,6 +202,8 @@ def test_a_pickle_file_is_refused_and_never_unpickled(tmp_path, saved):
     (lambda p: rewrite_config(p, lambda c: c.update(r="4")), "r='4' should be int"),
     (lambda p: rewrite_config(p, lambda c: c.update(lora_alpha=-8)), "alpha=-8"),
     (lambda p: rewrite_config(p, lambda c: c.update(bias="some")), "bias='some'"),
+    (lambda p: (p / "adapter_config.json").write_text('{"r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+     "nests JSON too deeply"),  # a raw RecursionError
 ])
 def test_damaged_or_unsupported_adapters_raise_adapter_load_error(saved, damage, words):
     damage(saved)
@@ -246,8 +251,14 @@ def _nan_in_lora_b(state):
     (None, lambda c: c.update(target_modules="(q_proj"), "is not a valid regex"),
     (None, lambda c: c.update(rank_pattern={"(a+)+": 4}), "exponential time"),
     (None, lambda c: c.update(target_modules=["q_proj", 7]), "give a list of module-name endings"),
+    # issue 30: modules_to_save entries reached re.match unchecked (a hang; a raw re.error)
+    (None, lambda c: c.update(modules_to_save=["(a|aa)*(.*)*x"]), "exponential time"),
+    (None, lambda c: c.update(modules_to_save=["lm_head("]), "is not a valid regex"),
+    (None, lambda c: c.update(exclude_modules=["k_proj", 7]), "a regex string, or None"),  # a raw TypeError
+    (None, lambda c: c.update(layers_to_transform=[True]), "give non-negative layer indices"),
 ], ids=["nan-weight", "integer-weight", "huge-rank", "overflowing-rank", "catastrophic-regex", "invalid-regex",
-        "catastrophic-rank-pattern", "non-text-target"])
+        "catastrophic-rank-pattern", "non-text-target", "catastrophic-modules-to-save", "invalid-modules-to-save",
+        "non-text-exclude", "boolean-layer"])
 def test_a_hostile_or_diverged_adapter_is_refused_before_any_layer_is_built(saved, change_weights, change_config,
                                                                            words, monkeypatch):
     if change_weights:
@@ -263,10 +274,10 @@ def test_a_hostile_or_diverged_adapter_is_refused_before_any_layer_is_built(save
     assert_untouched(model, reference)
 
 
-@pytest.mark.parametrize("name", ["with.dot", "", " padded"])
-def test_an_adapter_name_that_cannot_be_a_module_name_is_refused_and_nothing_changes(saved, name):
+@pytest.mark.parametrize("name", ["with.dot", "", " padded", "/some/absolute/path", "forward", "train"])
+def test_an_adapter_name_that_is_not_a_plain_name_is_refused_and_nothing_changes(saved, name):
     model, reference = tiny_llama(), tiny_llama()
-    with pytest.raises(AdapterLoadError, match="an adapter name is non-empty text without dots"):
+    with pytest.raises(AdapterLoadError, match="adapter_name=.*(a plain name|nn.ModuleDict)"):
         minilora.load_adapter(model, saved, adapter_name=name)
     assert_untouched(model, reference)
 
@@ -302,3 +313,62 @@ def test_a_broken_symlink_is_reported_as_one(saved):
     os.symlink(saved / "moved-away.safetensors", weights)
     with pytest.raises(AdapterLoadError, match="is a symbolic link to .*moved-away.safetensors.*, which does not exist"):
         minilora.load_adapter(tiny_llama(), saved)
+
+
+# -- a header that claims more than the file can hold for this model (issue 30) ---------------------
+
+def write_with_a_huge_tensor(path, key, shape):
+    """The adapter at ``path`` plus (or with, in place of its own) tensor ``key`` of ``shape`` in
+    float32, whose bytes are a hole at the end of a sparse file: the file is that large, on no disk."""
+    state = load_file(path / "adapter_model.safetensors")
+    state.pop(key, None)
+    header, offset, data = {}, 0, []
+    for name, tensor in state.items():
+        raw = tensor.float().contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        data.append(raw)
+    size = math.prod(shape) * 4
+    header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    with open(path / "adapter_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(data))
+        f.truncate(8 + len(text) + offset + size)
+
+
+def refuse_to_read(monkeypatch):
+    import minilora.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_read_weights", lambda path: pytest.fail("tensors read before the header check"))
+
+
+@pytest.mark.parametrize("key, shape, words", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", (4, 750_000_000),
+     "shape mismatch base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: file (4, 750000000) vs model "
+     "(4, 64)"),
+    ("base_model.model.lm_head.weight", (25_000_000, 120), "file (25000000, 120) vs model (128, 64)"),
+    ("base_model.model.stowaway", (3_000_000_000,), "unexpected in file: base_model.model.stowaway"),
+], ids=["adapter-tensor", "model-tensor", "no-such-tensor"])
+def test_a_header_claiming_a_12_gb_tensor_is_refused_before_any_tensor_is_read(saved, monkeypatch, key, shape, words):
+    """Every tensor was read before any name or shape was checked: under a memory limit "Cannot
+    allocate memory", without one 12 GB allocated. The header (safe_open) is checked first."""
+    write_with_a_huge_tensor(saved, key, shape)
+    assert os.path.getsize(saved / "adapter_model.safetensors") > 12e9
+    refuse_to_read(monkeypatch)
+    model, reference = tiny_llama(), tiny_llama()
+    with pytest.raises(AdapterLoadError, match=re.escape(words)):
+        minilora.load_adapter(model, saved)
+    assert_untouched(model, reference)
+
+
+def test_resuming_checks_the_header_before_reading_too(saved, monkeypatch):
+    from minilora.checkpoint import load_adapter_weights
+
+    model = minilora.inject(tiny_llama(), **CASES["q_v"][0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write_with_a_huge_tensor(saved, "base_model.model.stowaway", (3_000_000_000,))
+    refuse_to_read(monkeypatch)
+    with pytest.raises(AdapterLoadError, match="unexpected in file: base_model.model.stowaway"):
+        load_adapter_weights(model, saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

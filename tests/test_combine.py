@@ -206,6 +206,12 @@ def test_adapters_on_different_layers_keep_every_layer(tmp_path):
     (["cardiology", "oncology"], [1.0, 1.0], dict(svd_rank=65), "exceeds the rank 64"),
     (["cardiology", "oncology"], [1.0, 1.0], dict(svd_rank=0), "svd_rank=0"),
     (["cardiology", "oncology"], [1.0, 1.0], dict(svd_clamp=2), "svd_clamp=2"),
+    # issue 30: the name checked up front, as inject checks it; a combination that overflows float32
+    (["cardiology", "oncology"], [1.0, 1.0], dict(adapter_name="forward"), "nn.ModuleDict"),
+    (["cardiology", "oncology"], [1.0, 1.0], dict(adapter_name="../up"), "a plain name"),
+    (["cardiology", "neurology"], [1e39, 0.5], dict(combination_type="cat"), "overflow float32 .* in model"),
+    (["cardiology", "oncology"], [1e41, 0.5], dict(combination_type="linear"), "overflow float32"),  # in B·A only
+    (["cardiology", "oncology"], [1e39, 0.5], dict(combination_type="svd"), "overflow float32"),
 ])
 def test_bad_arguments_raise_and_leave_the_model_as_it_was(specialty_dirs, names, weights, options, words):
     _, ours = both_models(specialty_dirs, ["cardiology", "oncology", "neurology"])
@@ -238,3 +244,15 @@ def test_adapters_with_modules_to_save_are_refused():
     with pytest.raises(ValueError, match="'a' has modules_to_save"):
         minilora.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab", combination_type="cat")
     assert set(minilora.adapter_names(model)) == {"a", "b"}
+
+
+def test_regex_targets_whose_union_exceeds_the_pattern_limit_still_combine():
+    """Each regex is within the 1,000-character limit, their union is not: the new adapter names the
+    layers instead (the union raised the limit's ValueError)."""
+    never = "|".join(f"never_{i:03d}" for i in range(85))
+    model = minilora.inject(tiny_llama(), r=4, target_modules=rf"model\.layers\.0\.self_attn\.q_proj|{never}",
+                            adapter_name="a")
+    minilora.inject(model, r=4, target_modules=rf"model\.layers\.0\.self_attn\.v_proj|{never}", adapter_name="b")
+    minilora.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab", combination_type="cat")
+    assert {n for n, m in minilora.lora_modules(model) if "ab" in m.adapters} == {
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}

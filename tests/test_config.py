@@ -95,6 +95,15 @@ def test_exclude_modules_wins_over_targets():
     (dict(alpha_pattern={"q_proj": -2}), ["alpha_pattern['q_proj']=-2", "positive"]),
     (dict(layers_to_transform=[-1]), ["layers_to_transform=[-1]", "non-negative"]),
     (dict(target_modules=r".*q_proj", layers_to_transform=[0]), ["regex target_modules='.*q_proj'", "in the regex"]),
+    # issue 30: each modules_to_save entry is a regex inside PEFT's rule, checked as target_modules is
+    (dict(modules_to_save=["(a|aa)*(.*)*x"]), ["modules_to_save entry='(a|aa)*(.*)*x'", "exponential time"]),
+    (dict(modules_to_save=["lm_head("]), ["modules_to_save entry='lm_head('", "not a valid regex",
+                                          "module-name endings such as 'lm_head'"]),
+    (dict(layers_to_transform=[True]), ["layers_to_transform=[True]", "non-negative layer indices"]),  # not layer 1
+    (dict(layers_to_transform=True), ["layers_to_transform=[True]", "non-negative layer indices"]),
+    (dict(use_rslora="false"), ["use_rslora='false'", "True or False"]),  # a truthy string
+    (dict(exclude_modules=["lm_head", 3]), ["exclude_modules=['lm_head', 3]", "module-name endings"]),
+    (dict(exclude_modules=5), ["exclude_modules=5", "module-name endings"]),
 ])
 def test_bad_settings_raise_value_error_naming_the_setting(fields, words):
     with pytest.raises(ValueError) as info:

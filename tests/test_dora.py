@@ -226,3 +226,46 @@ def test_dora_on_an_embedding_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="DoRA for Linear layers only.*embed_tokens"):
         minilora.inject(model, r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True)
     assert not list(minilora.lora_modules(model))
+
+
+# -- rows that m/n cannot divide by (issue 30) ------------------------------------------------------
+
+def test_a_base_row_of_zeros_leaves_a_new_dora_adapter_exact_and_its_gradients_finite():
+    """A zero row has n = 0 and, fresh, m = 0: 0/0 made the row NaN and with it every logit.
+    Such a row computes 0 whatever it is scaled by."""
+    base = tiny_llama(**BASE)
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight[3].zero_()
+        base.model.layers[1].self_attn.q_proj.weight[5].zero_()
+    expected = base(IDS).logits
+    model = minilora.inject(base, dropout=0.1, **OURS)
+    assert_close_to_rounding(model(IDS).logits, expected, reduction=64)
+    minilora.merge(model, safe=True)
+    assert_close_to_rounding(model(IDS).logits, expected, reduction=128 * 4)
+    minilora.unmerge(model)
+    model.train()  # dropout on: the other forward path
+    loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    assert loss.isfinite()
+    assert all(p.grad.isfinite().all() for _, p in minilora.lora_parameters(model))
+
+
+@pytest.mark.parametrize("magnitude, dtype", [(0.0, torch.float32), (1e-6, torch.float16)],
+                         ids=["zero-magnitude", "below-fp16-normal-range"])
+def test_unmerge_gives_back_exactly_the_rows_that_merging_rescaled_away(magnitude, dtype):
+    """m = 0 switches a feature off; merged, its row is zeros, and unmerging divided by m/n = 0
+    and left the row NaN for good. A tiny m in fp16 rounds the merged row to (almost) zeros.
+    merge keeps such rows of W0, and unmerge puts them back bit for bit."""
+    model = ours_dora().to(dtype)
+    layer = model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        layer.adapters["default"].lora_magnitude_vector[5] = magnitude
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    minilora.merge(model, safe=True)
+    if magnitude == 0:
+        assert torch.equal(layer.weight[5], torch.zeros_like(layer.weight[5]))  # what DoRA computes there
+    minilora.unmerge(model)
+    assert torch.equal(layer.weight[5], before["model.layers.1.self_attn.v_proj.weight"][5])
+    for name, p in model.named_parameters():
+        assert p.isfinite().all(), name
+        assert_close_to_rounding(p, before[name], reduction=16)  # the other rows: a few roundings in their dtype

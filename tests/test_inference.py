@@ -3,7 +3,9 @@ tiny Llamas saved to disk with a tiny byte-level BPE tokenizer (no downloads).""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -251,7 +253,9 @@ def test_cli_refuses_sampling_options_without_do_sample(dirs, capsys):
     (["--prompt", "Hello", "--adapter", "{other}"], "does not fit this model"),
     (["--prompt", "Hello", "--adapter", "{nan}", "--merge"], "non-finite value(s)"),
     (["--prompt", "Hello", "--base_model", "{tmp}/no-such-model"], "no-such-model"),
-], ids=["bogus-dtype", "adapter-for-another-base", "nan-adapter-merged", "base-missing"])
+    # issue 30 (case 15): a modules_to_save entry that backtracks exponentially hung the load for good
+    (["--prompt", "Hello", "--adapter", "{hostile}"], "modules_to_save entry='(a|aa)*(.*)*x' repeats a group"),
+], ids=["bogus-dtype", "adapter-for-another-base", "nan-adapter-merged", "base-missing", "hanging-modules-to-save"])
 def test_generate_errors_are_one_line_and_exit_2(dirs, flags, words, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -265,7 +269,12 @@ def test_generate_errors_are_one_line_and_exit_2(dirs, flags, words, tmp_path, c
     state = load_file(nan / "adapter_model.safetensors")
     next(v for k, v in state.items() if "lora_B" in k)[0, 0] = float("nan")
     save_file(state, nan / "adapter_model.safetensors")
-    flags = [f.replace("{other}", str(other)).replace("{nan}", str(nan)).replace("{tmp}", str(tmp_path)) for f in flags]
+    hostile = tmp_path / "hostile-adapter"
+    shutil.copytree(dirs["a"], hostile)
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    (hostile / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["(a|aa)*(.*)*x"]}))
+    flags = [f.replace("{other}", str(other)).replace("{nan}", str(nan)).replace("{tmp}", str(tmp_path))
+             .replace("{hostile}", str(hostile)) for f in flags]
     assert main(["--base_model", dirs["base"], *flags]) == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("minilora-generate")]  # not progress bars

@@ -1,6 +1,9 @@
 """inject and the parameter helpers: what gets adapted, what trains, what is counted, and the
 errors for targets that cannot work."""
 
+import os
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -117,6 +120,15 @@ def test_only_adapter_params_get_gradients_and_base_stays_bit_identical():
         opt.zero_grad()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     assert all(torch.count_nonzero(p) > 0 for n, p in minilora.lora_parameters(model) if n.endswith("lora_B"))
+
+
+def test_mark_only_lora_trainable_refuses_an_unknown_adapter_name():
+    """It froze every parameter and trained nothing, silently (issue 30's search for siblings)."""
+    model = minilora.inject(minilora.inject(tiny_llama(), r=2, adapter_name="a"), r=2, adapter_name="b")
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="unknown adapter 'c'; the model has: a, b"):
+        minilora.mark_only_lora_trainable(model, adapter_name="c")
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_mark_only_lora_trainable_refreezes_after_user_changes():
@@ -326,6 +338,20 @@ def test_an_admitted_linear_type_is_adapted():
         _ADMITTED_LINEAR_TYPES.discard(PlainSubclass)
 
 
+def test_an_adapted_model_pickles_and_its_copy_is_whole(tmp_path):
+    """pickle.dumps failed on a local hook function (issue 30), so torch.save(model) and sending the
+    model to another process did, while state_dict and deepcopy worked. The copy computes the same,
+    saves its own adapter, and its hook serves the copy."""
+    model = randomize_adapters(minilora.inject(tiny_llama(), r=4))
+    minilora.enable_input_require_grads(model)
+    copy = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(copy(ids).logits, model(ids).logits)
+    assert copy.model.embed_tokens(ids).requires_grad
+    copy.save_pretrained(tmp_path)
+    assert torch.equal(minilora.load_adapter(tiny_llama(), tmp_path)(ids).logits, model(ids).logits)
+
+
 # -- inject is all or nothing ----------------------------------------------------------------------
 
 def test_a_rank_that_cannot_be_allocated_leaves_the_model_as_it_was():
@@ -337,12 +363,27 @@ def test_a_rank_that_cannot_be_allocated_leaves_the_model_as_it_was():
     assert minilora.adapter_names(model) == ["first"] and minilora.active_adapter(model) == "first"
 
 
-@pytest.mark.parametrize("name", ["a.b", "", 3])
-def test_an_adapter_name_that_cannot_be_a_module_name_is_refused(name):
+@pytest.mark.parametrize("name, words", [
+    ("a.b", "a plain name of letters, digits"), ("", "a plain name"), (3, "a plain name"), (" padded", "a plain name"),
+    # issue 30: a path escaped save_pretrained's folder; ModuleDict's attributes raised a raw KeyError
+    ("/some/absolute/path", "no dots, slashes or spaces"), ("../up", "no dots, slashes"), ("a\\b", "slashes"),
+    ("forward", "attribute of torch's nn.ModuleDict"), ("train", "attribute of torch's nn.ModuleDict"),
+])
+def test_an_adapter_name_that_is_not_a_plain_name_is_refused_and_nothing_changes(name, words):
     model = tiny_llama()
-    with pytest.raises(ValueError, match="an adapter name is non-empty text without dots"):
+    with pytest.raises(ValueError, match=words):
         minilora.inject(model, adapter_name=name)
-    assert not list(minilora.lora_modules(model))
+    assert not list(minilora.lora_modules(model)) and all(p.requires_grad for p in model.parameters())
+
+
+def test_no_adapter_name_makes_save_pretrained_write_outside_its_folder(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="a plain name"):
+        minilora.inject(model, adapter_name=str(tmp_path / "elsewhere"))
+    minilora.inject(model, adapter_name="cardiology-v2")  # letters, digits, '-' and '_' are plain
+    model.save_pretrained(tmp_path / "folder")
+    assert sorted(os.listdir(tmp_path)) == ["folder"]
+    assert sorted(os.listdir(tmp_path / "folder")) == ["cardiology-v2"]
 
 
 def test_a_string_target_that_only_matches_name_endings_says_how_strings_match():
@@ -350,3 +391,15 @@ def test_a_string_target_that_only_matches_name_endings_says_how_strings_match()
                                          r"'model.layers.0.self_attn.q_proj'\); for name endings give a list, "
                                          r"e.g. \['q_proj'\]"):
         minilora.inject(tiny_llama(), target_modules="q_proj")
+
+
+@pytest.mark.parametrize("module", [nn.Linear(0, 64), nn.Linear(64, 0), nn.Embedding(0, 64)],
+                         ids=["linear-in-0", "linear-out-0", "embedding-0"])
+def test_a_layer_of_zero_size_is_refused_with_its_name_and_shape(module):
+    """torch's own errors came from deep inside ("cannot reshape tensor of 0 elements", at the first forward)."""
+    model = tiny_llama()
+    model.model.layers[0].extra = module
+    with pytest.raises(minilora.UnsupportedLayerError, match=r"'model.layers.0.extra' has a weight of shape "
+                                                             r"\(\d+, \d+\), with no elements.*exclude_modules"):
+        minilora.inject(model, r=4, target_modules=["q_proj", "extra"])
+    assert not list(minilora.lora_modules(model))

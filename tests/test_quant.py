@@ -13,6 +13,8 @@ import minilora
 from minilora.quant import QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear, weight_bytes
 from conftest import assert_close_to_rounding, randomize_adapters, run_xla, tiny_llama, train_argv
 
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
 
 def test_state_dict_holds_the_codes_and_loads_into_a_quantized_model():
     model = minilora.quantize(tiny_llama(), "nf4")
@@ -128,6 +130,8 @@ def test_a_qlora_adapter_loads_on_the_plain_base_in_minilora_and_peft(tmp_path, 
     (dict(scheme="fp4"), "not one of nf4, int8"),
     (dict(scheme="nf4", blocksize=48), "blocksize=48"),
     (dict(scheme="nf4", target_modules=["q_proj", "lm_head"]), "shared with model.embed_tokens"),
+    (dict(scheme="nf4", embeddings="false"), "embeddings='false': give True or False"),  # it quantized the table
+    (dict(scheme="nf4", double_quant="no"), "double_quant='no': give True or False"),
 ])
 def test_bad_settings_raise_and_leave_the_model_as_it_was(kwargs, message):
     model = tiny_llama(tie_word_embeddings=True)
@@ -267,8 +271,19 @@ def test_modules_to_save_over_a_quantized_table_is_refused_and_changes_nothing(o
     (lambda: tiny_llama(tie_word_embeddings=True), dict(target_modules=["q_proj", "lm_head"]), QuantizedBaseError,
      "embeddings=True"),
     (lambda: _with_max_norm(tiny_llama()), dict(embeddings=True), QuantizedBaseError, "max_norm"),
+    # issue 30: an inf spread to every block (double quantization); empty layers failed inside torch.cat
+    (lambda: _with_value(tiny_llama(), "model.layers.0.self_attn.q_proj", float("inf")), {}, ValueError,
+     "model.layers.0.self_attn.q_proj holds 1 non-finite value"),
+    (lambda: _with_value(tiny_llama(), "model.embed_tokens", float("-inf")), dict(embeddings=True), ValueError,
+     "model.embed_tokens holds 1 non-finite value"),
+    (lambda: _with_empty(tiny_llama(), "lm_head", nn.Linear(64, 0)), dict(target_modules=["q_proj", "lm_head"]),
+     minilora.UnsupportedLayerError, "'lm_head' has a weight of shape \\(0, 64\\), with no elements"),
+    (lambda: _with_empty(tiny_llama(), "model.embed_tokens", nn.Embedding(0, 64)), dict(embeddings=True), ValueError,
+     "model.embed_tokens has a table of shape \\(0, 64\\), with no elements"),
+    (lambda: minilora.inject(tiny_llama(), r=4, target_modules=["v_proj"], use_dora=True, adapter_name="d"), {},
+     QuantizedBaseError, "v_proj holds the DoRA adapter 'd'"),  # its next forward failed with a TypeError
 ])
-def test_embedding_settings_that_cannot_be_quantized_raise_and_change_nothing(build, kwargs, error, message):
+def test_what_cannot_be_quantized_raises_and_changes_nothing(build, kwargs, error, message):
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=message):
@@ -279,6 +294,18 @@ def test_embedding_settings_that_cannot_be_quantized_raise_and_change_nothing(bu
 
 def _with_max_norm(model):
     model.model.embed_tokens.max_norm = 1.0
+    return model
+
+
+def _with_value(model, name, value):
+    with torch.no_grad():
+        model.get_submodule(name).weight[3, 5] = value
+    return model
+
+
+def _with_empty(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
     return model
 
 
@@ -375,6 +402,26 @@ def test_qlora_under_spmd_with_checkpointing_adds_no_compilation_and_shards_the_
 def train_losses(out) -> list[float]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+
+
+def test_transformers_save_pretrained_of_a_quantized_base_is_refused_and_writes_nothing(tmp_path, tiny_llama_dir):
+    """It wrote the codes, and from_pretrained initialised every quantized Linear at random (issue 30).
+    With an adapter it writes the adapter, as after inject; dequantized, the model's own again."""
+    from transformers import AutoModelForCausalLM
+
+    model = minilora.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "nf4")
+    with pytest.raises(QuantizedBaseError, match="minilora.dequantize\\(model\\) first"):
+        model.save_pretrained(tmp_path / "quantized")
+    assert not (tmp_path / "quantized").exists()
+    minilora.inject(model, r=4, adapter_name="a")
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter" / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
+    minilora.delete_adapter(model, "a")
+    with pytest.raises(QuantizedBaseError):
+        model.save_pretrained(tmp_path / "quantized")
+    expected = minilora.dequantize(model)(IDS).logits
+    model.save_pretrained(tmp_path / "plain")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "plain")(IDS).logits, expected)
 
 
 def test_dora_over_a_quantized_base_is_refused_before_anything_changes():

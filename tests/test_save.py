@@ -141,3 +141,40 @@ def test_a_state_dict_passed_in_is_where_the_adapter_tensors_come_from(tmp_path)
     with pytest.raises(ValueError, match="no entry for base_model.model.model.layers.0.self_attn.q_proj.lora_A"):
         model.save_pretrained(tmp_path / "x", state_dict={})
 
+
+
+def test_a_second_save_into_the_folder_during_a_save_loses_neither(tmp_path, monkeypatch):
+    """Two processes saving into one folder at once: both wrote "adapter_model.safetensors.tmp", and
+    one renamed the other's file away (13 of 240 saves died with FileNotFoundError, issue 30). Here
+    the second save runs inside the first one's write, deterministically. Each file's temporary
+    name is its own now; the folder holds a complete pair from the save that finished last."""
+    import minilora.save as save
+
+    first, second = adapted(), randomize_adapters(adapted(), seed=2)
+    write = save.save_file
+    interleaved = []
+
+    def write_then_let_the_other_save(state, path, **kwargs):
+        write(state, path, **kwargs)
+        if not interleaved:
+            interleaved.append(path)
+            minilora.save_adapter(second, tmp_path)
+
+    monkeypatch.setattr(save, "save_file", write_then_let_the_other_save)
+    minilora.save_adapter(first, tmp_path)
+    assert interleaved and sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert torch.equal(minilora.load_adapter(tiny_llama(), tmp_path)(IDS).logits, first(IDS).logits)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import minilora.save as save
+
+    def full_disk(state, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(save, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        minilora.save_adapter(adapted(), tmp_path)
+    assert os.listdir(tmp_path) == []
