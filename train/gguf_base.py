@@ -51,11 +51,14 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class GGUFHeader:
-    """A GGUF file's scalar metadata (arrays are left out: the tokenizer's) and tensor table."""
+    """A GGUF file's scalar metadata (arrays are left out: the tokenizer's), tensor table (in file
+    order), format version, and where each metadata entry's bytes are (a rewrite copies them)."""
 
     path: Path
     metadata: dict
     tensors: dict[str, TensorEntry]
+    version: int
+    kv_spans: dict[str, tuple[int, int]]
 
     @property
     def architecture(self) -> str:
@@ -120,10 +123,12 @@ def _parse_header(path: Path, blob) -> GGUFHeader:
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version}, expected 2 or 3")
     n_tensors, n_kv = take("<Q"), take("<Q")
-    metadata = {}
+    metadata, spans = {}, {}
     for _ in range(n_kv):
+        start = pos
         key = string()
         metadata[key] = value(take("<I"))
+        spans[key] = (start, pos)
     table = []
     for _ in range(n_tensors):
         name = string()
@@ -139,7 +144,7 @@ def _parse_header(path: Path, blob) -> GGUFHeader:
         for d in shape:
             elements *= d
         tensors[name] = TensorEntry(kind.name, shape, start + offset, elements // block * size)
-    return GGUFHeader(path, metadata, tensors)
+    return GGUFHeader(path, metadata, tensors, version, spans)
 
 
 def tensor_bytes(header: GGUFHeader) -> int:
@@ -157,6 +162,7 @@ def read_tensor(header: GGUFHeader, name: str) -> torch.Tensor:
     for d in entry.shape[:-1]:
         rows *= d
     return torch.from_numpy(data).view(rows, -1)
+
 
 
 def rope_rows(rows: int, n_head: int) -> torch.Tensor:
@@ -186,24 +192,30 @@ def permutation_for(header: GGUFHeader, gguf_name: str) -> Optional[torch.Tensor
 
 
 def gguf_names(model: nn.Module, header: GGUFHeader) -> dict[str, str]:
-    """{transformers parameter name: GGUF tensor name} for every parameter of ``model``
-    (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), by gguf-py's table;
-    a tied head maps to the embedding's tensor."""
+    """{transformers tensor name: GGUF tensor name} for every weight and bias of ``model`` (a
+    Parameter or a quantized weight; LoRA layers keep their base's names), by gguf-py's table:
+    ``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``. A head tied to the
+    embedding, in a file that holds no head of its own, maps to the embedding's tensor."""
     import gguf
 
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[header.architecture]
     table = gguf.get_tensor_name_map(arch, header.get("block_count", 0))
-    names = {}
-    for name, _ in model.named_parameters(remove_duplicate=False):
-        found = table.get_name(name, try_suffixes=(".weight", ".bias"))
-        if found is not None:
-            names[name] = found
-    head = getattr(model.get_output_embeddings(), "weight", None)
-    if names.get("lm_head.weight") not in header.tensors and head is not None:
-        embedding = next((n for n, p in model.named_parameters(remove_duplicate=False)
-                          if p is model.get_input_embeddings().weight), None)
-        if embedding in names and getattr(model.config, "tie_word_embeddings", False):
-            names["lm_head.weight"] = names[embedding]
+    names, embedding = {}, None
+    table_weight = model.get_input_embeddings().weight
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr in ("weight", "bias"):
+            if getattr(module, attr, None) is None:
+                continue
+            found = table.get_name(f"{module_name}.{attr}", try_suffixes=(".weight", ".bias"))
+            if found is not None:
+                names[f"{module_name}.{attr}"] = found
+            if attr == "weight" and module.weight is table_weight and embedding is None:
+                embedding = f"{module_name}.weight"
+    head = model.get_output_embeddings()
+    head_name = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+    if (head_name is not None and names.get(head_name) not in header.tensors and embedding in names
+            and getattr(model.config, "tie_word_embeddings", False)):
+        names[head_name] = names[embedding]
     return names
 
 
