@@ -134,3 +134,116 @@ def test_the_command_line_writes_the_file_and_refuses_a_missing_base_in_one_line
                  "--out", str(cache / "b.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("minilora-export: error:") and "nothing.gguf" in err and "\n" not in err
+
+
+# -- llama.cpp itself, on the demo's base -------------------------------------------------------------
+
+POSITIONS = 300  # held-out tokens whose next-token distributions are compared (at least 256 asked)
+
+
+class LlamaCppCheck:
+    """SmolLM2-135M-Instruct (Q4_1) with a LoRA adapter (r 8 on the seven projections of all 30
+    layers, v_proj at rank 4, o_proj at alpha 8, rsLoRA: every way a module's scale can differ),
+    exported to GGUF; next-token log-probabilities of minilora and of llama.cpp on the same tokens."""
+
+    def __init__(self, folder, cache_parent):
+        from minilora_train.base_model import packaged_smollm2
+        from minilora_train.demo_assets import read_medquad
+
+        self.folder, self.base = folder, packaged_smollm2()
+        self.model, tokenizer = load_gguf_base(self.base)
+        # held-out medical text: answers of the validation split, which no run trains on
+        text = " ".join(r["answer"] for r in read_medquad("validation")[:20])
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"][:POSITIONS]
+        minilora.inject(self.model, minilora.LoRAConfig(r=8, alpha=16, target_modules=TARGETS, use_rslora=True,
+                                                        rank_pattern={"v_proj": 4}, alpha_pattern={"o_proj": 8.0}))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # what training does, in size: every A and B moved by N(0, 0.02)
+            for _, p in minilora.lora_parameters(self.model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        self.adapter = str(folder / "adapter")
+        minilora.save_adapter(self.model, self.adapter)
+        self.lora = export_gguf_lora(self.adapter, self.base, folder / "adapter.gguf")
+
+    def minilora(self, model, adapter: bool = True) -> torch.Tensor:
+        with torch.no_grad():
+            if adapter:
+                return torch.log_softmax(model(torch.tensor([self.ids])).logits[0].float(), -1)
+            with minilora.disable_adapters(model):
+                return torch.log_softmax(model(torch.tensor([self.ids])).logits[0].float(), -1)
+
+    def llama_cpp(self, model_path, lora_path=None) -> torch.Tensor:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=512,
+                    n_batch=512, n_ubatch=512, logits_all=True, n_threads=torch.get_num_threads(), verbose=False)
+        llm.eval(self.ids)
+        scores = torch.from_numpy(np.array(llm.scores[:len(self.ids)], dtype=np.float32))
+        llm.close()
+        return torch.log_softmax(scores, -1)
+
+
+def gap(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(reference ‖ other) in nats, top-1 agreement in %) over positions (N, vocab) log-probs."""
+    kl = (reference.exp() * (reference - other)).sum(-1).mean().item()
+    return kl, 100 * int((reference.argmax(-1) == other.argmax(-1)).sum()) / reference.shape[0]
+
+
+def assert_as_close_as_the_base(with_adapter, base, effect):
+    """The issue's yardstick: mean KL at most max(1.5 x the base's, the base's + 0.002), top-1 within
+    2 points of the base's; and the adapter's own effect far above that bound, so a wrong export
+    (a dropped permutation, a wrong scale) cannot pass."""
+    bound = max(1.5 * base[0], base[0] + 0.002)
+    print(f"base gap KL {base[0]:.5f} top-1 {base[1]:.2f}%; with the adapter KL {with_adapter[0]:.5f} top-1 "
+          f"{with_adapter[1]:.2f}%; the adapter's own effect KL {effect[0]:.5f} top-1 {effect[1]:.2f}%")
+    assert with_adapter[0] <= bound
+    assert with_adapter[1] >= base[1] - 2
+    assert effect[0] >= 5 * bound
+    return bound
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_check(tmp_path_factory, smollm2):
+    cache, _, _ = smollm2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache.parent))  # the session's conversion gives config and tokenizer
+        check = LlamaCppCheck(tmp_path_factory.mktemp("llama-cpp"), cache.parent)
+        check.adapted, check.base_probs = check.minilora(check.model), check.minilora(check.model, adapter=False)
+        check.base_gap = gap(check.base_probs, check.llama_cpp(check.base))
+        check.effect = gap(check.adapted, check.base_probs)
+        yield check
+
+
+def test_llama_cpp_runs_the_exported_adapter_on_the_q4_1_base_as_closely_as_the_base(llama_cpp_check):
+    check = llama_cpp_check
+    assert len(check.ids) >= 256
+    assert_as_close_as_the_base(gap(check.adapted, check.llama_cpp(check.base, check.lora)), check.base_gap, check.effect)
+
+
+def test_an_export_without_the_rope_permutation_fails_that_yardstick(llama_cpp_check, monkeypatch):
+    """The yardstick can tell: the same export with lora_B of q and k left in transformers' row order."""
+    import minilora_train.gguf_export as export
+
+    check = llama_cpp_check
+    monkeypatch.setenv("XDG_CACHE_HOME", str(check.folder.parent))
+    monkeypatch.setattr(export, "permutation_for", lambda header, name: None)
+    wrong = export.export_gguf_lora(check.adapter, check.base, check.folder / "unpermuted.gguf")
+    kl, _ = gap(check.adapted, check.llama_cpp(check.base, wrong))
+    assert kl > 2 * max(1.5 * check.base_gap[0], check.base_gap[0] + 0.002)
+
+
+def test_llama_cpp_runs_the_merged_f16_file_alone_as_the_adapted_model(llama_cpp_check):
+    check = llama_cpp_check
+    merged = export_gguf_merged(check.adapter, check.base, check.folder / "merged-f16.gguf", "f16")
+    assert_as_close_as_the_base(gap(check.adapted, check.llama_cpp(merged)), check.base_gap, check.effect)
+
+
+def test_on_an_f16_base_llama_cpp_and_minilora_agree_almost_exactly(llama_cpp_check):
+    """SmolLM2's Q4_1 weights written as F16 (their float16 rounding is the only change) leave next
+    to no gap: llama.cpp multiplies F16 weights in F16 and the adapter in F32. The same adapter
+    file loads on it."""
+    check = llama_cpp_check
+    f16 = export_gguf_merged(None, check.base, check.folder / "f16.gguf", "f16")
+    base_gap = gap(check.base_probs, check.llama_cpp(f16))
+    assert base_gap[0] < 1e-3 and base_gap[1] >= 99
+    assert_as_close_as_the_base(gap(check.adapted, check.llama_cpp(f16, check.lora)), base_gap, check.effect)
