@@ -150,7 +150,7 @@ class LlamaCppCheck:
         from minilora_train.base_model import packaged_smollm2
         from minilora_train.demo_assets import read_medquad
 
-        self.folder, self.base = folder, packaged_smollm2()
+        self.folder, self.base, self.scores = folder, packaged_smollm2(), {}
         self.model, tokenizer = load_gguf_base(self.base)
         # held-out medical text: answers of the validation split, which no run trains on
         text = " ".join(r["answer"] for r in read_medquad("validation")[:20])
@@ -165,6 +165,11 @@ class LlamaCppCheck:
         minilora.save_adapter(self.model, self.adapter)
         self.lora = export_gguf_lora(self.adapter, self.base, folder / "adapter.gguf")
 
+    def merged(self, outtype: str):
+        """The adapter merged into the base file (``outtype`` as export_gguf_merged), written once."""
+        path = self.folder / f"merged-{outtype}.gguf"
+        return path if path.is_file() else export_gguf_merged(self.adapter, self.base, path, outtype)
+
     def minilora(self, model, adapter: bool = True) -> torch.Tensor:
         with torch.no_grad():
             if adapter:
@@ -173,14 +178,19 @@ class LlamaCppCheck:
                 return torch.log_softmax(model(torch.tensor([self.ids])).logits[0].float(), -1)
 
     def llama_cpp(self, model_path, lora_path=None) -> torch.Tensor:
+        """llama.cpp's next-token log-probabilities (positions, vocab), computed once per file pair."""
         from llama_cpp import Llama
 
+        key = (str(model_path), str(lora_path))
+        if key in self.scores:
+            return self.scores[key]
         llm = Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=512,
                     n_batch=512, n_ubatch=512, logits_all=True, n_threads=torch.get_num_threads(), verbose=False)
         llm.eval(self.ids)
         scores = torch.from_numpy(np.array(llm.scores[:len(self.ids)], dtype=np.float32))
         llm.close()
-        return torch.log_softmax(scores, -1)
+        self.scores[key] = torch.log_softmax(scores, -1)
+        return self.scores[key]
 
 
 def gap(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -234,8 +244,7 @@ def test_an_export_without_the_rope_permutation_fails_that_yardstick(llama_cpp_c
 
 def test_llama_cpp_runs_the_merged_f16_file_alone_as_the_adapted_model(llama_cpp_check):
     check = llama_cpp_check
-    merged = export_gguf_merged(check.adapter, check.base, check.folder / "merged-f16.gguf", "f16")
-    assert_as_close_as_the_base(gap(check.adapted, check.llama_cpp(merged)), check.base_gap, check.effect)
+    assert_as_close_as_the_base(gap(check.adapted, check.llama_cpp(check.merged("f16"))), check.base_gap, check.effect)
 
 
 def test_on_an_f16_base_llama_cpp_and_minilora_agree_almost_exactly(llama_cpp_check):
@@ -247,3 +256,14 @@ def test_on_an_f16_base_llama_cpp_and_minilora_agree_almost_exactly(llama_cpp_ch
     base_gap = gap(check.base_probs, check.llama_cpp(f16))
     assert base_gap[0] < 1e-3 and base_gap[1] >= 99
     assert_as_close_as_the_base(gap(check.adapted, check.llama_cpp(f16, check.lora)), base_gap, check.effect)
+
+
+def test_a_merge_re_quantized_to_q4_1_strays_further_than_the_f16_merge(llama_cpp_check):
+    """Rounding W + ΔW to Q4_1's grid again adds a second rounding of 4-bit size to every adapted
+    weight: the file runs, but the F16 merge (or the LoRA file) is the faithful one (docs/gguf.md)."""
+    check = llama_cpp_check
+    q4_1 = gap(check.adapted, check.llama_cpp(check.merged("base")))
+    f16 = gap(check.adapted, check.llama_cpp(check.merged("f16")))
+    print(f"merged Q4_1: KL {q4_1[0]:.5f} top-1 {q4_1[1]:.2f}%; merged F16: KL {f16[0]:.5f} top-1 {f16[1]:.2f}%; "
+          f"the adapter's own effect KL {check.effect[0]:.5f}")
+    assert q4_1[0] > f16[0]
