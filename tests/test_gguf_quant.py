@@ -12,7 +12,7 @@ import minilora
 from minilora.gguf_quant import BLOCK_LAYOUTS, FLOAT_TYPES, GGML_TYPES, GGUFWeight, UnsupportedGGMLTypeError
 from minilora.quant import QuantLinear
 
-from conftest import assert_close_to_rounding
+from conftest import assert_close_to_rounding, run_xla
 
 
 def random_rows(ggml_type: str, rows: int, blocks: int, seed: int = 0) -> tuple[np.ndarray, int]:
@@ -116,3 +116,43 @@ def test_merging_into_a_gguf_base_is_refused_and_merge_and_unload_gives_a_plain_
     minilora.merge_and_unload(model)
     assert type(model[0]) is torch.nn.Linear
     assert_close_to_rounding(model(x), expected, reduction=256)
+
+
+GGUF_ON_XLA = """
+import json, sys, numpy as np, torch, torch_xla
+sys.path.insert(0, {tests!r})
+import minilora
+from minilora.gguf_quant import GGUFWeight
+from minilora.quant import QuantLinear
+from test_gguf_quant import random_rows
+
+device, out = torch_xla.device(), {{}}
+for ggml_type in {types!r}:
+    raw, in_features = random_rows(ggml_type, rows=6, blocks=2)
+    model = torch.nn.Sequential(QuantLinear(GGUFWeight(torch.from_numpy(raw.copy()), ggml_type, in_features)))
+    minilora.inject(model, r=2, target_modules=["0"])
+    with torch.no_grad():
+        model[0].adapters["default"].lora_B.normal_()
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0))
+    lazy = model.to(device)[0]  # its blocks and adapter moved
+    weight = lazy.weight.dequantize(torch.float32).cpu()
+    reference = GGUFWeight(torch.from_numpy(raw.copy()), ggml_type, in_features).dequantize(torch.float32)
+    y = lazy(x.to(device))
+    y.square().sum().backward()
+    out[ggml_type] = {{"weight": (weight - reference).abs().max().item() / reference.abs().max().item(),
+                      "dtype": str(lazy.weight.d.dtype) if hasattr(lazy.weight, "d") else str(lazy.weight.codes.dtype),
+                      "grad": bool(torch.isfinite(lazy.adapters["default"].lora_A.grad.cpu()).all())}}
+print(json.dumps(out))
+"""
+
+
+def test_every_type_dequantizes_on_xla_as_on_the_cpu_and_trains_an_adapter():
+    """XLA may fuse a product and a sum into one rounding, so equal to float32 rounding, not bit for bit."""
+    import os
+
+    result = run_xla(GGUF_ON_XLA.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                        types=list(BLOCK_LAYOUTS) + ["BF16"]))
+    for ggml_type, r in result.items():
+        assert r["weight"] <= 4 * torch.finfo(torch.float32).eps, (ggml_type, r)
+        assert r["grad"], ggml_type
+    assert result["Q4_K"]["dtype"] == "torch.float16"  # the scales moved, not cast
