@@ -24,13 +24,15 @@ merged export reads the adapter the same way, so it refuses the same.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import struct
 import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -191,12 +193,13 @@ def export_gguf_lora(adapter_dir: str, base_gguf: os.PathLike, out: os.PathLike,
 REQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
-def write_gguf(out: os.PathLike, header: GGUFHeader, tensors: list[tuple[str, str, tuple, bytes]],
+def write_gguf(out: os.PathLike, header: GGUFHeader, tensors: list[tuple[str, str, tuple, Callable[[], bytes]]],
                replace: Optional[dict[str, bytes]] = None) -> Path:
     """A GGUF file (the format of ggml's docs/gguf.md, ``header``'s version) holding ``header``'s
     metadata entries as the base file stores them (the tokenizer, the chat template …), those named
     in ``replace`` swapped for the given encoded entries, and ``tensors``: (name, ggml type name,
-    shape in torch order, stored bytes), each at an aligned offset."""
+    shape in torch order, a function giving the stored bytes), each at an aligned offset. The
+    tensors are made one at a time as they are written: one of them is in memory at once."""
     import gguf
 
     alignment = header.metadata.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT
@@ -204,6 +207,10 @@ def write_gguf(out: os.PathLike, header: GGUFHeader, tensors: list[tuple[str, st
 
     def pad(size: int) -> bytes:
         return b"\0" * (-size % alignment)
+
+    def nbytes(ggml_type: str, shape: tuple) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+        return math.prod(shape) // block * size
 
     def write(tmp: Path) -> None:
         with open(header.path, "rb") as base, open(tmp, "wb") as f:
@@ -215,14 +222,18 @@ def write_gguf(out: os.PathLike, header: GGUFHeader, tensors: list[tuple[str, st
                     base.seek(start)
                     f.write(base.read(end - start))
             offset = 0
-            for name, ggml_type, shape, data in tensors:
+            for name, ggml_type, shape, _ in tensors:
                 encoded = name.encode()
                 f.write(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<I", len(shape)))
                 f.write(struct.pack(f"<{len(shape)}Q", *reversed(shape)))  # ggml's order: the row's values first
                 f.write(struct.pack("<IQ", gguf.GGMLQuantizationType[ggml_type].value, offset))
-                offset += len(data) + len(pad(len(data)))
+                size = nbytes(ggml_type, shape)
+                offset += size + len(pad(size))
             f.write(pad(f.tell()))
-            for _, _, _, data in tensors:
+            for name, ggml_type, shape, make in tensors:
+                data = make()
+                if len(data) != nbytes(ggml_type, shape):
+                    raise RuntimeError(f"{name}: {len(data)} bytes made for a {ggml_type} tensor of shape {shape}")
                 f.write(data)
                 f.write(pad(len(data)))
 
@@ -265,22 +276,29 @@ def export_gguf_merged(adapter_dir: Optional[str], base_gguf: os.PathLike, out: 
         if cannot:
             raise ExportError(f"gguf-py cannot quantize {', '.join(cannot)}, the type of adapted tensors of this base: "
                               "export with --outtype f16 (llama-quantize can then re-quantize the file)")
-    tensors = []
-    for name, entry in header.tensors.items():
-        stored = read_tensor(header, name).numpy()
-        to_f16 = outtype == "f16" and entry.ggml_type != "F32" and len(entry.shape) > 1
-        if name not in deltas and not to_f16:
-            tensors.append((name, entry.ggml_type, entry.shape, stored.tobytes()))
-            continue
+
+    def stored(name: str) -> bytes:
+        return read_tensor(header, name).numpy().tobytes()
+
+    def merged(name: str, ggml_type: str) -> bytes:
+        """The tensor dequantized (gguf-py), plus its delta, quantized to ``ggml_type`` (gguf-py)."""
+        entry = header.tensors[name]
         kind = gguf.GGMLQuantizationType[entry.ggml_type]
+        data = read_tensor(header, name).numpy()
         if kind == gguf.GGMLQuantizationType.F16:  # gguf-py takes F16 values as float16, the rest as bytes
-            stored = stored.view(np.float16)
-        values = gguf.quants.dequantize(stored, kind).reshape(entry.shape)
+            data = data.view(np.float16)
+        values = gguf.quants.dequantize(data, kind).reshape(entry.shape)
         if name in deltas:
             values = values + deltas[name].numpy()
-        ggml_type = "F16" if to_f16 else entry.ggml_type
-        data = gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType[ggml_type])
-        tensors.append((name, ggml_type, entry.shape, data.tobytes()))
+        return gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType[ggml_type]).tobytes()
+
+    tensors = []
+    for name, entry in header.tensors.items():
+        ggml_type = "F16" if outtype == "f16" and entry.ggml_type != "F32" and len(entry.shape) > 1 else entry.ggml_type
+        if name in deltas or ggml_type != entry.ggml_type:
+            tensors.append((name, ggml_type, entry.shape, functools.partial(merged, name, ggml_type)))
+        else:
+            tensors.append((name, ggml_type, entry.shape, functools.partial(stored, name)))
     replace = {}
     if outtype == "f16":
         key = gguf.Keys.General.FILE_TYPE  # informative (each tensor names its type): set where the base has it
