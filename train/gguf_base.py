@@ -34,7 +34,7 @@ from torch import nn
 from .base_model import BaseModelError, converted_dir, is_converted, publish_folder
 
 ROPE_PERMUTED = ("llama",)  # GGUF architectures whose q/k rows convert_hf_to_gguf.py permutes
-SUPPORTED_ARCHITECTURES = ("llama",)  # what this loader and the export are tested on (Llama, SmolLM2, Mistral)
+SUPPORTED_ARCHITECTURES = ("llama",)  # what this loader and the export are tested on (SmolLM2, tiny Llamas)
 INDEX_NAME = "minilora-gguf-blocks.json"  # written last into a cache folder: its presence means complete
 
 

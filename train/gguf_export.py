@@ -329,9 +329,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def export() -> int:
         base = args.base or adapter_defaults(args.adapter)[0]
-        if not base or not is_gguf(base):
-            raise ExportError(f"--base: give the base .gguf file the adapter was trained on (its adapter_config.json "
-                              f"names {base!r})")
+        if not base:
+            raise ExportError(f"{args.adapter}: no adapter_config.json there names a base model; give the base .gguf "
+                              "file with --base")
+        if not is_gguf(base):
+            raise ExportError(f"--base {base}: not a .gguf file; give the GGUF file the adapter was trained on (or the "
+                              "one its float base was converted from) with --base")
         if not Path(base).expanduser().is_file():
             raise ExportError(f"--base {base}: no such file")
         if args.to == "gguf-lora":
