@@ -78,7 +78,8 @@ def dequantize_blocks(ggml_type: str, codes: torch.Tensor, d: torch.Tensor,
                       m: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Blocks of one type -> their values, (R, nb · block elements) float32. ``codes`` (R, nb,
     bytes), ``d`` and ``m`` (R, nb) float16, as GGUFWeight holds them. Each product and sum is the
-    one gguf-py forms, in the same order, so the float32 results are its bits."""
+    one gguf-py forms, in the same order, so the float32 results are its bits (in place where a
+    fresh (R, in) temporary would only be thrown away)."""
     rows, nb = codes.shape[:2]
     d = d.float().unsqueeze(-1)  # (R, nb, 1)
     if ggml_type == "Q8_0":
@@ -86,11 +87,11 @@ def dequantize_blocks(ggml_type: str, codes: torch.Tensor, d: torch.Tensor,
         return (q * d).view(rows, -1)
     if ggml_type in ("Q4_0", "Q4_1"):
         q = _nibbles(codes).view(rows, nb, 32).float()  # (R, nb, 32)
-        return (d * (q - 8) if ggml_type == "Q4_0" else d * q + m.float().unsqueeze(-1)).view(rows, -1)
+        return (d * q.sub_(8) if ggml_type == "Q4_0" else (d * q).add_(m.float().unsqueeze(-1))).view(rows, -1)
     if ggml_type in ("Q5_0", "Q5_1"):
         high = _bits(codes[..., :4], 1).transpose(-1, -2).reshape(rows, nb, 32)  # value j: bit j of qh
         q = (_nibbles(codes[..., 4:]).view(rows, nb, 32) | (high << 4)).float()
-        return (d * (q - 16) if ggml_type == "Q5_0" else d * q + m.float().unsqueeze(-1)).view(rows, -1)
+        return (d * q.sub_(16) if ggml_type == "Q5_0" else (d * q).add_(m.float().unsqueeze(-1))).view(rows, -1)
     if ggml_type in ("Q4_K", "Q5_K"):
         scales, mins = _k_scales(codes[..., :12])
         scale = (d * scales).unsqueeze(-1)  # (R, nb, 8, 1): one per 32 values
@@ -98,11 +99,11 @@ def dequantize_blocks(ggml_type: str, codes: torch.Tensor, d: torch.Tensor,
         low = _nibbles(codes[..., -128:].unflatten(-1, (4, 32))).reshape(rows, nb, 8, 32)
         if ggml_type == "Q5_K":  # sub-block s takes bit s of each of the 32 qh bytes
             low = low | (_bits(codes[..., 12:44], 1) << 4)
-        return (scale * low.float() - offset).view(rows, -1)
+        return (scale * low.float()).sub_(offset).view(rows, -1)
     if ggml_type == "Q6_K":
         low = _nibbles(codes[..., :128].unflatten(-1, (2, 64))).reshape(rows, nb, 8, 32)
         high = _bits(codes[..., 128:192].unflatten(-1, (2, 32)), 2).reshape(rows, nb, 8, 32)
-        q = ((low | (high << 4)).float() - 32).view(rows, nb, 16, 16)
+        q = (low | (high << 4)).float().sub_(32).view(rows, nb, 16, 16)
         scale = (d * _signed(codes[..., 192:208])).unsqueeze(-1)  # (R, nb, 16, 1)
         return (scale * q).view(rows, -1)
     raise UnsupportedGGMLTypeError(_unsupported(ggml_type))
