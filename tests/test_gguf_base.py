@@ -100,3 +100,22 @@ def test_the_app_trains_on_the_blocks_and_the_adapter_names_the_file(tmp_path, t
     model, _ = load_gguf_base(path)
     minilora.load_adapter(model, str(tmp_path / "out"))
     assert isinstance(model.model.layers[0].self_attn.q_proj.weight, GGUFWeight)
+
+
+def test_training_on_the_blocks_follows_training_on_the_float_conversion(tmp_path, tiny_text_file, monkeypatch):
+    """The two bases are the same numbers, so the same run gives the same losses (up to float32
+    rounding: the block base's head is a quantized Linear, so its loss takes the full logits)."""
+    from minilora_train.config import parse_args
+    from minilora_train.loop import run
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q5_1")
+    losses = {}
+    for name, flags in (("blocks", ["--quantize", "gguf"]), ("float", ["--no-chunked_loss"])):
+        out = tmp_path / name
+        run(parse_args(train_argv(path, tiny_text_file, out, *flags, "--max_steps", "3", "--general_eval_dataset",
+                                  "none", "--max_eval_samples", "4")))
+        with open(out / "metrics.jsonl") as f:
+            losses[name] = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+    assert len(losses["blocks"]) == 3
+    assert losses["blocks"] == pytest.approx(losses["float"], rel=1e-5)
