@@ -21,7 +21,7 @@ from .report import machine, markdown, targets
 from .timing import ROOT
 
 MEDQUAD = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
-SECTIONS = ("training", "speed", "inference", "switching", "loop", "xla", "packing")
+SECTIONS = ("training", "speed", "gguf", "inference", "switching", "loop", "xla", "packing")
 
 
 class UsageError(ValueError):
@@ -94,6 +94,7 @@ def configure(args: argparse.Namespace) -> tuple[Settings, list[str], list[torch
 def run_sections(settings: Settings, chosen: list[str], devices: list[torch.device], args: argparse.Namespace,
                  log) -> dict:
     """Each chosen section's results, keyed by section."""
+    from .gguf import bench_gguf
     from .inference import bench_inference, bench_switching
     from .loop import bench_loop
     from .packing import bench_packing, prepare_text
@@ -112,6 +113,9 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
         if "speed" in chosen:
             log("minilora's step by precision and depth")
             results["speed"] = bench_speed(settings, args.threads)
+        if "gguf" in chosen:
+            log("minilora's step on a GGUF file's own blocks")
+            results["gguf"] = bench_gguf(settings, args.threads)
         if "inference" in chosen:
             log("inference")
             results["inference"] = bench_inference(settings, torch.device("cpu"))

@@ -149,6 +149,18 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['label']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | "
                          f"{r['vs_float32_all_layers']:.3f} |")
         lines.append("")
+    if "gguf" in results:
+        gg, s = results["gguf"], results["settings"]["shape"]
+        lines += ["### A GGUF file's own blocks as the base (--quantize gguf, eager CPU)", "",
+                  f"{gg['file']} ({gg['file_tensor_bytes']:,d} bytes of tensors), computing in {gg['compute_dtype']}; "
+                  f"batch {s['batch']} x {s['seq']}; LoRA r={s['r']} on the seven projections, dropout 0; AdamW; "
+                  f"{gg['threads']} threads; median of {results['settings']['rounds']} alternated steps.", "",
+                  "| base, adapted layers | weight bytes | step (s) | min–max (s) | vs plain weights |",
+                  "|---|---|---|---|---|"]
+        for r in gg["rows"]:
+            lines.append(f"| {r['label']} | {r['weight_bytes']:,d} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | "
+                         f"{r['vs_plain']:.3f} |")
+        lines.append("")
     if "inference" in results:
         inf = results["inference"]["rows"]
         lines += ["### Inference (forward, eval, no grad)", "", "| path | forward (s) | vs base |", "|---|---|---|"]

@@ -244,3 +244,95 @@ def smollm2(tmp_path_factory):
     finally:
         base_model.load_gguf = original
     return cache, folder, loaded[0].eval()
+
+
+# -- tiny GGUF files, written with gguf-py as llama.cpp's converter writes them ---------------------
+
+def _byte_level_vocab() -> list[str]:
+    """GPT-2's 256 byte-level symbols (tokenizers' bytes_to_unicode), as a tiny BPE vocabulary."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_tiny_gguf(path, ggml_type: str = "Q8_0", seed: int = 0, tied: bool = True, layers: int = 2):
+    """A tiny Llama (hidden 256, so K-quant blocks of 256 fit; 4 heads, 2 key-value heads) as a GGUF
+    file of ``ggml_type`` weights (norms F32) with a byte-level BPE tokenizer that transformers and
+    llama.cpp both read. Random weights of a Linear's size; types gguf-py can quantize are quantized
+    from them, K-quants are random blocks with scales of that size. Returns the path."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    hidden, ffn, heads, kv_heads = 256, 512, 4, 2
+    tokens = _byte_level_vocab() + ["Ġt", "th", "<s>", "</s>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0))  # informative only: each tensor says its type
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 258 + [3, 3])
+    writer.add_token_merges(["Ġ t", "t h"])
+    writer.add_bos_token_id(len(tokens) - 2)
+    writer.add_eos_token_id(len(tokens) - 1)
+    kind = gguf.GGMLQuantizationType[ggml_type]
+
+    def weight(name: str, rows: int, cols: int, kind=kind) -> None:
+        values = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        if kind in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K, gguf.GGMLQuantizationType.Q6_K):
+            from test_gguf_quant import random_rows  # random blocks: gguf-py has no K-quant quantizer
+
+            raw, _ = random_rows(kind.name, rows, cols // 256, seed=int(rng.integers(1 << 30)))
+            writer.add_tensor(name, scaled_k_blocks(raw, kind.name), raw_dtype=kind)
+            return
+        data = quantize(values, kind) if kind != gguf.GGMLQuantizationType.F32 else values
+        writer.add_tensor(name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
+
+    weight("token_embd.weight", len(tokens), hidden)
+    if not tied:
+        weight("output.weight", len(tokens), hidden)
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    for i in range(layers):
+        for name, rows, cols in (("attn_q", hidden, hidden), ("attn_k", hidden // heads * kv_heads, hidden),
+                                 ("attn_v", hidden // heads * kv_heads, hidden), ("attn_output", hidden, hidden),
+                                 ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden)):
+            weight(f"blk.{i}.{name}.weight", rows, cols)
+        weight(f"blk.{i}.ffn_down.weight", hidden, ffn)
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def scaled_k_blocks(raw, ggml_type: str):
+    """Random K-quant blocks with their float16 super-block scales set to a weight's size (about
+    1e-3: values of order 0.01-0.1), so a model made of them computes finite, varied logits."""
+    import numpy as np
+
+    from minilora.gguf_quant import BLOCK_LAYOUTS
+
+    _, size, fields = BLOCK_LAYOUTS[ggml_type]
+    blocks = raw.reshape(raw.shape[0], -1, size).copy()
+    rng = np.random.default_rng(int(blocks.sum()) % (1 << 30))
+    start = 0
+    for name, nbytes in fields:
+        if name != "codes":
+            scale = (rng.uniform(0.5, 1.5, blocks.shape[:2]) * 1e-3).astype(np.float16)
+            blocks[..., start:start + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        start += nbytes
+    return blocks.reshape(raw.shape[0], -1)

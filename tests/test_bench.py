@@ -248,3 +248,19 @@ def test_the_loop_sections_cuda_results_are_judged_by_gpu_memory_against_the_gpu
     assert "(CUDA, bfloat16 base)" in table and "| peak GPU memory (MiB) | vs bare | peak RSS (MiB) |" in table
     assert f"| {LOOP_ROWS['app'][0]} | 0.980 | 0.980 | 78 | 0.780 | 1,000 | 1.111 |" in table
 
+
+
+def test_bench_gguf_section_times_the_block_base_against_plain_weights(tmp_path, smollm2, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(smollm2[0].parent))  # the session's conversion: config and tokenizer
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = cli.main(["--quick", "--only", "gguf", "--rounds", "1", "--warmup", "0", "--threads", "1",
+                     "--shape", "batch=1,seq=8", "--json", str(out), "--markdown", str(md)])
+    assert code == 0
+    gguf = json.loads(out.read_text())["gguf"]
+    assert [r["label"] for r in gguf["rows"]] == [
+        "plain weights, all layers", "GGUF Q4_1 blocks, all layers", "plain weights, top 8 layers",
+        "GGUF Q4_1 blocks, top 8 layers"]
+    plain, blocks = gguf["rows"][:2]
+    assert blocks["weight_bytes"] <= gguf["file_tensor_bytes"] < plain["weight_bytes"]
+    assert plain["vs_plain"] == 1 and all(r["median"] > 0 for r in gguf["rows"])
+    assert "GGUF Q4_1 blocks, top 8 layers" in md.read_text()

@@ -247,20 +247,31 @@ def convert_gguf(gguf_path: os.PathLike, cache_root: Optional[os.PathLike] = Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex}"
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / SOURCE_NAME).write_text(json.dumps({
             "gguf_file": str(path.resolve()), "gguf_bytes": path.stat().st_size,
             "format": CONVERSION_FORMAT, "seconds": round(time.time() - started, 1)}, indent=2))
-        if final.exists() and not is_converted(final):
-            shutil.rmtree(final, ignore_errors=True)  # not ours to trust: no source marker
+
+    return publish_folder(final, fill, is_converted)
+
+
+def publish_folder(final: Path, fill, complete) -> Path:
+    """``final``, filled by ``fill(tmp)`` in a temporary sibling folder and renamed into place when
+    whole, so the cache holds a complete folder or none; when two runs fill it at once, the first
+    rename wins and the other uses it. ``complete(folder)`` tells a whole folder (its marker file,
+    which ``fill`` writes last) from a broken one, which is replaced."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        fill(tmp)
+        if final.exists() and not complete(final):
+            shutil.rmtree(final, ignore_errors=True)  # not ours to trust: no marker
         try:
             os.rename(tmp, final)
         except OSError:
-            if not is_converted(final):
+            if not complete(final):
                 raise
             # another run renamed its complete copy into place first; use that one
     finally:
@@ -279,9 +290,12 @@ def resolve_base(name_or_path: Optional[str], cache_root: Optional[os.PathLike] 
 
 def resolve_bases(args):
     """``args`` (TrainArgs) with a .gguf ``model_name`` / ``tokenizer_name_or_path`` replaced by its
-    converted folder: what the run loads and what the saved adapter names as its base."""
+    converted folder: what the run loads and what the saved adapter names as its base. With
+    --quantize gguf the run reads the file itself (gguf_base.py), and the adapter names the file."""
     import dataclasses
 
+    if args.quantize == "gguf":
+        return args
     model, tokenizer = resolve_base(args.model_name), resolve_base(args.tokenizer_name_or_path)
     if (model, tokenizer) == (args.model_name, args.tokenizer_name_or_path):
         return args

@@ -88,7 +88,9 @@ class TrainArgs:
     use_rslora: bool = flag(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     quantize: Optional[str] = flag(None, "QLoRA: store the frozen base's Linear weights (all but the LM head) as nf4 "
                                          "(4-bit, block 64, double-quantized scales) or int8 (per-row scales), "
-                                         "dequantized one layer at a time (docs/library.md)", choices=("nf4", "int8"))
+                                         "dequantized one layer at a time (docs/library.md); gguf: a .gguf --model_name "
+                                         "kept in the file's own blocks, every tensor as llama.cpp runs it (docs/gguf.md)",
+                           choices=("nf4", "int8", "gguf"))
     quantize_embeddings: bool = flag(False, "with --quantize: the token embedding too, and an LM head tied to it "
                                             "(one quantized table); QLoRA keeps both in the compute dtype")
     lora_top_layers: Optional[int] = flag(None, "adapt only the last N decoder layers (PEFT's layers_to_transform); "
@@ -201,6 +203,12 @@ class TrainArgs:
         if self.quantize and not (self.use_lora or self.is_demo):
             checks.append((False, f"--quantize {self.quantize} freezes the base in {self.quantize}, so only an adapter "
                                   "can train: add --use_lora (full fine-tuning needs the float weights)"))
+        if self.quantize == "gguf" and not self.is_demo and not str(self.model_name or "").lower().endswith(".gguf"):
+            checks.append((False, f"--quantize gguf keeps a GGUF file's own blocks: --model_name must be a .gguf file, "
+                                  f"got {self.model_name!r} (or use --quantize nf4 / int8)"))
+        if self.quantize_embeddings and self.quantize == "gguf":
+            checks.append((False, "--quantize gguf keeps the token embedding as the file stores it already: drop "
+                                  "--quantize_embeddings"))
         if self.quantize_embeddings and not self.quantize:
             checks.append((False, "--quantize_embeddings quantizes the token embedding along with the Linears: "
                                   "add --quantize nf4 (or int8)"))

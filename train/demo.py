@@ -42,7 +42,8 @@ def run_demo(args: TrainArgs) -> dict:
     from .loop import train_and_report
 
     started = time.time()
-    base_dir = convert_gguf(packaged_smollm2())
+    # --quantize gguf trains on the file's own blocks; otherwise on its float conversion
+    base_dir = packaged_smollm2() if args.quantize == "gguf" else convert_gguf(packaged_smollm2())
     lora_args = demo_lora_args(args, str(base_dir))
     print(f"demo: LoRA fine-tuning of SmolLM2-135M-Instruct ({base_dir}) on MedQuAD, "
           f"{precision_note(lora_args)}", flush=True)

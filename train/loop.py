@@ -222,6 +222,10 @@ def _check_output_dir(args: TrainArgs, run_dir: RunDir) -> None:
 def load_model_and_tokenizer(args: TrainArgs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if args.quantize == "gguf":  # the file's own blocks: its tokenizer and config come with it
+        from .gguf_base import load_gguf_base
+
+        return load_gguf_base(args.model_name, torch.bfloat16 if args.bf16 else torch.float32)
     source = args.tokenizer_name_or_path or args.model_name
     if not args.model_name:
         raise UsageError("--dataset_dir needs --model_name (a hub id or a local directory); with neither, the "
@@ -279,7 +283,7 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, run_dir: 
     train_data = replay.with_replay(args, train_data, model, tokenizer, run_dir, device.is_main, base_cache)
     if args.streaming_data and args.max_steps <= 0:
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
-    if args.quantize:  # before inject, which then wraps the quantized Linears
+    if args.quantize and args.quantize != "gguf":  # before inject, which then wraps the quantized Linears
         try:
             minilora.quantize(model, args.quantize, embeddings=args.quantize_embeddings)
         except ValueError as e:
