@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quant import QuantizedWeight
+from .weight import QuantizedWeight
 
 # name: (elements per block, bytes per block, the block's fields in file order). A field is
 # (name, bytes); "d" and "m" are float16 scales, every "codes" run is packed integers, kept together.
