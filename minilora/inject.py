@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -156,18 +155,18 @@ def remove_injected(model: nn.Module, adapter_name: str, replaced: list[tuple[st
 
 def _install_save_pretrained(model: nn.Module) -> None:
     """Make this model's ``save_pretrained`` (an instance attribute; the class is untouched) write
-    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing."""
-    from .checkpoint import save_pretrained  # checkpoint imports this module
+    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing, and fit it for
+    transformers' Trainer (minilora.trainers)."""
+    from .trainers import install  # trainers imports this module
 
-    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
-        model.save_pretrained = functools.update_wrapper(functools.partial(save_pretrained, model), save_pretrained)
+    install(model)
 
 
 def _remove_save_pretrained(model: nn.Module) -> None:
     """Give the model its class's own ``save_pretrained`` back (after merge_and_unload)."""
-    installed = model.__dict__.get("save_pretrained")
-    if isinstance(installed, functools.partial) and installed.args[:1] == (model,):
-        del model.__dict__["save_pretrained"]
+    from .trainers import uninstall
+
+    uninstall(model)
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
@@ -476,9 +475,11 @@ def _hook_input_require_grads(model: nn.Module, always: bool) -> None:
         state.input_grads_hook.remove()
     state.input_grads_module = embeddings
     model_ref = weakref.ref(model)
+    from .trainers import refuse_peft_on_top  # trainers imports this module
 
     def hook(module, inputs, output):
         owner = model_ref()
+        refuse_peft_on_top(owner)
         wanted = state.input_grads_always or _is_checkpointing(owner)
         if wanted and torch.is_grad_enabled() and not output.requires_grad:
             output.requires_grad_(True)
