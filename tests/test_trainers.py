@@ -115,6 +115,11 @@ def test_sfttrainer_on_a_chat_dataset_takes_the_loss_on_completions_only(runs):
     assert "model.safetensors" in os.listdir(out / "sft" / "checkpoint-2")
 
 
+def test_sfttrainer_with_a_peft_config_on_top_of_an_injected_model_is_refused(runs):
+    _, results = runs
+    assert "PEFT has added its own on top" in (scenario(results, "sft")["peft_config"] or "(trained without a word)")
+
+
 def test_trls_fused_lm_head_over_an_adapted_lm_head_is_refused():
     # SFTTrainer computes its loss through trl's add_fused_lm_head, which multiplies by
     # lm_head.weight and never calls lm_head: an adapter there would silently never train.

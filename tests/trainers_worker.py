@@ -131,7 +131,19 @@ def sft(out: str, tokenizer_dir: str) -> dict:
             nll = -logprobs.gather(-1, targets[:, None])[:, 0]
             total += nll[len(prompt) - 1:].sum().item()
             count += len(whole) - len(prompt)
-    return {"eval_loss": history(trainer, "eval_loss")[-1], "completion_nll": total / count,
+    # The same trainer given a PEFT config on top of the injected model (targets minilora left alone).
+    from peft import LoraConfig
+
+    doubled = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    minilora.inject(doubled, r=4, target_modules=["q_proj"])
+    try:
+        SFTTrainer(model=doubled, args=config, train_dataset=Dataset.from_list(rows),
+                   eval_dataset=Dataset.from_list(rows[:4]), processing_class=tokenizer,
+                   peft_config=LoraConfig(r=4, target_modules=["v_proj"])).train()
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    return {"eval_loss": history(trainer, "eval_loss")[-1], "completion_nll": total / count, "peft_config": refusal,
             "checkpointing": bool(model.is_activation_checkpointing),
             "trained": any(p.abs().sum().item() > 0 for n, p in minilora.lora_parameters(model) if "lora_B" in n),
             "final": adapter(model)}
