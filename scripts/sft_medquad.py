@@ -23,20 +23,15 @@ while other work runs is marked "loaded" in the JSON (from the load average).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
+import platform
+import sys
+import time
 
-# transformers and accelerate put the model on XLA's CPU device whenever torch_xla is installed,
-# even with use_cpu=True; this keeps them on the plain CPU (docs/trainers.md, "torch_xla").
-os.environ.setdefault("USE_TORCH_XLA", "0")
-
-import argparse  # noqa: E402 (the environment above must precede transformers' import)
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -200,4 +195,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # transformers and accelerate put the model on XLA's CPU device whenever torch_xla is installed,
+    # even with use_cpu=True; this keeps them on the plain CPU (docs/trainers.md, "torch_xla"). It
+    # must precede their import, which every function above defers.
+    os.environ.setdefault("USE_TORCH_XLA", "0")
     sys.exit(main())
