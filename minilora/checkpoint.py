@@ -19,7 +19,8 @@ from .adapters import active_adapter, adapter_names, adapter_state, check_not_di
 from .config import BIAS_MODES, TASK_TYPES, LoRAConfig
 from .embedding import LoRAEmbedding
 from .inject import check_adapter_name, find_targets, inject, remove_injected, replace_module
-from .save import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, lora_state_dict, remove_save_pretrained
+from .save import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, lora_state_dict
+from .trainers import uninstall
 
 # PEFT LoraConfig fields that carry no meaning for the LoRA minilora computes (read and ignored).
 _IGNORED_FIELDS = {
@@ -77,7 +78,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
                 replace_module(model, name, module)
         adapter_state(model).layers = None
         if not adapter_names(model):
-            remove_save_pretrained(model)
+            uninstall(model)
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         if previous is not None:

@@ -19,7 +19,7 @@ from .dora import DoRAAdapter, check_base
 from .embedding import LoRAEmbedding
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
-from .save import install_save_pretrained
+from .trainers import install, refuse_peft_on_top
 from .weight import QuantEmbedding, QuantLinear
 
 # What LoRA adapts as a Linear: nn.Linear, a Linear over a quantized weight (minilora.quantize),
@@ -133,7 +133,7 @@ def inject(model: nn.Module, config: Optional[LoRAConfig] = None, *, adapter_nam
     set_adapter(model, adapter_name)
     mark_only_lora_trainable(model, bias=config.bias, adapter_name=adapter_name)
     _hook_input_require_grads(model, always=False)
-    install_save_pretrained(model)
+    install(model)
     return model
 
 
@@ -319,7 +319,9 @@ class _RequireInputGrads:
         self.model_ref, self.state = weakref.ref(model), state
 
     def __call__(self, module, inputs, output):
-        wanted = self.state.input_grads_always or _is_checkpointing(self.model_ref())
+        owner = self.model_ref()
+        refuse_peft_on_top(owner)
+        wanted = self.state.input_grads_always or _is_checkpointing(owner)
         if wanted and torch.is_grad_enabled() and not output.requires_grad:
             output.requires_grad_(True)
 

@@ -10,7 +10,7 @@ from .embedding import LoRAEmbedding
 from .adapters import adapter_modules, adapter_state, lora_modules
 from .inject import replace_module
 from .modules_to_save import ModuleToSave
-from .save import remove_save_pretrained
+from .trainers import uninstall
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
@@ -113,7 +113,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
         else:
             replace_module(model, name, layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear())
     _untie_in_config(model)
-    remove_save_pretrained(model)
+    uninstall(model)
     state = adapter_state(model)
     state.configs.clear()
     state.untied.clear()  # a layer merge untied keeps its merged copy: the tie is gone for good

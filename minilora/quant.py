@@ -19,7 +19,7 @@ from .embedding import LoRAEmbedding
 from .inject import find_targets, replace_module
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave
-from .save import install_save_pretrained, remove_save_pretrained
+from .trainers import install, uninstall
 from .weight import (TILE_ELEMENTS, QuantEmbedding, QuantizedBaseError, QuantizedWeight, QuantLinear, as_parameter,
                      check_scheme)
 
@@ -115,7 +115,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, target_modules="all-linea
     adapter_state(model).layers = None  # LoRA layers may have been swapped
     # transformers' own save_pretrained would write the codes, which from_pretrained does not read
     # (it would initialise every quantized Linear at random): minilora's writes adapters, or refuses.
-    install_save_pretrained(model)
+    install(model)
     return model
 
 
@@ -202,7 +202,7 @@ def dequantize(model: nn.Module) -> nn.Module:
             module.weight = param
     adapter_state(model).layers = None  # LoRA layers may have been swapped
     if not adapter_names(model):  # quantize installed it; with adapters it writes them, as after inject
-        remove_save_pretrained(model)
+        uninstall(model)
     return model
 
 

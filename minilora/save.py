@@ -14,7 +14,6 @@ On disk, as PEFT writes it:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import uuid
@@ -106,7 +105,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
     the config last, so a crash never leaves a config that points at half-written weights.
     """
     state = lora_state_dict(model, adapter_name)
-    state = _host_tensors(state if state_dict is None else _taken_from(model, state, state_dict))
+    state = host_tensors(state if state_dict is None else taken_from(model, state, state_dict))
     config = peft_config(model, adapter_name, base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
     _write_aside(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
@@ -133,7 +132,7 @@ def _write_json(config: dict, path: str) -> None:
         f.write("\n")
 
 
-def _taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
+def taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
                 full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``adapter_state``'s keys, each with the tensor that ``full`` (a state dict of the model)
     holds for the same parameter or buffer; FSDP's wrapper prefixes are ignored on both sides."""
@@ -154,7 +153,7 @@ def _taken_from(model: nn.Module, adapter_state: dict[str, torch.Tensor],
     return taken
 
 
-def _host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def host_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached CPU tensors for safetensors, which refuses two keys on one storage: a tensor held
     under two keys (tied modules_to_save copies) is cloned for its second key."""
     seen, out = set(), {}
@@ -218,18 +217,3 @@ def save_pretrained(model: nn.Module, save_directory: str, safe_serialization: b
     for name in selected:
         save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name,
                      state_dict=state_dict)
-
-
-def install_save_pretrained(model: nn.Module) -> None:
-    """Make this model's ``save_pretrained`` (an instance attribute; the class is untouched) write
-    its adapters, so that PEFT's ``model.save_pretrained(dir)`` loses nothing (inject calls this),
-    and refuse a quantized base without adapters (quantize calls this)."""
-    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
-        model.save_pretrained = functools.update_wrapper(functools.partial(save_pretrained, model), save_pretrained)
-
-
-def remove_save_pretrained(model: nn.Module) -> None:
-    """Give the model its class's own ``save_pretrained`` back (after merge_and_unload)."""
-    installed = model.__dict__.get("save_pretrained")
-    if isinstance(installed, functools.partial) and installed.args[:1] == (model,):
-        del model.__dict__["save_pretrained"]
