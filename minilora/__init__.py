@@ -7,6 +7,7 @@
     minilora.save_adapter(model, "out/")                      # 4. export (PEFT loads it too)
 """
 
+from .batched import AdapterBank, BankFullError
 from .checkpoint import (AdapterLoadError, load_adapter, lora_state_dict, peft_config, read_adapter_config, save_adapter,
                          save_pretrained, validate_adapter)
 from .combine import add_weighted_adapter
@@ -25,7 +26,7 @@ from .quant import QuantizedWeight, QuantLinear, dequantize, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear",
+    "AdapterBank", "AdapterLoadError", "BankFullError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear",
     "ModuleToSave", "QuantLinear", "QuantizedWeight", "UnsupportedLayerError",
     "active_adapter", "adapter_modules", "add_weighted_adapter", "adapter_names", "count_parameters", "delete_adapter",
     "dequantize", "disable_adapters", "enable_input_require_grads", "find_targets", "inject", "load_adapter",

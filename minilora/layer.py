@@ -295,6 +295,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         init_adapter_slots(self, base)
+        self.stacked = None  # this layer's adapter stack while a mixed batch is served stacked (minilora.batched)
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -342,6 +343,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
             return quant.linear(x, self.weight, self.bias)
+        if self.stacked is not None and self.stacked.serves(self):  # all rows in one product: minilora.batched
+            return self.stacked(x, self.weight, self.bias)
         if self.row_adapters is not None:
             out = quant.linear(x, self.weight, self.bias)
             return out + self._mixed_delta(x, out.shape).to(out.dtype)
