@@ -240,7 +240,7 @@ class AdapterBank:
         if self.max_rank < max(ranks, default=0):
             raise ValueError(f"max_rank={self.max_rank}, but this model holds an adapter of rank {max(ranks)}; "
                              "give max_rank at least the largest rank the bank will serve")
-        self.explicit = capacity is not None or max_rank is not None  # sizes the user chose: kept as they are
+        self.given = (capacity, max_rank)  # the sizes asked for (None: the defaults), kept by for_model
         self.table = SlotTable(self.capacity)
         self.stacks = [_StackedLinear(self, m, self.capacity + 1, self.max_rank) for m in self.layers]
         self.device = self.layers[0].weight.device
@@ -249,7 +249,8 @@ class AdapterBank:
         self.trainable = False  # whether an adapter of the batch in flight has trainable parameters
         self._held: list[str] = []
         self._batches: dict[int, _Batch] = {}
-        self._written: dict[str, tuple] = {}  # name -> fingerprint of the adapter tensors in its slot
+        self._written: dict[str, tuple] = {}  # name -> _record of the adapter in its slot
+        self._adapter_dicts = [m._modules["adapters"]._modules for m in self.layers]  # name -> adapter, per layer
         self._lock = threading.RLock()
         cuda = self.device.type == "cuda"
         self._copies = torch.cuda.Stream(self.device) if cuda else None  # slot writes
@@ -259,19 +260,21 @@ class AdapterBank:
     @classmethod
     def for_model(cls, model: nn.Module, bank: Optional["AdapterBank"] = None,
                   layers: Optional[Sequence[LoRALinear]] = None) -> "AdapterBank":
-        """``bank`` while it still stacks exactly the model's LoRA Linears (``layers``, when the
-        caller has them at hand) and, if it was made with the defaults, still has a slot for every
-        adapter and room for every rank; else a new bank with the defaults."""
+        """``bank`` while it still fits the model: it stacks exactly the model's LoRA Linears
+        (``layers``, when the caller has them at hand), and where its sizes were left to the
+        defaults, it still has a slot for every adapter and room for every rank. Else a new bank
+        with the sizes ``bank`` was given (None: the defaults)."""
         if layers is None:
             layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-        if bank is not None and len(layers) == len(bank.layers) and all(a is b for a, b in zip(layers, bank.layers)):
-            if bank.explicit:
-                return bank
+        if bank is None:
+            return cls(model)
+        if len(layers) == len(bank.layers) and all(a is b for a, b in zip(layers, bank.layers)):
             names = {n for m in layers for n in m.adapters}
             rank = max((a.lora_A.shape[0] for m in layers for a in m.adapters.values()), default=0)
-            if len(names) <= bank.capacity and rank <= bank.max_rank:
+            if (bank.given[0] is not None or len(names) <= bank.capacity) and \
+                    (bank.given[1] is not None or rank <= bank.max_rank):
                 return bank
-        return cls(model)
+        return cls(model, *bank.given)
 
     @property
     def resident(self) -> list[str]:
@@ -290,7 +293,7 @@ class AdapterBank:
         """{name: slot} for the distinct ``names``, writing those not yet (or no longer) in a slot."""
         wanted = list(dict.fromkeys(names))
         for name in wanted:
-            if name in self.table.slots and self._written[name] != self._fingerprint(name):
+            if name in self.table.slots and self._changed(name):
                 self.table.forget(name)  # changed since written (trained further, deleted, reloaded)
         for name in wanted:
             if name not in self.table.slots:
@@ -302,7 +305,7 @@ class AdapterBank:
                     slot = torch.tensor([where[name]], device=self.device)
                     for stack in self.stacks:
                         stack.write(slot, name)
-                    self._written[name] = self._fingerprint(name)
+                    self._written[name] = self._record(name)
         return where
 
     def _check(self, name: str) -> None:
@@ -324,20 +327,21 @@ class AdapterBank:
             yield
         self._written_event.record(self._copies)
 
-    def _fingerprint(self, name: str) -> tuple:
-        """What identifies the tensors of adapter ``name`` as written: each layer's adapter object,
-        its tensors' version counters (bumped by every in-place change, an optimizer step's too) and
-        whether they train. Read from the modules' own dicts: this runs for every adapter of every
-        batch, and nn.Module's attribute lookup would cost more than the check."""
-        marks = []
-        for layer in self.layers:
-            adapter = layer._modules["adapters"]._modules.get(name)
-            if adapter is None:
-                marks.append(None)
-                continue
-            tensors = [*adapter._parameters.values(), *adapter._buffers.values()]
-            marks.append((id(adapter), *[(id(t), _version(t), t.requires_grad) for t in tensors]))
-        return tuple(marks)
+    def _record(self, name: str) -> tuple:
+        """What identifies adapter ``name`` as written into its slot: each layer's adapter object
+        (None where it has none) and its tensors, their version counters (bumped by every in-place
+        change, an optimizer step's too) and whether they train. Read from the modules' own dicts:
+        this is checked for every adapter of every batch, where nn.Module's attribute lookup would
+        cost more than the check."""
+        adapters = tuple(d.get(name) for d in self._adapter_dicts)
+        tensors = tuple(t for a in adapters if a is not None for t in (*a._parameters.values(), *a._buffers.values()))
+        return adapters, tensors, _state(tensors)
+
+    def _changed(self, name: str) -> bool:
+        """Whether adapter ``name`` differs from what its slot holds (see _record)."""
+        adapters, tensors, state = self._written[name]
+        return (any(d.get(name) is not a for d, a in zip(self._adapter_dicts, adapters))
+                or _state(tensors) != state)
 
     # -- a batch in flight ---------------------------------------------------------------------
 
@@ -351,8 +355,7 @@ class AdapterBank:
             where = self._place([n for n in row_adapters if n is not None])
             self.table.hold(where)
             self._held = list(where)
-            self.trainable = any(mark[2] for name in where for layer_marks in self._written[name]
-                                 if layer_marks for mark in layer_marks[1:])
+            self.trainable = any(t.requires_grad for name in where for t in self._written[name][1])
             rows = len(row_adapters)
             if rows not in self._batches:
                 self._batches[rows] = _Batch(rows, self.widths, self.device, bags=self.device.type == "cpu")
@@ -406,8 +409,9 @@ def _outside_inference_mode():
         yield
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
+def _state(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Each tensor's version counter and requires_grad flag."""
     try:
-        return t._version
+        return tuple((t._version, t.requires_grad) for t in tensors)
     except RuntimeError:  # an inference tensor (made under torch.inference_mode) keeps no version counter
-        return None
+        return tuple((None, t.requires_grad) for t in tensors)
