@@ -68,6 +68,22 @@ def test_each_row_equals_that_row_run_alone_with_its_adapter(model, tokens):
     assert not torch.allclose(mixed[0], mixed[3], atol=1e-3)  # the adapters do differ
 
 
+def test_a_quantized_base_serves_mixed_batches_too():
+    model = minilora.quantize(tiny_llama(), "nf4")
+    for name in ("lora", "rs", "wide"):
+        minilora.inject(model, adapter_name=name, **ADAPTERS[name])
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, p in minilora.lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    rows = ["wide", None, "rs", "lora"]
+    ids = torch.randint(3, 128, (len(rows), 1), generator=torch.Generator().manual_seed(12))
+    with torch.inference_mode(), minilora.mixed_batch(model, rows):
+        mixed = model(ids).logits
+    for i, name in enumerate(rows):
+        assert_close_to_rounding(mixed[i], alone(model, ids[i:i + 1], name)[0], reduction=REDUCTION)
+
+
 def test_rows_without_an_adapter_get_the_base_exactly(model):
     ids = torch.randint(3, 128, (4, 1), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -244,3 +260,30 @@ def test_a_new_mix_compiles_nothing_new_on_xla():
     assert result["warm"] > 0  # the counters do count compiles here
     assert result["new"] == 0
     assert result["worst"] < 1e-4  # XLA's CPU kernels against eager's: the same sums in another order
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run tests/test_batched.py on one")
+def test_on_cuda_offloaded_adapters_reach_their_slots_through_the_copy_stream():
+    """On a GPU: adapters kept on the host (offload) are copied into their slots on the bank's own
+    stream, a batch in flight keeps its results while another adapter loads, and every row equals
+    that row alone on the CPU."""
+    rows = ["rs", None, "dora", "lora"]  # three of the four adapters: "wide" loads while they run
+    cpu = served_model()
+    ids = torch.randint(3, 128, (len(rows), 4), generator=torch.Generator().manual_seed(10))
+    expected = [alone(cpu, ids[i:i + 1], name)[0] for i, name in enumerate(rows)]
+    model = served_model().cuda()
+    bank = AdapterBank(model, capacity=4)
+    for name in ADAPTERS:
+        bank.offload(name)
+    assert all(p.device.type == "cpu" and p.is_pinned() for n, p in model.named_parameters() if "adapters." in n)
+    with torch.inference_mode(), minilora.mixed_batch(model, rows, bank=bank):
+        first = model(ids.cuda()).logits
+        bank.prefetch(["wide"])
+        again = model(ids.cuda()).logits
+    assert torch.equal(first, again) and "wide" in bank.resident
+    for i in range(len(rows)):
+        torch.testing.assert_close(first[i].cpu(), expected[i], rtol=1e-4, atol=1e-4)  # TF32 and CUDA's own sums
+    bank.restore("rs")
+    minilora.set_adapter(model, "rs")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids[:1].cuda()).logits[0].cpu(), expected[0], rtol=1e-4, atol=1e-4)
