@@ -74,18 +74,14 @@ def configure(args: argparse.Namespace) -> tuple[Settings, list[str], list[torch
         if not rows or set(rows) - set(LOOP_ROWS):
             raise UsageError(f"--loop-rows {args.loop_rows}: choose from {', '.join(LOOP_ROWS)}")
         settings.loop_rows = rows
-    if args.shape:
-        try:
-            settings.shape = parse_shape(args.shape, settings.shape)
-        except ValueError as e:
-            raise UsageError(f"--shape {args.shape}: {e}; give a shape name and/or FIELD=INT pairs separated by "
-                             "commas") from None
-    if args.multi_shape:
-        try:
-            settings.multi_shape = parse_shape(args.multi_shape, settings.multi_shape)
-        except ValueError as e:
-            raise UsageError(f"--multi-shape {args.multi_shape}: {e}; give a shape name and/or FIELD=INT pairs "
-                             "separated by commas") from None
+    for field in ("shape", "multi_shape"):  # --shape, --multi-shape
+        text = getattr(args, field)
+        if text:
+            try:
+                setattr(settings, field, parse_shape(text, getattr(settings, field)))
+            except ValueError as e:
+                raise UsageError(f"--{field.replace('_', '-')} {text}: {e}; give a shape name and/or FIELD=INT pairs "
+                                 "separated by commas") from None
     settings.seed = args.seed
     wanted = [d.strip() for d in args.devices.split(",") if d.strip()]
     if set(wanted) - {"cpu", "cuda"}:

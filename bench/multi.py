@@ -32,9 +32,7 @@ def build_minilora(shape: Shape, adapters: int, seed: int, device: torch.device,
     with torch.no_grad():
         for _, p in minilora.lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def build_peft(ours: torch.nn.Module, shape: Shape, adapters: int, seed: int, device: torch.device, dtype):
@@ -53,9 +51,7 @@ def build_peft(ours: torch.nn.Module, shape: Shape, adapters: int, seed: int, de
             for name, adapter in layer.adapters.items():
                 theirs.lora_A[name].weight.copy_(adapter.lora_A)
                 theirs.lora_B[name].weight.copy_(adapter.lora_B)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 class Contender:
@@ -67,7 +63,9 @@ class Contender:
         self.cache = None
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(input_ids=ids, use_cache=False).logits
+        """The prompt (B, P) through the model, the last token's logits only, as generate's prefill
+        computes them: (B, 1, vocab)."""
+        return self.forward(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
     def start_decoding(self, ids: torch.Tensor) -> None:
         """Fill a KV cache with ``ids`` (B, P): what every timed decode step continues from."""

@@ -160,8 +160,15 @@ class _StackedLinear:
         """Whether this forward takes the stacked path: not in training mode (the stacks have no
         dropout), and no gradient wanted for the batch's adapters (the stacks are copies); else
         LoRALinear runs each adapter over its rows, as it trains."""
-        return (self.bank.batch is not None and not layer.training
-                and not (self.bank.trainable and torch.is_grad_enabled()))
+        if self.bank.batch is None or layer.training:
+            return False
+        if self.bank.trainable and torch.is_grad_enabled():
+            if self.bank.dora:
+                raise ValueError("this mixed batch holds a trainable DoRA adapter and autograd is on, but a mixed "
+                                 "batch serves DoRA from its stacks only, which carry no gradient; run it under "
+                                 "torch.no_grad() (or freeze the adapters), or train DoRA with set_adapter")
+            return False
+        return True
 
     def __call__(self, x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, ..., in) -> (B, ..., out) in x's dtype: each row through the adapter of its slot."""
@@ -247,6 +254,7 @@ class AdapterBank:
         self.widths = sorted({m.in_features for m in self.layers} | {self.max_rank})
         self.batch: Optional[_Batch] = None
         self.trainable = False  # whether an adapter of the batch in flight has trainable parameters
+        self.dora = False  # whether the batch in flight holds a DoRA adapter
         self._held: list[str] = []
         self._batches: dict[int, _Batch] = {}
         self._written: dict[str, tuple] = {}  # name -> _record of the adapter in its slot
@@ -356,6 +364,7 @@ class AdapterBank:
             self.table.hold(where)
             self._held = list(where)
             self.trainable = any(t.requires_grad for name in where for t in self._written[name][1])
+            self.dora = any(hasattr(a, "lora_magnitude_vector") for name in where for a in self._written[name][0])
             rows = len(row_adapters)
             if rows not in self._batches:
                 self._batches[rows] = _Batch(rows, self.widths, self.device, bags=self.device.type == "cpu")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import minilora
-from conftest import assert_close_to_rounding, run_xla, tiny_llama
+from conftest import assert_close_to_rounding, run_xla, tiny_llama, trained
 from minilora.batched import AdapterBank, BankFullError, SlotTable
 
 # Four adapters of every kind a bank stacks: plain LoRA on two projections, rsLoRA and DoRA on all
@@ -34,13 +34,8 @@ def served_model(names=tuple(ADAPTERS), seed: int = 0):
     model = tiny_llama(seed)
     for name in names:
         minilora.inject(model, adapter_name=name, **ADAPTERS[name])
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in minilora.lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    minilora.mark_only_lora_trainable(model)  # every adapter, for trained() to move
+    return trained(model, seed + 1).requires_grad_(False).eval()
 
 
 def alone(model, ids, name):
@@ -72,10 +67,8 @@ def test_a_quantized_base_serves_mixed_batches_too():
     model = minilora.quantize(tiny_llama(), "nf4")
     for name in ("lora", "rs", "wide"):
         minilora.inject(model, adapter_name=name, **ADAPTERS[name])
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for _, p in minilora.lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    minilora.mark_only_lora_trainable(model)
+    trained(model, 11).requires_grad_(False)
     rows = ["wide", None, "rs", "lora"]
     ids = torch.randint(3, 128, (len(rows), 1), generator=torch.Generator().manual_seed(12))
     with torch.inference_mode(), minilora.mixed_batch(model, rows):
@@ -117,6 +110,17 @@ def test_the_mixed_batch_is_served_stacked_and_trains_per_adapter(model):
         type(layer.adapters["rs"]).forward = original
         layer.adapters["rs"].lora_B.requires_grad_(False)
         layer.adapters["rs"].lora_B.grad = None
+
+
+def test_a_trainable_dora_adapter_with_autograd_on_is_refused_in_one_line():
+    model = served_model(("dora", "lora"))
+    model.model.layers[0].mlp.up_proj.adapters["dora"].lora_magnitude_vector.requires_grad_(True)
+    ids = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(13))
+    with minilora.mixed_batch(model, ["dora", "lora"]):
+        with pytest.raises(ValueError, match="trainable DoRA adapter and autograd is on.*torch.no_grad"):
+            model(ids)
+        with torch.no_grad():
+            model(ids)
 
 
 def test_an_adapter_changed_after_stacking_is_stacked_again():
