@@ -26,8 +26,8 @@ from .quant import QuantizedWeight, QuantLinear, dequantize, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterBank", "AdapterLoadError", "BankFullError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear",
-    "ModuleToSave", "QuantLinear", "QuantizedWeight", "UnsupportedLayerError",
+    "AdapterBank", "AdapterLoadError", "BankFullError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig",
+    "LoRAEmbedding", "LoRALinear", "ModuleToSave", "QuantLinear", "QuantizedWeight", "UnsupportedLayerError",
     "active_adapter", "adapter_modules", "add_weighted_adapter", "adapter_names", "count_parameters", "delete_adapter",
     "dequantize", "disable_adapters", "enable_input_require_grads", "find_targets", "inject", "load_adapter",
     "lora_modules", "lora_parameters", "lora_state_dict", "mark_only_lora_trainable", "merge", "merge_and_unload",
