@@ -259,6 +259,7 @@ class AdapterBank:
         self._batches: dict[int, _Batch] = {}
         self._written: dict[str, tuple] = {}  # name -> _record of the adapter in its slot
         self._adapter_dicts = [m._modules["adapters"]._modules for m in self.layers]  # name -> adapter, per layer
+        self._ranks: dict[str, tuple] = {}  # name -> (its adapter objects, their rank), as _rank found them
         self._lock = threading.RLock()
         cuda = self.device.type == "cuda"
         self._copies = torch.cuda.Stream(self.device) if cuda else None  # slot writes
@@ -277,12 +278,22 @@ class AdapterBank:
         if bank is None:
             return cls(model)
         if len(layers) == len(bank.layers) and all(a is b for a, b in zip(layers, bank.layers)):
-            names = {n for m in layers for n in m.adapters}
-            rank = max((a.lora_A.shape[0] for m in layers for a in m.adapters.values()), default=0)
+            names = set().union(*bank._adapter_dicts)  # the layers' own dicts: this runs for every batch
             if (bank.given[0] is not None or len(names) <= bank.capacity) and \
-                    (bank.given[1] is not None or rank <= bank.max_rank):
+                    (bank.given[1] is not None or bank._rank(names) <= bank.max_rank):
                 return bank
         return cls(model, *bank.given)
+
+    def _rank(self, names: set) -> int:
+        """The largest rank among adapters ``names``, each adapter object's read once."""
+        ranks = []
+        for name in names:
+            adapters = tuple(d.get(name) for d in self._adapter_dicts)
+            known = self._ranks.get(name)
+            if known is None or any(a is not b for a, b in zip(adapters, known[0])):  # new, or replaced
+                known = self._ranks[name] = (adapters, max(a._parameters["lora_A"].shape[0] for a in adapters if a))
+            ranks.append(known[1])
+        return max(ranks, default=0)
 
     @property
     def resident(self) -> list[str]:
@@ -343,11 +354,12 @@ class AdapterBank:
         cost more than the check."""
         adapters = tuple(d.get(name) for d in self._adapter_dicts)
         tensors = tuple(t for a in adapters if a is not None for t in (*a._parameters.values(), *a._buffers.values()))
-        return adapters, tensors, _state(tensors)
+        dora = any(a is not None and "lora_magnitude_vector" in a._parameters for a in adapters)
+        return adapters, tensors, _state(tensors), dora
 
     def _changed(self, name: str) -> bool:
         """Whether adapter ``name`` differs from what its slot holds (see _record)."""
-        adapters, tensors, state = self._written[name]
+        adapters, tensors, state, _ = self._written[name]
         return (any(d.get(name) is not a for d, a in zip(self._adapter_dicts, adapters))
                 or _state(tensors) != state)
 
@@ -364,7 +376,7 @@ class AdapterBank:
             self.table.hold(where)
             self._held = list(where)
             self.trainable = any(t.requires_grad for name in where for t in self._written[name][1])
-            self.dora = any(hasattr(a, "lora_magnitude_vector") for name in where for a in self._written[name][0])
+            self.dora = any(self._written[name][3] for name in where)
             rows = len(row_adapters)
             if rows not in self._batches:
                 self._batches[rows] = _Batch(rows, self.widths, self.device, bags=self.device.type == "cpu")

@@ -135,6 +135,30 @@ def test_an_adapter_changed_after_stacking_is_stacked_again():
     assert_close_to_rounding(mixed[0], alone(model, ids[:1], "rs")[0], reduction=REDUCTION)
 
 
+def test_the_models_own_bank_grows_with_new_adapters_and_larger_ranks():
+    """Without a bank of one's own, every adapter keeps a slot and every rank fits: an adapter
+    added, or one replaced by a larger rank under the same name, brings a bigger bank."""
+    from minilora.inject import adapter_state
+
+    model = served_model(("lora", "rs"))
+    ids = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(14))
+    with torch.inference_mode(), minilora.mixed_batch(model, ["rs", "lora"]):
+        model(ids)
+    first = adapter_state(model).bank
+    assert (first.capacity, first.max_rank) == (2, 8)
+    minilora.delete_adapter(model, "rs")
+    minilora.inject(model, adapter_name="rs", r=32, alpha=8)
+    minilora.inject(model, adapter_name="wide", **ADAPTERS["wide"])
+    minilora.mark_only_lora_trainable(model)
+    trained(model, 15).requires_grad_(False)
+    with torch.inference_mode(), minilora.mixed_batch(model, ["rs", "wide"]):
+        mixed = model(ids).logits
+    bank = adapter_state(model).bank
+    assert bank is not first and (bank.capacity, bank.max_rank) == (3, 32)
+    for i, name in enumerate(["rs", "wide"]):
+        assert_close_to_rounding(mixed[i], alone(model, ids[i:i + 1], name)[0], reduction=REDUCTION)
+
+
 def test_a_bank_with_fewer_slots_than_adapters_evicts_the_least_recently_used():
     model = served_model()
     bank = AdapterBank(model, capacity=2)
