@@ -21,7 +21,7 @@ from .report import machine, markdown, targets
 from .timing import ROOT
 
 MEDQUAD = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
-SECTIONS = ("training", "speed", "gguf", "inference", "switching", "loop", "xla", "packing")
+SECTIONS = ("training", "speed", "gguf", "inference", "switching", "multi", "loop", "xla", "packing")
 
 
 class UsageError(ValueError):
@@ -48,8 +48,10 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--shape", default="",
                    help=f"a named shape ({', '.join(SHAPES)}) and/or Llama and batch overrides, e.g. "
                         f"layers=2,hidden=256,batch=2 (fields: {', '.join(f.name for f in dataclasses.fields(Shape))})")
+    p.add_argument("--multi-shape", default="",
+                   help="the multi section's shape, as --shape (default smollm2-135m), e.g. smollm2-135m,layers=8")
     p.add_argument("--devices", default="cpu,cuda",
-                   help="devices of the training and loop sections, comma-separated (cuda only where present)")
+                   help="devices of the training, multi and loop sections, comma-separated (cuda only where present)")
     p.add_argument("--xla-device", default="CPU", help="PJRT_DEVICE of the XLA section: CPU, or TPU / CUDA where present")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for model FLOPs utilisation")
     p.add_argument("--seed", type=int, default=0)
@@ -72,12 +74,14 @@ def configure(args: argparse.Namespace) -> tuple[Settings, list[str], list[torch
         if not rows or set(rows) - set(LOOP_ROWS):
             raise UsageError(f"--loop-rows {args.loop_rows}: choose from {', '.join(LOOP_ROWS)}")
         settings.loop_rows = rows
-    if args.shape:
-        try:
-            settings.shape = parse_shape(args.shape, settings.shape)
-        except ValueError as e:
-            raise UsageError(f"--shape {args.shape}: {e}; give a shape name and/or FIELD=INT pairs separated by "
-                             "commas") from None
+    for field in ("shape", "multi_shape"):  # --shape, --multi-shape
+        text = getattr(args, field)
+        if text:
+            try:
+                setattr(settings, field, parse_shape(text, getattr(settings, field)))
+            except ValueError as e:
+                raise UsageError(f"--{field.replace('_', '-')} {text}: {e}; give a shape name and/or FIELD=INT pairs "
+                                 "separated by commas") from None
     settings.seed = args.seed
     wanted = [d.strip() for d in args.devices.split(",") if d.strip()]
     if set(wanted) - {"cpu", "cuda"}:
@@ -97,6 +101,7 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
     from .gguf import bench_gguf
     from .inference import bench_inference, bench_switching
     from .loop import bench_loop
+    from .multi import bench_multi
     from .packing import bench_packing, prepare_text
     from .training import bench_speed, bench_training
     from .xla import bench_xla
@@ -122,6 +127,11 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
         if "switching" in chosen:
             log("adapter switching")
             results["switching"] = bench_switching(settings)
+        if "multi" in chosen:
+            for device in devices:  # "multi" on the CPU, "multi_cuda" on a GPU (bfloat16 base, as training)
+                log(f"many adapters in one batch on {device}")
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                results["multi" if device.type == "cpu" else f"multi_{device.type}"] = bench_multi(settings, device, dtype)
         if {"xla", "packing", "loop"} & set(chosen):
             log("tokenizer")
             tokenizer_dir, data_file, loop_file, source = prepare_text(settings, args.medquad, workdir)

@@ -56,12 +56,19 @@ class Settings:
     loop_rounds: int = 2         # runs of each loop contender, in rotating order
     loop_rows: tuple = ("app", "app-full", "bare")  # the loop section's contenders (loop.LOOP_ROWS)
     packing_records: Optional[int] = None  # medquad records to pack (None: all)
+    # the multi section: SmolLM2-135M's shape, r 16 on the seven projections; a batch of
+    # max(multi_rows, n) rows over n distinct adapters for each n of multi_mixes, all loaded at once
+    multi_shape: Shape = field(default_factory=lambda: SHAPES["smollm2-135m"])
+    multi_mixes: tuple = (1, 4, 16, 64)
+    multi_rows: int = 32
+    multi_tokens: int = 32       # prefill tokens a row, and the decode step's KV cache
     seed: int = 0
 
 
 QUICK = dict(shape=Shape(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2, vocab=4096, batch=2, seq=128),
              rounds=3, warmup=1, inference_rounds=5, switch_adapters=2, switch_rounds=10, xla_updates=10,
-             loop_updates=4, loop_rounds=1, packing_records=2000)
+             loop_updates=4, loop_rounds=1, packing_records=2000,
+             multi_shape=dataclasses.replace(SHAPES["smollm2-135m"], layers=2, vocab=4096), multi_mixes=(1, 4, 16))
 
 
 def parse_shape(text: str, base: Shape) -> Shape:

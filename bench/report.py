@@ -58,6 +58,8 @@ def targets(results: dict) -> list[dict]:
         note=switching and (f"the pointer swap alone {switching['pointer_swap']['median'] * 1e3:.3f} ms, one "
                             f"module-tree walk {switching['module_walk']['median'] * 1e3:.3f} ms; "
                             f"{switching['tensor_ops_during_switch']} tensor ops"))
+    for key in ["multi"] + [k for k in results if k.startswith("multi_")]:  # the CPU's listed even when not measured
+        _multi_targets(add, results.get(key) or {})
     _loop_targets(add, results.get("loop") or {})  # the CPU's targets are listed even when not measured
     if "loop_cuda" in results:
         _loop_targets(add, results["loop_cuda"])
@@ -178,6 +180,9 @@ def markdown(results: dict) -> str:
                   f"| the per-layer pointer swap alone | {sw['pointer_swap']['median'] * 1e3:.3f} |", "",
                   f"Tensor ops run while switching: {sw['tensor_ops_during_switch']}; parameter objects and storages "
                   f"unchanged: {sw['parameters_unchanged']}.", ""]
+    for key in [k for k in results if k == "multi" or k.startswith("multi_")]:
+        if isinstance(results[key], dict) and "rows" in results[key]:
+            lines += _multi_table(results[key])
     for key in ("loop", "loop_cuda"):
         if key in results:
             lines += _loop_table(results[key])
@@ -216,6 +221,53 @@ def markdown(results: dict) -> str:
         met = "—" if t["met"] is None else "yes" if t["met"] else "**no**"
         lines.append(f"| {t['target']} | {value} | {sign} {t['limit']} | {met} | {t['note'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _multi_targets(add, multi: dict) -> None:
+    """The multi section's targets for one device's results ({}: not measured): minilora's mixed
+    batch against PEFT's at 16 adapters, and the batch over the most adapters against one adapter."""
+    rows = {r["adapters"]: r for r in multi.get("rows", [])}
+    on = "" if multi.get("device", "cpu") == "cpu" else f" ({multi['device']})"
+    most = max(rows, default=64)
+    for phase in ("decode", "prefill"):
+        at16 = rows.get(16, {}).get(phase, {})
+        add(f"{phase}, 16 adapters in a batch of 32: minilora / PEFT time{on}", at16.get("minilora_vs_peft"), 0.33)
+        spread = rows.get(most, {}).get(phase, {})
+        add(f"{phase}, a batch over {most} adapters / the same batch through one adapter{on}",
+            spread.get("minilora_vs_one_adapter"), 1.3,
+            note=spread and f"{rows[most]['rows']} rows" + (f"; minilora / PEFT {spread['minilora_vs_peft']:.3f}"
+                                                          if "minilora_vs_peft" in spread else ""))
+
+
+def _multi_table(multi: dict) -> list[str]:
+    """The multi section's markdown for one device's results."""
+    s = multi["shape"]
+    lines = [f"### Many adapters in one batch ({multi['device']}, {multi['dtype']})", "",
+             f"Llama {s['layers']} layers, hidden {s['hidden']}, intermediate {s['intermediate']}, vocab {s['vocab']}; "
+             f"{multi['adapters_loaded']} adapters loaded, r={s['r']} on the seven projections; row i uses adapter "
+             f"i mod n. Decode: one token a row over a KV cache of {multi['tokens']} tokens; prefill: {multi['tokens']} "
+             "tokens a row. minilora: `mixed_batch` (stacked slots); PEFT: `adapter_names=`; one adapter: "
+             "minilora with `set_adapter`, the same rows. Medians of alternated calls; ratios are times.", "",
+             "| adapters | rows | phase | PEFT (ms) | minilora (ms) | one adapter (ms) | minilora / PEFT | "
+             "minilora / one adapter | minilora tokens/s | PEFT tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in multi["rows"]:
+        for phase in ("decode", "prefill"):
+            t = r[phase]
+            peft = t.get("PEFT")
+            lines.append(f"| {r['adapters']} | {r['rows']} | {phase} | {_ms(peft)} | {_ms(t['minilora'])} | "
+                         f"{_ms(t['one adapter'])} | {_ratio(t.get('minilora_vs_peft'))} | "
+                         f"{_ratio(t['minilora_vs_one_adapter'])} | {t['tokens_per_second']['minilora']:,.0f} | "
+                         f"{'—' if peft is None else format(t['tokens_per_second']['PEFT'], ',.0f')} |")
+    lines.append("")
+    diffs = [r["max_abs_logit_diff_vs_peft"] for r in multi["rows"] if "max_abs_logit_diff_vs_peft" in r]
+    enter = ", ".join(f"{r['adapters']}: {r['mixed_batch_enter_seconds'] * 1e3:.1f}" for r in multi["rows"])
+    lines += [(f"Largest |minilora − PEFT| prefill logit: {max(diffs):.2e}. " if diffs else "")
+              + f"`mixed_batch` enter and exit (ms), by adapters: {enter}.", ""]
+    return lines
+
+
+def _ms(row) -> str:
+    return "—" if row is None else f"{row['median'] * 1e3:.1f}"
 
 
 def _compile_counts(row: dict) -> dict:

@@ -9,6 +9,7 @@
 
 from .adapters import (active_adapter, adapter_modules, adapter_names, delete_adapter, disable_adapters,
                        lora_modules, lora_parameters, mixed_batch, set_adapter)
+from .batched import AdapterBank, BankFullError
 from .checkpoint import AdapterLoadError, load_adapter, read_adapter_config, validate_adapter
 from .combine import add_weighted_adapter
 from .config import LLAMA_TARGETS, LoRAConfig
@@ -26,8 +27,8 @@ from .weight import QuantizedWeight, QuantLinear
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRAEmbedding", "LoRALinear",
-    "ModuleToSave", "QuantLinear", "QuantizedWeight", "UnsupportedLayerError",
+    "AdapterBank", "AdapterLoadError", "BankFullError", "DoRAAdapter", "LLAMA_TARGETS", "LoRAAdapter", "LoRAConfig",
+    "LoRAEmbedding", "LoRALinear", "ModuleToSave", "QuantLinear", "QuantizedWeight", "UnsupportedLayerError",
     "active_adapter", "adapter_modules", "add_weighted_adapter", "adapter_names", "count_parameters", "delete_adapter",
     "dequantize", "disable_adapters", "enable_input_require_grads", "find_targets", "inject", "load_adapter",
     "lora_modules", "lora_parameters", "lora_state_dict", "mark_only_lora_trainable", "merge", "merge_and_unload",

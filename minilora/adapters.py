@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
+from . import batched
 from .config import LoRAConfig, inside_adapters
 from .dora import DoRAAdapter
 from .embedding import LoRAEmbedding
@@ -34,6 +35,7 @@ class AdapterState:
     untied: dict = field(default_factory=dict)  # LoRALinear name -> the weight it shared until merge untied it
     input_grads_module: Any = None  # the embeddings module that hook is on (inject may replace it later)
     disabled_blocks: int = 0  # `with disable_adapters(model):` blocks open now (inject refuses inside one)
+    bank: Any = None  # the batched.AdapterBank that mixed batches use, made on first use
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -159,24 +161,37 @@ def check_not_disabled(model: nn.Module) -> None:
 class mixed_batch:
     """``with mixed_batch(model, ["cardiology", None, "oncology"]):`` gives each batch row its own
     adapter (``None``: the base model) in one forward pass; modules_to_save copies too: each row runs
-    its adapter's copy, or the original module for ``None`` or an adapter without a copy."""
+    its adapter's copy, or the original module for ``None`` or an adapter without a copy.
 
-    def __init__(self, model: nn.Module, row_adapters):
-        known = adapter_names(model)
+    In eval mode the LoRA Linears serve all rows at once from adapters stacked on the device
+    (minilora.batched; ``bank``: an AdapterBank of your own, e.g. with a device budget, else the
+    model's, made on first use with a slot for every adapter). In training mode, or with gradients
+    on for a trainable adapter, each adapter runs over its own rows, with dropout and gradients;
+    DoRA adapters are served stacked only."""
+
+    def __init__(self, model: nn.Module, row_adapters, bank=None):
+        self.modules = adapted_layers(model)  # cached: a batch of a many-adapter model walks no module tree
+        known = list(dict.fromkeys(n for m in self.modules if isinstance(m, LORA_LAYERS) for n in m.adapters))
         unknown = [n for n in row_adapters if n is not None and n not in known]
         if unknown:
             raise ValueError(f"unknown adapter {unknown[0]!r}; the model has: {', '.join(known) or '(no adapters)'}")
-        self.modules = [m for _, m in adapter_modules(model)]
         if any(m.merged for m in self.modules):
             raise ValueError("mixed batches need unmerged adapters; call minilora.unmerge(model) first")
-        dora = sorted({n for m in self.modules for n, a in m.adapters.items() if n in row_adapters
-                       and isinstance(a, DoRAAdapter)})
-        if dora:  # as in PEFT: DoRA rescales the whole base output, so rows cannot pick it alone
-            raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter, and mixed batches support plain LoRA "
-                             "adapters only; run its rows in a batch of their own with set_adapter")
-        self.rows = list(row_adapters)
+        named = set(row_adapters)
+        dora = sorted({n for m in self.modules for n, a in m.adapters.items() if n in named
+                       and isinstance(a, DoRAAdapter)}) if model.training else []
+        if dora:  # DoRA rescales the whole base output: rows pick it only from the stacks
+            raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter, which a mixed batch serves in eval mode only "
+                             "(model.eval()); to train it, run its rows in a batch of their own with set_adapter")
+        self.model, self.rows, self.bank, self.serving = model, list(row_adapters), bank, None
 
     def __enter__(self):
+        if not self.model.training and any(isinstance(m, LoRALinear) for m in self.modules):
+            state = adapter_state(self.model)
+            linears = [m for m in self.modules if isinstance(m, LoRALinear)]
+            state.bank = self.bank or batched.AdapterBank.for_model(self.model, state.bank, linears)
+            state.bank.begin(self.rows)
+            self.serving = state.bank
         for m in self.modules:
             m.row_adapters = self.rows
         return self
@@ -184,6 +199,9 @@ class mixed_batch:
     def __exit__(self, *exc):
         for m in self.modules:
             m.row_adapters = None
+        if self.serving is not None:
+            self.serving.end()
+            self.serving = None
         return False
 
 

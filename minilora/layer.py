@@ -132,6 +132,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         init_adapter_slots(self, base)
+        self.stacked = None  # this layer's adapter stack while a mixed batch is served stacked (minilora.batched)
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -180,6 +181,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
             return linear(x, self.weight, self.bias)
+        if self.stacked is not None and self.stacked.serves(self):  # all rows in one product: minilora.batched
+            return self.stacked(x, self.weight, self.bias)
         if self.row_adapters is not None:
             out = linear(x, self.weight, self.bias)
             return out + self._mixed_delta(x, out.shape).to(out.dtype)

@@ -191,11 +191,30 @@ def test_bench_quick_loop_rows_and_no_memory_column(text_and_tokenizer, tmp_path
     assert targets["the app's update / a bare loop's (eager CPU)"]["value"] is None
 
 
+def test_bench_multi_times_the_three_contenders_and_checks_minilora_against_peft(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["--quick", "--only", "multi", "--threads", "1", "--json", str(out), "--multi-shape",
+                     "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256"]) == 0
+    multi = json.loads(out.read_text())["multi"]
+    assert [(r["adapters"], r["rows"]) for r in multi["rows"]] == [(1, 32), (4, 32), (16, 32)]
+    for row in multi["rows"]:
+        assert row["max_abs_logit_diff_vs_peft"] < 1e-5  # the same 16 adapters give PEFT's logits
+        for phase in ("decode", "prefill"):
+            assert {"minilora", "PEFT", "one adapter"} <= set(row[phase])
+            assert row[phase]["minilora_vs_peft"] > 0 and row[phase]["minilora_vs_one_adapter"] > 0
+    targets = {t["target"]: t["value"] for t in json.loads(out.read_text())["targets"]}
+    assert targets["decode, 16 adapters in a batch of 32: minilora / PEFT time"] is not None
+    assert targets["prefill, a batch over 16 adapters / the same batch through one adapter"] is not None
+    assert "### Many adapters in one batch (cpu, float32)" in capsys.readouterr().out
+
+
 def test_bench_refuses_unknown_sections_and_bad_shapes(capsys):
     assert cli.main(["--only", "trainig"]) == 2
     assert "unknown section(s) trainig" in capsys.readouterr().err
     assert cli.main(["--shape", "layers=two"]) == 2
     assert "--shape layers=two" in capsys.readouterr().err
+    assert cli.main(["--multi-shape", "smollm3"]) == 2
+    assert "--multi-shape smollm3: unknown shape 'smollm3'" in capsys.readouterr().err
     assert cli.main(["--loop-rows", "app,bear"]) == 2
     assert "--loop-rows app,bear: choose from app, app-full, app-trim, app-mmap, app-compile, bare" in capsys.readouterr().err
     assert cli.main(["--loop-updates", "3"]) == 2

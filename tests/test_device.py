@@ -99,6 +99,21 @@ def test_will_use_xla_follows_the_request(monkeypatch):
     assert not device.will_use_xla("auto", auto_picks_xla=False)
 
 
+def test_inference_runs_where_training_ran_but_never_on_xla_unless_named(monkeypatch):
+    """One device rule for generation and evaluation (inference_device) and for the demo's answers
+    after training (generation_device_after); on a TPU VM "auto" trains on XLA but generates on the CPU."""
+    monkeypatch.setattr(device, "tpu_present", lambda: True)
+    monkeypatch.setattr(device, "resolve", lambda requested, auto_picks_xla=True: (
+        "xla" if requested == "auto" and auto_picks_xla else "cpu" if requested == "auto" else requested))
+    monkeypatch.setattr(device, "torch_device", lambda name: name)  # no torch_xla start-up for a name
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla "installed"
+    assert device.inference_device() == "cpu" and device.inference_device("xla") == "xla"
+    assert device.inference_device(torch.device("cpu")) == torch.device("cpu")
+    assert device.generation_device_after("auto") == "cpu"  # training picked XLA: answers leave it
+    assert device.generation_device_after("xla") == "cpu"
+    assert device.generation_device_after("cuda:1") == "cuda:1"  # not the default CUDA device
+
+
 def test_an_eager_cpu_run_never_imports_torch_xla_and_prints_only_our_lines(tiny_model_dir, tiny_text_file, tmp_path):
     # What a new user sees first is minilora's output: no "Defaulting to PJRT_DEVICE=CPU" from a
     # torch_xla that accelerate imported, no progress bars of transformers' loads.

@@ -144,10 +144,11 @@ def test_dropout_is_off_in_eval_and_the_magnitude_trains():
     assert magnitude.grad is not None and magnitude.grad.abs().max() > 0
 
 
-def test_dora_refuses_mixed_batches_and_bad_settings(tmp_path):
-    model = ours_dora()
+def test_dora_refuses_mixed_batches_in_training_and_bad_settings(tmp_path):
+    model = ours_dora().train()  # in eval mode a mixed batch serves DoRA stacked (tests/test_batched.py)
     with pytest.raises(ValueError, match="DoRA adapter"):
         minilora.mixed_batch(model, ["default", None])
+    model.eval()
     with pytest.raises(ValueError, match="use_dora='yes'"):
         minilora.LoRAConfig(use_dora="yes")
     minilora.save_adapter(model, tmp_path)

@@ -214,6 +214,22 @@ def test_a_mixed_batch_equals_each_row_run_alone(dirs):
     assert len(set(batch[:3])) == 3  # one prompt, three adapters, three different continuations
 
 
+def test_a_device_budget_keeps_the_results_and_refuses_a_batch_above_it(dirs, expected):
+    """device_adapters=1: one adapter on the device at a time (least recently used out), each
+    generation still its adapter's own; a batch needing two at once is refused in one line."""
+    model, tokenizer = load_lora_model(dirs["base"])
+    manager = AdapterManager.from_model(model, tokenizer, device_adapters=1)
+    manager.load_adapter("a", dirs["a"])
+    manager.load_adapter("b", dirs["b"])
+    for name in ("a", "b", "a"):
+        assert manager.generate_batch(PROMPTS[::2], [name, name], max_new_tokens=NEW_TOKENS) == expected[name]
+        assert manager.bank.resident == [name]
+    with pytest.raises(minilora.BankFullError, match="2 distinct adapters needs as many slots, and this bank has 1"):
+        manager.generate_batch(PROMPTS[:2], ["a", "b"], max_new_tokens=NEW_TOKENS)
+    with pytest.raises(ValueError, match="device_adapters=0"):
+        AdapterManager.from_model(model, tokenizer, device_adapters=0)
+
+
 def test_unknown_adapter_names_list_the_loaded_ones(dirs):
     model, tokenizer = load_lora_model(dirs["base"])
     manager = AdapterManager.from_model(model, tokenizer)
@@ -238,6 +254,23 @@ def test_cli_prints_the_generation(dirs, expected, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"### Prompt\n{PROMPTS[0]}\n### Generated\n{expected['a'][0]}\n" in out
     assert f"### Prompt\n{PROMPTS[2]}\n### Generated\n{expected['a'][1]}\n" in out
+
+
+def test_cli_runs_each_prompt_through_its_own_adapter_in_one_batch(dirs, expected, capsys):
+    calls = []
+    original = AdapterManager.generate_batch
+    AdapterManager.generate_batch = lambda self, *a, **k: calls.append(a[1]) or original(self, *a, **k)
+    try:
+        assert main(["--base_model", dirs["base"], "--adapters", f"cardiology={dirs['a']}", f"oncology={dirs['b']}",
+                     "--prompt_for", "oncology", PROMPTS[0], "--prompt_for", "base", PROMPTS[2],
+                     "--prompt_for", "cardiology", PROMPTS[2], "--max_new_tokens", str(NEW_TOKENS)]) == 0
+    finally:
+        AdapterManager.generate_batch = original
+    assert calls == [["oncology", None, "cardiology"]]  # one call: one batch
+    out = capsys.readouterr().out
+    for name, prompt, text in (("oncology", PROMPTS[0], expected["b"][0]), ("base", PROMPTS[2], expected["base"][1]),
+                               ("cardiology", PROMPTS[2], expected["a"][1])):
+        assert f"### Prompt ({name})\n{prompt}\n### Generated\n{text}\n" in out
 
 
 def test_cli_refuses_sampling_options_without_do_sample(dirs, capsys):
@@ -287,7 +320,13 @@ def test_generate_errors_are_one_line_and_exit_2(dirs, flags, words, tmp_path, c
     (["--prompt", "Hello", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
     (["--prompt", "Hello", "--max_new_tokens", "-3"], "--max_new_tokens must be at least 1, got -3"),
     (["--prompt_file", "{tmp}/absent.txt"], "absent.txt: no such file"),
-], ids=["empty-prompt", "zero-new-tokens", "negative-new-tokens", "prompt-file-missing"])
+    (["--adapters", "{tmp}/a", "--prompt_for", "a", "Hi"], "give each adapter as NAME=PATH"),
+    (["--adapters", "a={tmp}/a", "--prompt", "Hi"], "give each prompt with the adapter it runs through"),
+    (["--adapters", "a={tmp}/a", "--prompt_for", "b", "Hi"], "--prompt_for b: no such adapter; --adapters names a"),
+    (["--adapters", "a={tmp}/a", "--merge", "--prompt_for", "a", "Hi"], "leave out --adapter and --merge"),
+    (["--prompt_for", "a", "Hi"], "--prompt_for names one of several adapters"),
+], ids=["empty-prompt", "zero-new-tokens", "negative-new-tokens", "prompt-file-missing", "adapters-without-names",
+        "adapters-with-a-bare-prompt", "prompt-for-an-unknown-adapter", "adapters-merged", "prompt-for-alone"])
 def test_generate_refuses_bad_arguments_before_loading_a_model(flags, words, tmp_path, capsys):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     with pytest.raises(SystemExit) as exit_info:

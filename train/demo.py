@@ -120,11 +120,12 @@ def answer_held_out_questions(args: TrainArgs, max_new_tokens: Optional[int] = N
     import minilora
 
     from .chat import chat_prompt
+    from .device import generation_device_after
     from .inference import generate_texts, load_lora_model
 
     max_new_tokens = max_new_tokens or ANSWER_TOKENS
     questions = read_medquad("question")
-    model, tokenizer = load_lora_model(args.model_name, args.output_dir, device="cpu" if args.device == "cpu" else None,
+    model, tokenizer = load_lora_model(args.model_name, args.output_dir, device=generation_device_after(args.device),
                                        torch_dtype=torch.bfloat16 if args.bf16 else None)
     prompts = [chat_prompt(tokenizer, q["question"]) for q in questions]
     print(f"demo: answering {len(prompts)} held-out questions with the base and the adapted model", flush=True)

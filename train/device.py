@@ -84,6 +84,21 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def inference_device(requested: Union[str, torch.device, None] = None) -> torch.device:
+    """Where generation and evaluation run: ``requested`` (cpu, cuda, cuda:1, xla …) as ``resolve``
+    checks it; by default CUDA when present, else the CPU. XLA only when named: generation
+    recompiles there as the sequence grows."""
+    if isinstance(requested, torch.device):
+        return requested
+    return torch_device(resolve(requested or "auto", auto_picks_xla=False))
+
+
+def generation_device_after(trained_on: str) -> torch.device:
+    """Where a run that trained on ``trained_on`` (its --device) generates afterwards: the same
+    device, except XLA, where inference_device's default takes over (see there)."""
+    return inference_device(None if will_use_xla(trained_on) else trained_on)
+
+
 def use_torch_layers(model: torch.nn.Module) -> None:
     """Undo transformers' Hub kernels (transformers >= 5.25 with the ``kernels`` package) on a
     model that is still where it was loaded, and keep them off.

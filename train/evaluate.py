@@ -22,8 +22,9 @@ import torch
 
 import minilora
 from minilora_train.command import quiet_start, require_app_packages, run_command
-from minilora_train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args, pad_rows,
-                             resolve_device)
+from minilora_train.device import inference_device
+from minilora_train.inference import (add_model_arguments, eval_mode, generate_texts, model_device, model_from_args,
+                                      pad_rows)
 from minilora_train.loss import nll_result, next_token_nll, predicted_tokens
 
 DEFAULT_MC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "medical_mc.jsonl")
@@ -60,7 +61,7 @@ def perplexity(model, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = 
     if input_ids.dim() != 2 or labels.shape != input_ids.shape:
         raise ValueError(f"input_ids and labels must both be (N, L); got {tuple(input_ids.shape)} and "
                          f"{tuple(labels.shape)}")
-    device = model_device(model) if device is None else resolve_device(device)
+    device = model_device(model) if device is None else inference_device(device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
     with torch.inference_mode(), eval_mode(model):

@@ -21,10 +21,10 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 import minilora
-from minilora.checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from minilora.save import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .base_model import adapter_defaults, resolve_base
 from .command import quiet_start, require_app_packages, run_command
-from .device import move_model, resolve, torch_device
+from .device import inference_device, move_model
 
 # Files worth copying out of an adapter folder: the adapter itself and, if the training run saved
 # one, its tokenizer (which then wins over the base model's: it may have added a pad token).
@@ -78,7 +78,7 @@ def load_base_model(name_or_path: str, *, device: Union[str, torch.device, None]
     name_or_path = resolve_base(name_or_path)
     dtype = _dtype(torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, token=token, **({"dtype": dtype} if dtype else {}))
-    return move_model(model, resolve_device(device)).eval()
+    return move_model(model, inference_device(device)).eval()
 
 
 def load_tokenizer(name_or_path: str, *, token: Optional[str] = None):
@@ -123,14 +123,6 @@ def local_adapter_dir(path: str) -> Iterator[str]:
 def _protocols(fs) -> tuple:
     protocol = fs.protocol
     return protocol if isinstance(protocol, tuple) else (protocol,)
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``device`` as a torch.device; None: CUDA when available, else CPU (not XLA, where
-    generation recompiles as the sequence grows)."""
-    if isinstance(device, torch.device):
-        return device
-    return torch_device(resolve(device or "auto", auto_picks_xla=False))
 
 
 def _dtype(value: Dtype) -> Optional[torch.dtype]:
@@ -228,26 +220,34 @@ class AdapterManager:
         model = manager.switch_adapter("cardiology")     # a pointer switch, nothing reloads
         manager.generate_batch(["...", "...", "..."], ["cardiology", "oncology", None])
 
-    The adapter loaded last is the active one until ``switch_adapter`` picks another.
+    The adapter loaded last is the active one until ``switch_adapter`` picks another. A batch
+    whose rows use different adapters runs every row in one product per layer, from adapters
+    stacked on the device (minilora.batched). ``device_adapters``: a device budget, in adapters:
+    at most that many sit on the device at once (least recently used out first); on a GPU the
+    others wait on the host, and only the one ``switch_adapter`` picked joins the base there.
     """
 
     def __init__(self, base_model_name: str, *, device: Union[str, torch.device, None] = None,
-                 torch_dtype: Dtype = None, token: Optional[str] = None):
+                 torch_dtype: Dtype = None, token: Optional[str] = None, device_adapters: Optional[int] = None):
         model = load_base_model(base_model_name, device=device, torch_dtype=torch_dtype, token=token)
-        self._attach(model, load_tokenizer(base_model_name, token=token))
+        self._attach(model, load_tokenizer(base_model_name, token=token), device_adapters)
 
     @classmethod
-    def from_model(cls, model, tokenizer) -> "AdapterManager":
+    def from_model(cls, model, tokenizer, *, device_adapters: Optional[int] = None) -> "AdapterManager":
         """Manage an already loaded transformers model (it is changed in place as adapters load)."""
         manager = cls.__new__(cls)
-        manager._attach(model, tokenizer)
+        manager._attach(model, tokenizer, device_adapters)
         return manager
 
-    def _attach(self, model, tokenizer) -> None:
+    def _attach(self, model, tokenizer, device_adapters: Optional[int]) -> None:
         if any(m.merged for _, m in minilora.lora_modules(model)):
             raise ValueError("the model has a merged adapter; an AdapterManager needs unmerged adapters "
                              "(call minilora.unmerge(model) first)")
+        if device_adapters is not None and device_adapters < 1:
+            raise ValueError(f"device_adapters={device_adapters}: give the number of adapters the device may hold "
+                             "at once (at least 1), or None for all of them")
         self.model, self.tokenizer = model, _with_pad_token(tokenizer)
+        self.device_adapters, self._bank, self._on_device = device_adapters, None, None
 
     @property
     def adapters(self) -> list[str]:
@@ -258,6 +258,20 @@ class AdapterManager:
     def active_adapter(self) -> Optional[str]:
         return minilora.active_adapter(self.model)
 
+    @property
+    def bank(self) -> Optional[minilora.AdapterBank]:
+        """The adapter bank holding the device budget (None without one: mixed batches use the
+        model's own, with a slot for every adapter)."""
+        if self.device_adapters is None or not self.adapters:
+            return None
+        self._bank = minilora.AdapterBank.for_model(self.model, self._bank or minilora.AdapterBank(
+            self.model, capacity=self.device_adapters))
+        return self._bank
+
+    def _offloads(self) -> bool:
+        """With a device budget on a GPU, adapters wait on the host until a batch needs them."""
+        return self.device_adapters is not None and model_device(self.model).type != "cpu"
+
     def load_adapter(self, name: str, path: str) -> None:
         """Load the adapter at ``path`` (local folder or fsspec URL) under ``name``; it becomes active."""
         if name in self.adapters:
@@ -265,10 +279,18 @@ class AdapterManager:
                              "or pick another name")
         with local_adapter_dir(path) as local:
             minilora.load_adapter(self.model, local, adapter_name=name)
+        if self._offloads():
+            self.bank.offload(name)
+            self._on_device = None
 
     def switch_adapter(self, name: str):
         """Make ``name`` the active adapter and return the model (the same object every time)."""
         self._check([name])
+        if self._offloads() and self._on_device != name:  # the model runs it alone: beside the base
+            if self._on_device in self.adapters:
+                self.bank.offload(self._on_device)
+            self.bank.restore(name)
+            self._on_device = name
         minilora.set_adapter(self.model, name)
         return self.model
 
@@ -283,7 +305,7 @@ class AdapterManager:
         return self.generate_batch([prompt], [name], max_new_tokens, **options)[0]
 
     def generate_batch(self, prompts: Sequence[str], adapter_names: Sequence[Optional[str]],
-                       max_new_tokens: int = 200, **options) -> list[str]:
+                       max_new_tokens: int = 200, *, add_special_tokens: bool = True, **options) -> list[str]:
         """One batch, one forward per step, each row through its own adapter (``None``: the base).
         Greedy rows give what each would give alone."""
         if len(prompts) != len(adapter_names):
@@ -291,8 +313,9 @@ class AdapterManager:
         self._check(adapter_names)
         if options.get("num_beams", 1) != 1 or options.get("num_return_sequences", 1) != 1:
             raise ValueError("generate_batch keeps one row per prompt; num_beams and num_return_sequences must be 1")
-        with minilora.mixed_batch(self.model, list(adapter_names)):
-            return generate_texts(self.model, self.tokenizer, prompts, max_new_tokens, **options)
+        with eval_mode(self.model), minilora.mixed_batch(self.model, list(adapter_names), bank=self.bank):
+            return generate_texts(self.model, self.tokenizer, prompts, max_new_tokens,
+                                  add_special_tokens=add_special_tokens, **options)
 
     def _check(self, names: Sequence[Optional[str]]) -> None:
         loaded = self.adapters
@@ -334,6 +357,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (questions), as --prompt")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    parser.add_argument("--adapters", nargs="+", metavar="NAME=PATH", default=[],
+                        help="several adapters on one base, each under a name; every prompt then names its "
+                             "adapter with --prompt_for, and all of them run in one batch")
+    parser.add_argument("--prompt_for", nargs=2, action="append", default=[], metavar=("NAME", "PROMPT"),
+                        help="with --adapters: a prompt and the adapter it runs through (base: none); repeat")
     parser.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=None,
                         help="put each prompt into the tokenizer's chat template as the user's question (default: "
                              "when the adapter was trained with --chat_template, as the demo's was)")
@@ -354,20 +382,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--prompt_file {args.prompt_file}: no such file")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
+    if not prompts and not args.prompt_for:
         parser.error("give at least one prompt (PROMPT, --prompt or --prompt_file)")
-    if any(not p.strip() for p in prompts):
+    if any(not p.strip() for p in prompts + [p for _, p in args.prompt_for]):
         parser.error("--prompt is empty; give the text the model should continue")
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature is not None and not args.temperature > 0 or args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error("--temperature must be positive and --top_p in (0, 1]")
+    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
+        parser.error("--temperature and --top_p only apply when sampling; add --do_sample")
+    if args.adapters:
+        return _generate_per_adapter(parser, args, argv, prompts)
+    if args.prompt_for:
+        parser.error("--prompt_for names one of several adapters given with --adapters NAME=PATH ...")
     base, trained_chat = adapter_defaults(args.adapter)
     if not (args.base_model or base):
         parser.error("give --base_model, or an --adapter folder whose adapter_config.json names its base")
     chat = trained_chat if args.chat_template is None else args.chat_template
-    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
-        parser.error("--temperature and --top_p only apply when sampling; add --do_sample")
 
     def generate() -> int:
         options = {"do_sample": args.do_sample}
@@ -383,6 +415,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **options)
             print(f"### Prompt\n{prompt}\n### Generated\n{text}\n", flush=True)
+        return 0
+
+    return run_command("minilora-generate", argv, generate, errors=(ValueError,))
+
+
+def _generate_per_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
+                          prompts: list[str]) -> int:
+    """minilora-generate --adapters A=PATH B=PATH --prompt_for A "..." --prompt_for base "...": every
+    prompt through its own adapter, all in one batch (AdapterManager.generate_batch)."""
+    paths = dict(item.split("=", 1) for item in args.adapters if "=" in item)
+    if len(paths) != len(args.adapters) or "base" in paths or not all(paths):
+        parser.error(f"--adapters {' '.join(args.adapters)}: give each adapter as NAME=PATH, with distinct names "
+                     "other than 'base' (which --prompt_for uses for the base model alone)")
+    if args.adapter or args.merge:
+        parser.error("--adapters serves several adapters unmerged; leave out --adapter and --merge")
+    if prompts:
+        parser.error("with --adapters, give each prompt with the adapter it runs through: --prompt_for NAME PROMPT")
+    unknown = [name for name, _ in args.prompt_for if name != "base" and name not in paths]
+    if unknown:
+        parser.error(f"--prompt_for {unknown[0]}: no such adapter; --adapters names {', '.join(paths)} (or use base)")
+    defaults = {name: adapter_defaults(path) for name, path in paths.items()}
+    base = args.base_model or next((b for b, _ in defaults.values() if b), None)
+    if not base:
+        parser.error("give --base_model, or --adapters folders whose adapter_config.json names their base")
+    trained_chat = {chat for _, chat in defaults.values()}
+    if args.chat_template is None and len(trained_chat) > 1:
+        parser.error("some of these adapters were trained with --chat_template and some without; say which the "
+                     "prompts get: --chat_template or --no-chat_template")
+    chat = trained_chat.pop() if args.chat_template is None else args.chat_template
+
+    def generate() -> int:
+        options = {"do_sample": args.do_sample}
+        options.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
+        torch.manual_seed(args.seed)
+        manager = AdapterManager(base, device=args.device, torch_dtype=args.torch_dtype, token=args.huggingface_token)
+        for name, path in paths.items():
+            manager.load_adapter(name, path)
+        texts = [prompt for _, prompt in args.prompt_for]
+        if chat:
+            from .chat import chat_prompt
+
+            texts = [chat_prompt(manager.tokenizer, t) for t in texts]
+        names = [None if name == "base" else name for name, _ in args.prompt_for]
+        generated = manager.generate_batch(texts, names, args.max_new_tokens, add_special_tokens=not chat, **options)
+        for (name, prompt), text in zip(args.prompt_for, generated):
+            print(f"### Prompt ({name})\n{prompt}\n### Generated\n{text}\n", flush=True)
         return 0
 
     return run_command("minilora-generate", argv, generate, errors=(ValueError,))
