@@ -8,27 +8,8 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_llama
+from conftest import make_tokenizer
 from minilora_train.forgetting import answers
-
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
-
-@pytest.fixture(autouse=True)
-def answer_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    return tmp_path / "xdg-cache" / "minilora" / "answers"
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    tokenizer = make_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return model, tokenizer
-
 
 def test_the_fingerprint_follows_the_weights_not_the_object(chat_model):
     model, _ = chat_model

@@ -6,29 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import minilora
-from conftest import make_tokenizer, randomize_adapters, tiny_llama
+from conftest import make_tokenizer, randomize_adapters
 from minilora_train.forgetting import answers, drift
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
-
-@pytest.fixture(autouse=True)
-def answer_cache(tmp_path, monkeypatch):
-    """The base's answers are cached under $XDG_CACHE_HOME/minilora: a fresh cache per test."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    tokenizer = make_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return model, tokenizer
+pytestmark = pytest.mark.usefixtures("answer_cache")  # the base's answers go to a fresh cache
 
 
 def test_shipped_prompts_are_at_least_fifty_distinct_everyday_requests():
@@ -66,19 +49,13 @@ def test_a_base_without_chat_template_and_bad_prompt_files_are_refused(chat_mode
         answers.load_prompts(str(bad))
 
 
-def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(chat_model, tiny_text_file, tmp_path):
+def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(instruct_dir, tiny_text_file, tmp_path):
     from conftest import train_argv
     from minilora_train.config import parse_args
     from minilora_train.loop import train_and_report
 
-    model, tokenizer = chat_model
-    base_dir = tmp_path / "instruct-base"
-    fresh = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    fresh.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
     out = tmp_path / "run"
-    summary = train_and_report(parse_args(train_argv(base_dir, tiny_text_file, out, "--max_steps", "3",
+    summary = train_and_report(parse_args(train_argv(instruct_dir, tiny_text_file, out, "--max_steps", "3",
                                                      "--chat_drift_prompts", "4", "--general_eval_dataset", "none",
                                                      "--eval_steps", "1")))
     chat = summary["chat_drift"]

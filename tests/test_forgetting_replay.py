@@ -8,33 +8,14 @@ import json
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_llama, train_argv
+from conftest import train_argv
 from minilora_train import data
 from minilora_train.forgetting import answers, drift, replay
 from minilora_train.config import UsageError, parse_args
 from minilora_train.demo_assets import default_general_training, default_general_validation
 from minilora_train.loop import run, train_and_report
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
-
-@pytest.fixture(autouse=True)
-def answer_cache(tmp_path, monkeypatch):
-    """The base's answers are cached under $XDG_CACHE_HOME/minilora: a fresh cache per test."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    return tmp_path / "xdg-cache" / "minilora" / "answers"
-
-
-@pytest.fixture(scope="module")
-def instruct_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("instruct-base")
-    tokenizer = make_tokenizer(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("answer_cache")  # the base's answers go to a fresh cache
 
 
 def test_replay_text_is_held_apart_from_what_the_forgetting_check_scores():

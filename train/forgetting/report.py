@@ -44,6 +44,17 @@ def _method_row(summary: dict) -> dict:
     return row
 
 
+def _mc_cell(value: dict) -> str:
+    lo, hi = value["interval"]
+    return f"{value['correct']} right ({100 * value['accuracy']:.0f}%; 95% interval {100 * lo:.0f}-{100 * hi:.0f}%)"
+
+
+# How report.md writes each kind of value
+CELL = {"ppl": "{:,.2f}".format, "pct": "{:+.1f}%".format, "bytes": lambda v: f"{v / 1e6:,.2f} MB",
+        "lr": "{:.2g}".format, "nats": "{:+.3f}".format, "s": "{:.3f} s".format, "int": "{:,d}".format,
+        "share": lambda v: f"{100 * v:.0f}% of the windows" if v else "off", "mc": _mc_cell}
+
+
 def write_report(run_dir: RunDir, summary: dict, full: Optional[dict] = None) -> dict:
     """report.json, report.md and report.png: base vs adapted perplexity on the run's own
     (medical) validation text and on general English, for LoRA and, if run, full fine-tuning."""
@@ -53,26 +64,7 @@ def write_report(run_dir: RunDir, summary: dict, full: Optional[dict] = None) ->
     run_dir.write_json("report.json", report)
 
     def fmt(value, kind):
-        if value is None:
-            return "n/a"
-        if kind == "ppl":
-            return f"{value:,.2f}"
-        if kind == "pct":
-            return f"{value:+.1f}%"
-        if kind == "bytes":
-            return f"{value / 1e6:,.2f} MB"
-        if kind == "lr":
-            return f"{value:.2g}"
-        if kind == "nats":
-            return f"{value:+.3f}"
-        if kind == "s":
-            return f"{value:.3f} s"
-        if kind == "share":
-            return f"{100 * value:.0f}% of the windows" if value else "off"
-        if kind == "mc":
-            lo, hi = value["interval"]
-            return f"{value['correct']} right ({100 * value['accuracy']:.0f}%; 95% interval {100 * lo:.0f}-{100 * hi:.0f}%)"
-        return f"{value:,d}"
+        return "n/a" if value is None else CELL[kind](value)
 
     lines = ["# Forgetting report", "",
              "Perplexity of the base model and of the adapted model on the run's validation text (medical) "
