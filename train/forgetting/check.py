@@ -34,7 +34,6 @@ from . import answers, drift, mc, replay
 # Windows of general text evaluated for the forgetting check unless --max_eval_samples says otherwise.
 DEFAULT_GENERAL_WINDOWS = 128
 MC_BASE_FILE = "medical_mc_base.json"  # in the run directory: a resumed run compares with the same base
-EAGER_ONLY = "not measured: it runs on a single eager device (CPU or one GPU)"
 
 
 def general_eval_windows(args, tokenizer) -> Optional[data.Windows]:
@@ -57,9 +56,12 @@ class Check:
             self.mc_items = mc.items_for(args.mc_file)
         except (OSError, ValueError) as e:
             raise UsageError(f"--mc_file {args.mc_file}: {e}") from None
-        # Greedy generation compiles a graph per length on XLA, and a sharded model runs only with
-        # every process taking part: the probe and the questions run on one eager device.
+        # Greedy generation compiles a graph per length on XLA, and a sharded model generates only
+        # with every process taking part in lockstep: the chat probe runs on one eager device. The
+        # questions are fixed forward passes: every process scores them (a sharded model needs
+        # every rank's part), on any eager layout; XLA would compile a graph per question length.
         self.eager = not device.is_xla and device.layout.kind == "single"
+        self.scores_mc = not device.is_xla
         self.weights: Optional[str] = None  # answers.fingerprint of the base as loaded
         self.guard: dict = {}
         self.probe: Optional[drift.ChatProbe] = None
@@ -100,8 +102,8 @@ class Check:
             with open(self.run_dir.path(replay.SELF_ANSWERS_FILE)) as f:
                 return json.load(f), None
         if self.device.is_main:
-            print("forgetting guard: the base answers everyday instructions to train on beside the data "
-                  "(once per base; cached)", flush=True)
+            print(f"forgetting guard: the base's own answers to everyday instructions, to train on beside the data "
+                  f"(generated once per base, then read from {answers.cache_dir()})", flush=True)
         got = replay.self_distillation_answers(model, tokenizer, self.weights)
         if self.device.is_main:
             self.run_dir.write_json(replay.SELF_ANSWERS_FILE, got.pairs)
@@ -147,8 +149,8 @@ class Check:
     def _mc_base(self, model, tokenizer) -> tuple[Optional[dict], Optional[str]]:
         if self.mc_items is None:
             return None, "off (--mc_file none)"
-        if not self.eager:
-            return None, EAGER_ONLY
+        if not self.scores_mc:
+            return None, "not measured: on XLA each question length would compile a graph of its own"
         if self.args.resume_from_checkpoint and self.run_dir.exists(MC_BASE_FILE):
             with open(self.run_dir.path(MC_BASE_FILE)) as f:
                 return json.load(f), None
