@@ -129,7 +129,8 @@ def best_point(runs: list[dict], method: str) -> Point | None:
 # -- running ------------------------------------------------------------------------------------
 
 class Sweep:
-    def __init__(self, updates: int, eval_windows: int, workdir: str, keep: bool, eval_every: int = 0):
+    def __init__(self, updates: int, eval_windows: int, workdir: str, keep: bool, eval_every: int = 0,
+                 device: str = "cpu"):
         import torch
 
         from minilora_train.base_model import convert_gguf, packaged_smollm2
@@ -149,7 +150,7 @@ class Sweep:
                         logging_steps=max(1, updates // 2), eval_steps=eval_every,
                         replay_self=0.0)  # no guard unless a point's remedy asks for it
         self.args = TrainArgs(model_name=base_dir, tokenizer_name_or_path=base_dir,
-                              dataset_dir=str(medquad_dataset_dir()), device="cpu", bf16=False, report_to="none",
+                              dataset_dir=str(medquad_dataset_dir()), device=device, bf16=False, report_to="none",
                               overwrite_output_dir=True, **settings)
         self.base, self.tokenizer = load_model_and_tokenizer(self.args)
         self.general = general_eval_windows(self.args, self.tokenizer)
@@ -162,7 +163,8 @@ class Sweep:
                          "warmup_steps": self.args.warmup_steps, "schedule": "linear decay to 0",
                          "lora_dropout": self.args.lora_dropout, "weight_decay": self.args.weight_decay,
                          "max_grad_norm": self.args.max_grad_norm, "eval_windows_per_set": eval_windows,
-                         "drift_prompts": 60, "dtype": "float32", "torch_threads": torch.get_num_threads()}
+                         "drift_prompts": 60, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+                         "device": device}
         if eval_every:
             self.settings["eval_every"] = eval_every
 
@@ -182,7 +184,8 @@ class Sweep:
                             "general": summary["final"]["general"]["perplexity"]},
                   "chat_drift": summary["chat_drift"]["drift"], "chat_nll": summary["chat_drift"]["nll"],
                   "base_chat_nll": summary["chat_drift"]["base_nll"], "trainable_params": summary["trainable_params"],
-                  "train_windows": summary["train_windows"], "wall_seconds": round(time.time() - started, 1)}
+                  "train_windows": summary["train_windows"], "wall_seconds": round(time.time() - started, 1),
+                  "device": summary["device"]}
         choice = summary.get("medical_mc") or {}
         if "n" in choice:
             result["mc"] = {"base": choice["base"]["correct"], "adapted": choice["adapted"]["correct"],
@@ -566,6 +569,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=("grid", "seeds", "remedies", "guarded", "all"), default="all")
     parser.add_argument("--point", nargs="+", help="run these points only (again, if the JSON holds them), e.g. "
                                                    "'lora-r16-all lr=0.001 seed=0'")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the runs train (cuda: a GPU repeats the longer runs at 100x)")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="also evaluate (perplexity and chat drift) every N updates: the run's trajectory")
     parser.add_argument("--updates", type=int, default=16, help="optimizer updates of 8 x 128 tokens per run")
@@ -592,7 +597,8 @@ def main(argv=None) -> int:
         show(results, png)
         return 0
     box: list = []
-    factory = lambda: Sweep(args.updates, args.eval_windows, args.workdir, args.keep, args.eval_every)  # noqa: E731
+    factory = lambda: Sweep(args.updates, args.eval_windows, args.workdir, args.keep, args.eval_every,  # noqa: E731
+                            args.device)
     if args.point:
         execute(factory, results, [Point.parse(p) for p in args.point], args.json, True, box)
     else:
