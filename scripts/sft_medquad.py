@@ -12,7 +12,7 @@ its packing ("wrapped") cuts the conversations into 128-token windows as minilor
 
 Afterwards each saved adapter is loaded into a fresh base and measured by the same code:
 perplexity on the demo's 32 held-out MedQuAD windows and on 32 windows of held-out fortunes
-(general English), and chat drift on the demo's 20 everyday prompts (train/drift.py). Seconds per
+(general English), and chat drift on the demo's 20 everyday prompts (train/forgetting/drift.py). Seconds per
 update: training wall time from the first update to the last, over the updates; a figure taken
 while other work runs is marked "loaded" in the JSON (from the load average).
 
@@ -42,7 +42,9 @@ def demo_args(output_dir: str, base_dir: str):
     from minilora_train.config import TrainArgs
     from minilora_train.demo import demo_lora_args
 
-    return demo_lora_args(TrainArgs(output_dir=output_dir), base_dir)
+    args = demo_lora_args(TrainArgs(output_dir=output_dir), base_dir)
+    args.replay_self = 0.0  # SFTTrainer has no forgetting guard: both loops train on the same MedQuAD windows alone
+    return args
 
 
 def chat_records(split: str) -> list[dict]:
@@ -115,9 +117,10 @@ def measure(args, adapter_dir: str, probe) -> dict:
     """Perplexities (base and adapted) and chat drift of the adapter in ``adapter_dir``, each
     measured on the demo's windows and prompts."""
     import minilora
-    from minilora_train import data, drift
+    from minilora_train import data
+    from minilora_train.forgetting import drift
     from minilora_train.evaluate import perplexity
-    from minilora_train.loop import general_eval_windows
+    from minilora_train.forgetting import general_eval_windows
 
     model, tokenizer = load_base(args)
     windows = {"medical": data.cap_windows(data.prepare_data(args, tokenizer).validation, args.max_eval_samples),
@@ -136,7 +139,7 @@ def measure(args, adapter_dir: str, probe) -> dict:
 
 def base_probe(args):
     """The base's own greedy answers to the demo's everyday prompts (what chat drift is measured against)."""
-    from minilora_train import drift
+    from minilora_train.forgetting import drift
 
     model, tokenizer = load_base(args)
     return drift.probe_base(model, tokenizer, drift.load_prompts()[:args.chat_drift_prompts])

@@ -160,20 +160,46 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Runs cache what they make once per base (the base's own answers on instruct bases, converted
+    GGUF files) under $XDG_CACHE_HOME: the suite keeps its caches apart from the user's. Tests that
+    need a cache of their own (empty, or the session's converted SmolLM2) set it themselves."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
+# A chat template for tiny instruct bases: the forgetting check's probe and guard need one.
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
 @pytest.fixture(scope="session")
-def instruct_model_dir(tmp_path_factory):
-    """A tiny Llama whose tokenizer has a chat template, as an instruct base's does (chat drift, self-replay)."""
-    path = tmp_path_factory.mktemp("tiny-instruct")
+def instruct_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer has a chat template (an instruct base), in one directory."""
+    path = tmp_path_factory.mktemp("instruct-base")
     tokenizer = make_tokenizer(path)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
-    return str(path)
+    return path
+
+
+@pytest.fixture
+def chat_model(instruct_dir):
+    """(model, tokenizer) of ``instruct_dir``, loaded afresh for each test (tests inject into it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(instruct_dir), AutoTokenizer.from_pretrained(instruct_dir)
+
+
+@pytest.fixture
+def answer_cache(tmp_path, monkeypatch):
+    """A fresh $XDG_CACHE_HOME: runs on instruct bases cache the base's answers under it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "minilora" / "answers"
 
 
 def write_jsonl(path, records) -> str:

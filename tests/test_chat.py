@@ -70,9 +70,10 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tiny_model_dir):
         Packer(tokenizer, 64, chat_template=True).encode([{"question": "q?", "answer": "a"}], "qa")
 
 
-def test_minilora_generate_needs_only_the_adapter_after_a_chat_template_run(chat_model_dir, tmp_path, capsys):
+def test_minilora_generate_needs_only_the_adapter_after_a_chat_template_run(chat_model_dir, tmp_path, capsys, monkeypatch):
     """Train with --chat_template; then `minilora-generate --adapter DIR QUESTION` finds the base in
     the adapter's config and prompts through the chat template, as the run trained."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the forgetting guard caches the base's answers
     import torch
 
     from minilora_train.cli import main as train_main

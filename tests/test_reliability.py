@@ -356,11 +356,11 @@ def test_a_damaged_or_hostile_checkpoint_is_refused_and_runs_no_code(damage, wor
 
 
 @pytest.fixture(scope="module")
-def instruct_run(instruct_model_dir, data, tmp_path_factory) -> str:
+def instruct_run(instruct_dir, data, tmp_path_factory) -> str:
     """A finished run on an instruct base, with checkpoints, chat drift and self-replay: its output
     directory holds the base's chat answers and self-distillation answers that a resume reads back."""
     out = tmp_path_factory.mktemp("rel-instruct") / "run"
-    run(parse_args(argv(instruct_model_dir, data, out, "--max_steps", "2", "--save_epoch_percentage", "0.01",
+    run(parse_args(argv(instruct_dir, data, out, "--max_steps", "2", "--save_epoch_percentage", "0.01",
                         "--chat_drift_prompts", "2", "--replay_self", "0.2")))
     return str(out)
 
@@ -371,17 +371,18 @@ RUN_FILES = [
     ("chat-probe-wrong-shape", "chat_probe.json", json.dumps({"prompts": ["hi"], "prompt_ids": [["a"]],
                                                               "answer_ids": [[1]], "base_nll": 1.0})),
     ("self-answers-wrong-shape", "self_distillation.json", json.dumps([[[1, 2], [3]], [[4]]])),
+    ("mc-base-wrong-shape", "medical_mc_base.json", json.dumps({"correct": [1, 0], "n": 2, "accuracy": 0.5})),
 ]
 
 
 @pytest.mark.parametrize("name, content", [c[1:] for c in RUN_FILES], ids=[c[0] for c in RUN_FILES])
-def test_a_damaged_file_the_resume_reads_from_the_run_is_one_line(name, content, instruct_run, instruct_model_dir, data,
+def test_a_damaged_file_the_resume_reads_from_the_run_is_one_line(name, content, instruct_run, instruct_dir, data,
                                                                   tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(instruct_run, out)
     (out / name).write_text(content)
     before = snapshot(out)
-    line = cli_error(argv(instruct_model_dir, data, out, "--max_steps", "2", "--chat_drift_prompts", "2",
+    line = cli_error(argv(instruct_dir, data, out, "--max_steps", "2", "--chat_drift_prompts", "2",
                           "--replay_self", "0.2", "--resume_from_checkpoint", "latest"), capsys)
     assert f"{name} is damaged (" in line and "restore it, or start the run over with --overwrite_output_dir" in line
     assert snapshot(out) == before

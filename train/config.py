@@ -18,6 +18,9 @@ from typing import Optional
 from minilora import LLAMA_TARGETS
 
 SECRET_FIELDS = ("wandb_key", "huggingface_token")
+# The forgetting guard's share of the training windows on instruct bases (--replay_self unset):
+# chosen from the shares measured on the demo, docs/forgetting.md ("The forgetting guard").
+GUARD_SHARE = 0.25
 DATASET_FORMATS = ("json", "jsonl", "parquet", "text", "csv")
 
 
@@ -69,9 +72,14 @@ class TrainArgs:
                                       "in [0, 1); the run's length in tokens stays the same")
     replay_general_dataset: Optional[str] = flag(None, "general text for --replay_general (its splits other than "
                                                        "validation; default: the embedded fortunes)")
-    replay_self: float = flag(0.0, "a remedy for forgetting on instruct bases: this share of the training windows is "
-                                   "the base's own answers to everyday instructions held apart from the chat-drift "
-                                   "probe's (self-distillation), in [0, 1)")
+    replay_self: Optional[float] = flag(None, "the forgetting guard, on instruct bases (a tokenizer with a chat "
+                                              "template): this share of the training windows is the base's own "
+                                              "answers to everyday instructions held apart from the chat-drift probe's "
+                                              f"(self-distillation), in [0, 1); default {GUARD_SHARE:g} on instruct "
+                                              "bases with data held in memory, else 0; 0 turns it off")
+    mc_file: Optional[str] = flag(None, "multiple-choice questions that every run scores with the base and the adapted "
+                                        "model (JSONL, as minilora-eval --mc_file; default: the 40 shipped medical "
+                                        "ones; 'none' to skip)")
     compare_full_finetune: bool = flag(False, "with --use_lora: also run full fine-tuning with the same data, steps "
                                               "and seed, and put both side by side in report.md")
     full_finetune_learning_rate: float = flag(5e-5, "learning rate of the --compare_full_finetune run (full "
@@ -181,10 +189,10 @@ class TrainArgs:
             (self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got {self.shuffle_buffer_size}"),
             (self.num_workers >= 0, f"--num_workers must not be negative, got {self.num_workers}"),
             (0 <= self.replay_general < 1, f"--replay_general must be in [0, 1), got {self.replay_general}"),
-            (0 <= self.replay_self < 1, f"--replay_self must be in [0, 1), got {self.replay_self}"),
-            (self.replay_general + self.replay_self < 1,
+            (self.replay_self is None or 0 <= self.replay_self < 1, f"--replay_self must be in [0, 1), got {self.replay_self}"),
+            (self.replay_general + (self.replay_self or 0) < 1,
              f"--replay_general + --replay_self must stay below 1 (the rest is the medical data), got "
-             f"{self.replay_general + self.replay_self:g}"),
+             f"{self.replay_general + (self.replay_self or 0):g}"),
             (self.replay_general_dataset is None or self.replay_general > 0,
              "--replay_general_dataset needs --replay_general (the share of training windows it fills)"),
             (self.chat_drift_prompts is None or self.chat_drift_prompts >= 0,

@@ -22,6 +22,7 @@ import torch
 from .base_model import convert_gguf, packaged_smollm2
 from .config import TrainArgs
 from .demo_assets import medquad_dataset_dir, read_medquad
+from .forgetting import guard_line
 
 # LoRA r 16, alpha 2r on the seven projections of the top 8 of SmolLM2's 30 decoder layers:
 # backward stops at layer 22, which with bfloat16 makes an update of 8 x 128 tokens ~2.7x cheaper
@@ -179,6 +180,15 @@ def print_demo_summary(summary: dict, args: TrainArgs) -> None:
     if "drift" in chat:
         lines.append(f"  chat drift on {chat['prompts']} everyday prompts: {chat['drift']:+.3f} nats per answer token "
                      "(0: the adapted model still says what the base said)")
+    choice = summary.get("medical_mc") or {}
+    if "n" in choice:
+        lo, hi = choice["adapted"]["interval"]
+        lines.append(f"  medical multiple choice: {choice['base']['correct']} -> {choice['adapted']['correct']} of "
+                     f"{choice['n']} right (adapted 95% interval {100 * lo:.0f}-{100 * hi:.0f}%; "
+                     + ("a real difference" if choice["distinguishable"] else
+                        f"{choice['n']} questions cannot tell the two apart") + ")")
+    if summary.get("forgetting_guard"):
+        lines += ["  " + line for line in textwrap.wrap(guard_line(summary["forgetting_guard"]), 94)]
     width = 96
     for a in summary["answers"]:
         lines += ["", f"  Q: {a['question']}"]

@@ -185,7 +185,9 @@ def _choice_logprobs(model, tokenizer, prompt: str, choices: Sequence[str]) -> l
         starts.append(max(start, 1))  # the first token has no context to predict it from
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, so any id works
     ids, mask = pad_rows(rows, pad, side="right", device=model_device(model))  # (C, W) each
-    with torch.inference_mode(), eval_mode(model):
+    # no_grad, not inference_mode: a model sharded with FSDP2 (a run under torchrun --fsdp scores
+    # these questions too) reshards in place after each layer, which inference tensors forbid
+    with torch.no_grad(), eval_mode(model):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (C, W, V)
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
         token_logprobs = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()  # (C, W-1)

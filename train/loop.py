@@ -1,5 +1,8 @@
 """The training loop: one file, read top to bottom in the order a run goes. The same code runs on
 XLA, CUDA and CPU, on one device or many: what differs sits behind ``minilora_train.device.Device``.
+What a run measures of forgetting, and the guard against it, attach at named points
+(``minilora_train.forgetting.Check``: before adapting, before training, after each evaluation,
+after training).
 
 Per optimizer update: ``gradient_accumulation_steps`` micro-batches of shape (B, L), each
 forward + backward with its summed token NLL divided by the token count of the whole update
@@ -9,7 +12,6 @@ forward + backward with its summed token NLL divided by the token count of the w
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import json
 import math
@@ -20,14 +22,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 
 import minilora
 
-from . import data, drift, replay
+from . import data, forgetting
 from .base_model import resolve_bases, top_layers
 from .config import TrainArgs, UsageError
 from .device import Device, move_model
@@ -35,13 +37,11 @@ from .loss import module_called, nll_result, predicted_tokens
 from .loss import summed_nll as model_nll
 from .outputs import (FINISHED, RunDir, check_output_dir_apart, check_resume_settings, load_safetensors,
                       load_tensors_safely, resume_settings, save_tensors_safely)
-from .report import Reporter, write_report
+from .report import Reporter
 
 # Updates after which XLA should have compiled every graph of the loop (first micro-batch,
 # accumulating micro-batches, the update); any later compile is a bug.
 WARMUP_UPDATES = 2
-# Windows of general text evaluated for the forgetting check unless --max_eval_samples says otherwise.
-DEFAULT_GENERAL_WINDOWS = 128
 
 
 def train_and_report(args: TrainArgs, device: Optional[Device] = None, **kwargs) -> dict:
@@ -53,17 +53,14 @@ def train_and_report(args: TrainArgs, device: Optional[Device] = None, **kwargs)
     if summary.get("stopped"):
         return summary
     full = None
-    if args.compare_full_finetune and args.use_lora:
+    comparison = forgetting.comparison_args(args)
+    if comparison is not None:
         if device.is_main:
             print("comparison: full fine-tuning with the same data, steps and seed", flush=True)
-        full = run(dataclasses.replace(
-            args, use_lora=False, output_dir=f"{args.output_dir.rstrip('/')}/full_finetune",
-            learning_rate=args.full_finetune_learning_rate, compare_full_finetune=False, overwrite_output_dir=True,
-            resume_from_checkpoint=None, report_to="none"), device=device,
-            **{k: v for k, v in kwargs.items() if k != "model"})
+        full = run(comparison, device=device, **{k: v for k, v in kwargs.items() if k != "model"})
         summary["full_finetune"] = full
     if device.is_main:
-        write_report(RunDir(args.output_dir, args.tmp_dir), summary, full)
+        forgetting.write_report(RunDir(args.output_dir, args.tmp_dir), summary, full)
     return summary
 
 
@@ -76,8 +73,8 @@ def run(args: TrainArgs, model=None, tokenizer=None, general_windows: Optional[d
 
     ``base_cache``: a dict shared by runs in one process that start from the same base (the
     --compare_full_finetune run, a sweep): what a run measures of the base before training (its
-    evaluation, its chat answers) is measured once and reused while model, evaluation windows and
-    prompts are the same (see ``_base_key``)."""
+    evaluation, its chat answers, its multiple-choice answers) is measured once and reused
+    (forgetting.Check)."""
     args = resolve_bases(args)  # a .gguf base: its converted folder, which the adapter then names
     check_output_dir_apart(args)  # never into the base's folder or a data folder
     run_dir = RunDir(args.output_dir, args.tmp_dir)
@@ -99,10 +96,11 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     torch.manual_seed(args.seed)
     _check_output_dir(args, run_dir)
     device = device or Device.start(args)
-    chunked = loss_is_chunked(args, device)
+    check = forgetting.Check(args, run_dir, device, shared=base_cache)  # drift, replay, medical MC: see its docstring
 
-    # model init (and the data, tokenised with the model's tokenizer)
-    model, tokenizer, train_data = _model_and_data(args, device, model, tokenizer, run_dir, base_cache)
+    # model init (and the data, tokenised with the model's tokenizer; the forgetting guard's windows mixed in)
+    model, tokenizer, train_data = _model_and_data(args, device, model, tokenizer, check)
+    args = check.args  # with the forgetting guard's share for this base
     trainable, total_params = minilora.count_parameters(model)
     if trainable == 0:
         raise UsageError("nothing to train: no parameter requires grad")
@@ -114,54 +112,26 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
     pos = Position()
     if args.resume_from_checkpoint:
         pos = _restore(run_dir.resolve_checkpoint(args.resume_from_checkpoint), model, optimizer, device, args)
-    # evaluation sets
+    # evaluation sets, and the base's answers the forgetting check compares with after training
     eval_sets = {"validation": train_data.validation}
-    general = general_windows if general_windows is not None else general_eval_windows(args, tokenizer)
+    general = general_windows if general_windows is not None else forgetting.general_eval_windows(args, tokenizer)
     if general is not None:
         eval_sets["general"] = general
-    base_key = _base_key(args, eval_sets)
-    cached = (base_cache or {}).get(base_key) if not args.resume_from_checkpoint else None
-
-    # chat drift (instruct bases): the base's own answers to everyday prompts, taken before training
-    if cached is not None:
-        probe, no_drift = cached["probe"], cached["no_drift"]
-        if probe is not None and device.is_main:
-            run_dir.write_json(drift.PROBE_FILE, dataclasses.asdict(probe))  # for a resume of this run
-    else:
-        probe, no_drift = drift.probe_for_run(args, model, tokenizer, run_dir, device)
+    check.before_training(model, tokenizer, eval_sets)
     bare_model = model  # generation and drift scoring run on the model, not its DDP wrapper
-    model = device.wrap(model, optimizer)
+    training = Training(args, device, run_dir, device.wrap(model, optimizer), optimizer, tokenizer.pad_token_id,
+                        loss_is_chunked(args, device))
 
     # reporting
     if not args.resume_from_checkpoint and device.is_main:
         run_dir.clear_previous_run()  # --overwrite_output_dir: an old run's checkpoints must never be resumed from
     reporter = Reporter(args, run_dir, device, plan.total_updates, start_update=pos.update, history=pos.history)
     reporter.start(trainable=trainable, total=total_params, train_windows=plan.train_windows)
-
-    def evaluate_all(tag: str) -> dict:
-        results = {name: evaluate(model, windows, args.per_device_eval_batch_size, device, tokenizer.pad_token_id,
-                                  chunked)
-                   for name, windows in eval_sets.items()}
-        reporter.eval(pos.update, results, tag)
-        return results
-
-    base_eval = pos.history[0]["eval"] if pos.history and "eval" in pos.history[0] else None
-    if base_eval is None and cached is not None:
-        base_eval = cached["eval"]
-        reporter.eval(pos.update, base_eval, "base")
-        pos.history.append({"update": 0, "eval": base_eval})
-    if base_eval is None:
-        base_eval = evaluate_all("base")
-        pos.history.append({"update": 0, "eval": base_eval})
-    if base_cache is not None and not args.resume_from_checkpoint:
-        base_cache[base_key] = {"eval": base_eval, "probe": probe, "no_drift": no_drift}
+    evaluation = Evaluation(eval_sets, training, reporter, check, bare_model)
+    base_eval = _base_evaluation(pos, evaluation, check, reporter)
 
     # training loop
-    def save_checkpoint() -> None:
-        _save_checkpoint(run_dir, model, optimizer, device, pos, args)
-
-    stopped = _train(args, device, model, optimizer, train_data, plan, pos, tokenizer.pad_token_id, reporter,
-                     evaluate_all, save_checkpoint, chunked)
+    stopped = _train(training, train_data, plan, pos, reporter, evaluation)
     if stopped:
         reporter.close()
         if device.is_main:
@@ -170,13 +140,10 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         return {"stopped": True, "update": pos.update}
 
     # finish
-    final_eval = evaluate_all("final")
-    xla = device.xla_counts()  # before drift scoring and saving, which compile graphs of their own
-    chat = drift.chat_drift(bare_model, probe) if probe is not None else {"not_measured": no_drift}
-    if device.is_main and probe is not None:
-        print(f"chat drift on {chat['prompts']} everyday prompts: {chat['drift']:+.3f} nats per answer token "
-              f"(base {chat['base_nll']:.3f} -> {chat['nll']:.3f})", flush=True)
-    _save_final(run_dir, model, tokenizer, device, args)
+    final_eval = evaluation(pos.update, "final")
+    xla = device.xla_counts()  # before the forgetting check's scoring and saving, which compile graphs of their own
+    forgot = check.after_training(bare_model, tokenizer)
+    _save_final(run_dir, training.model, tokenizer, device, args)
     summary = {
         "updates": pos.update, "trainable_params": trainable, "total_params": total_params,
         "base": base_eval, "final": final_eval, "device": device.describe(), "wall_seconds": time.time() - started,
@@ -187,8 +154,7 @@ def _run(args: TrainArgs, run_dir: RunDir, device: Optional[Device], model, toke
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if isinstance(t, torch.Tensor)),
         "train_windows": plan.train_windows, "steps_per_second": reporter.steps_per_second(),
-        "learning_rate": args.learning_rate, "chat_drift": chat,
-        "replay": {"general": args.replay_general, "self": args.replay_self},
+        "learning_rate": args.learning_rate, **forgot,
     }
     reporter.finish(summary)
     if device.is_main:
@@ -268,19 +234,17 @@ def load_model_and_tokenizer(args: TrainArgs):
     return model, tokenizer
 
 
-def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, run_dir: RunDir,
-                    base_cache: Optional[dict] = None):
+def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, check: forgetting.Check):
     """(model, tokenizer, TrainData): the base (``model`` or --model_name) with the LoRA adapter
     injected (--use_lora) and gradient checkpointing set up, on the device in training mode; the
-    training windows with the replay that --replay_general / --replay_self ask for."""
+    training windows with what the forgetting check mixes in (the guard, --replay_general)."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args)
     if args.max_seq_length > getattr(model.config, "max_position_embeddings", args.max_seq_length):
         raise UsageError(f"--max_seq_length {args.max_seq_length} exceeds the model's maximum of "
                          f"{model.config.max_position_embeddings} positions")
     train_data = data.prepare_data(args, tokenizer)
-    # before quantize and inject: self-distillation replays the base's own answers
-    train_data = replay.with_replay(args, train_data, model, tokenizer, run_dir, device.is_main, base_cache)
+    train_data = check.before_adapting(model, tokenizer, train_data)  # before quantize and inject: the base's own answers
     if args.streaming_data and args.max_steps <= 0:
         raise UsageError("--streaming_data needs --max_steps (a stream has no known length)")
     if args.quantize and args.quantize != "gguf":  # before inject, which then wraps the quantized Linears
@@ -407,36 +371,6 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
 
 # -- evaluation ---------------------------------------------------------------------------------
 
-def _base_key(args: TrainArgs, eval_sets: dict) -> tuple:
-    """What the base's measurements before training depend on: the base as loaded, the evaluation
-    windows themselves (a digest of their tokens and labels) and the drift probe's prompts."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(eval_sets):
-        digest.update(name.encode())
-        digest.update(eval_sets[name].input_ids.numpy().tobytes())
-        digest.update(eval_sets[name].labels.numpy().tobytes())
-    return (args.model_name, args.quantize, args.quantize_embeddings, args.bf16, args.chat_drift_prompts,
-            args.per_device_eval_batch_size,
-            args.chunked_loss, digest.hexdigest())
-
-
-def general_eval_windows(args: TrainArgs, tokenizer) -> Optional[data.Windows]:
-    """General-English text for the forgetting check: --general_eval_dataset, or by default the
-    embedded demo's held-out fortunes (never trained on, by the demo or anyone)."""
-    if args.general_eval_dataset == "none":
-        return None
-    cap = args.max_eval_samples or DEFAULT_GENERAL_WINDOWS
-    if args.general_eval_dataset:
-        windows = data.load_windows(args.general_eval_dataset, tokenizer, args.max_seq_length, tmp_dir=args.tmp_dir)
-    else:
-        from .demo_assets import default_general_validation
-
-        windows = data.Packer(tokenizer, args.max_seq_length).pack_texts(default_general_validation())
-    return data.cap_windows(windows, cap)
-
-
 def summed_nll(model, ids: torch.Tensor, labels: torch.Tensor, device: Device, chunked: bool = True) -> torch.Tensor:
     """Sum over predicted tokens of -log p(next token) for a (B, L) batch: a 0-dim float32 tensor
     (``chunked``: the LM head and the loss over chunks of tokens, never the full logits; loss.py)."""
@@ -481,14 +415,62 @@ def evaluate(model, windows: data.Windows, batch_size: int, device: Device, pad_
     return nll_result(nll, int(predicted_tokens(windows.labels)))
 
 
+class Evaluation:
+    """The run's evaluations: each set's mean token NLL and perplexity, reported with what the
+    forgetting check measures after them (chat drift)."""
+
+    def __init__(self, sets: dict, training: "Training", reporter: Reporter, check: forgetting.Check, bare_model):
+        self.sets, self.training, self.reporter, self.check, self.bare_model = sets, training, reporter, check, bare_model
+
+    def __call__(self, update: int, tag: str) -> dict:
+        t = self.training
+        results = {name: evaluate(t.model, windows, t.args.per_device_eval_batch_size, t.device, t.pad_id, t.chunked)
+                   for name, windows in self.sets.items()}
+        self.reporter.eval(update, results, tag, self.check.after_evaluation(self.bare_model, tag))
+        return results
+
+
+def _base_evaluation(pos: Position, evaluation: Evaluation, check: forgetting.Check, reporter: Reporter) -> dict:
+    """The base's evaluation: a resumed run's from its history, one measured by an earlier run of
+    this process from the same base (``check.base_evaluation``), or measured now."""
+    if pos.history and "eval" in pos.history[0]:
+        return pos.history[0]["eval"]
+    base_eval = check.base_evaluation()
+    if base_eval is not None:
+        reporter.eval(pos.update, base_eval, "base")
+    else:
+        base_eval = evaluation(pos.update, "base")
+    pos.history.append({"update": 0, "eval": base_eval})
+    check.keep_base_evaluation(base_eval)
+    return base_eval
+
+
 # -- training loop ------------------------------------------------------------------------------
 
-def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.TrainData, plan: Plan,
-           pos: Position, pad_id: int, reporter: Reporter, evaluate_all: Callable[[str], dict],
-           save_checkpoint: Callable[[], None], chunked: bool) -> bool:
+@dataclass
+class Training:
+    """What the training loop works on, set up before its first update: the model (wrapped for
+    torchrun or SPMD) and its optimizer, the device they are on, the run's directory, the padding
+    id and whether the loss is chunked (``loss_is_chunked``)."""
+
+    args: TrainArgs
+    device: Device
+    run_dir: RunDir
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    pad_id: int
+    chunked: bool
+
+    def nll(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed NLL of a (B, L) batch's predicted tokens: a 0-dim float32 tensor (``summed_nll``)."""
+        return summed_nll(self.model, ids, labels, self.device, self.chunked)
+
+
+def _train(t: Training, train_data: data.TrainData, plan: Plan, pos: Position, reporter: Reporter,
+           evaluation: Evaluation) -> bool:
     """Optimizer updates from ``pos`` to ``plan.total_updates``, with logging, evaluations and
-    checkpoints on the way; ``pos`` advances. Returns True when SIGTERM stopped it early.
-    ``chunked``: the run's loss_is_chunked."""
+    checkpoints on the way; ``pos`` advances. Returns True when SIGTERM stopped it early."""
+    args, device, model, optimizer = t.args, t.device, t.model, t.optimizer
     stop = _StopFlag()  # SIGTERM (preemption): finish the update, checkpoint, exit cleanly
     nonfinite = _NonFiniteGuard(args, device, optimizer, [p for p in model.parameters() if p.requires_grad])
     loss_sum = device.tensor(0.0)  # summed NLL since the last log, stays on the device
@@ -496,10 +478,10 @@ def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.T
     tokens_since_log = 0
     while pos.update < plan.total_updates and not stop.requested:
         update_ends = collections.deque()  # per micro-batch, in loader order: (last of its update?, update's tokens)
-        for ids, labels, denom in device.loader(_micro_batches(train_data, args, plan, pos, update_ends, pad_id)):
+        for ids, labels, denom in device.loader(_micro_batches(train_data, args, plan, pos, update_ends, t.pad_id)):
             last_in_update, update_tokens = update_ends.popleft()
             with device.no_backward_sync(model, enabled=not last_in_update):  # torchrun: reduce once per update
-                nll = summed_nll(model, ids, labels, device, chunked)
+                nll = t.nll(ids, labels)
                 (nll / denom).backward()
             update_nll = update_nll + nll.detach()
             pos.micro += 1
@@ -527,12 +509,12 @@ def _train(args: TrainArgs, device: Device, model, optimizer, train_data: data.T
                                                        plan.total_updates),
                                epoch=pos.epoch + (pos.micro / plan.micro_per_epoch if plan.micro_per_epoch else 0))
             if args.eval_steps and pos.update % args.eval_steps == 0 and pos.update < plan.total_updates:
-                pos.history.append({"update": pos.update, "eval": evaluate_all("eval")})
+                pos.history.append({"update": pos.update, "eval": evaluation(pos.update, "eval")})
             stop.agree(device)  # torchrun: every rank stops after the same update (one tiny host-side all-reduce)
             if (plan.save_every and pos.update % plan.save_every == 0 and pos.update < plan.total_updates) \
                     or stop.requested:
                 tokens_since_log -= nonfinite.read(pos)  # the checkpoint carries the exact skip count
-                save_checkpoint()
+                _save_checkpoint(t, pos)
             if pos.update >= plan.total_updates or stop.requested:
                 break
         else:
@@ -653,10 +635,11 @@ def _check_finite(loss: float, pos: Position, args: TrainArgs) -> None:
         f"{args.output_dir}), or pass --skip_nonfinite_steps to skip such updates")
 
 
-def _save_checkpoint(run_dir: RunDir, model, optimizer, device: Device, pos: Position, args: TrainArgs) -> None:
+def _save_checkpoint(t: Training, pos: Position) -> None:
     # Every process gathers (on a TPU pod, gathering sharded tensors is a collective); one writes.
-    model, state = device.for_saving(model), device.to_host(optimizer.state_dict())
-    if not all(torch.isfinite(t).all() for s in state["state"].values() for t in s.values() if torch.is_tensor(t)):
+    args, device, run_dir = t.args, t.device, t.run_dir
+    model, state = device.for_saving(t.model), device.to_host(t.optimizer.state_dict())
+    if not all(torch.isfinite(v).all() for s in state["state"].values() for v in s.values() if torch.is_tensor(v)):
         _check_finite(math.nan, pos, args)  # a non-finite update never becomes the latest checkpoint
     rng = device.rng_states()  # torchrun: every rank's dropout RNG, on rank 0
     if not device.is_main:

@@ -24,6 +24,11 @@ from .config import UsageError
 FINISHED = "train_summary.json"  # written last: its presence means the run finished
 LATEST = "latest"
 LOCK = ".minilora-train.lock"  # exists while a run writes into the directory (see RunDir.lock)
+# What a run measured of its base before training, kept beside its checkpoints: a resumed run
+# compares and trains against the same base answers, whatever the base has become since.
+PROBE_FILE = "chat_probe.json"  # the base's own chat answers and its score of them (chat drift)
+SELF_ANSWERS_FILE = "self_distillation.json"  # the base's answers the forgetting guard trains on
+MC_BASE_FILE = "medical_mc_base.json"  # the base's medical multiple-choice answers
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -209,11 +214,8 @@ class RunDir:
         """What the directory holds when no minilora-train run wrote there (else nothing): the
         visible entries of a folder with none of the files a run writes before anything else
         (its settings, the base's chat answers kept for a resume, checkpoints)."""
-        from .drift import PROBE_FILE
-        from .replay import SELF_ANSWERS_FILE
-
         names = sorted(n for n in self.listing() if not n.startswith("."))
-        ours = {"train_config.json", PROBE_FILE, SELF_ANSWERS_FILE, LATEST, FINISHED}
+        ours = {"train_config.json", PROBE_FILE, SELF_ANSWERS_FILE, MC_BASE_FILE, LATEST, FINISHED}
         return [] if ours & set(names) or self.checkpoints() else names
 
     def _remove(self, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Chat drift (train/drift.py): the base's own greedy answers to everyday prompts, scored again
+"""Chat drift (train/forgetting/drift.py): the base's own greedy answers to everyday prompts, scored again
 after fine-tuning. Tiny Llama with a chat template; the real instruct base is probed by the demo."""
 
 from __future__ import annotations
@@ -6,33 +6,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import minilora
-from conftest import make_tokenizer, randomize_adapters, tiny_llama
-from minilora_train import drift
+from conftest import make_tokenizer, randomize_adapters
+from minilora_train.forgetting import answers, drift
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    tokenizer = make_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return model, tokenizer
+pytestmark = pytest.mark.usefixtures("answer_cache")  # the base's answers go to a fresh cache
 
 
 def test_shipped_prompts_are_at_least_fifty_distinct_everyday_requests():
-    prompts = drift.load_prompts()
+    prompts = answers.load_prompts()
     assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)
 
 
 def test_an_unchanged_model_has_zero_drift_and_an_adapter_moves_it(chat_model):
     model, tokenizer = chat_model
-    prompts = drift.load_prompts()[:6]
+    prompts = answers.load_prompts()[:6]
     probe = drift.probe_base(model, tokenizer, prompts, max_new_tokens=5)
     assert len(probe.answer_ids) == 6 and all(1 <= len(a) <= 5 for a in probe.answer_ids)
     # each answer is the base's greedy continuation of its own templated prompt
@@ -57,24 +46,24 @@ def test_a_base_without_chat_template_and_bad_prompt_files_are_refused(chat_mode
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "wrong key"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected"):
-        drift.load_prompts(str(bad))
+        answers.load_prompts(str(bad))
 
 
-def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(chat_model, tiny_text_file, tmp_path):
+def test_a_training_run_on_an_instruct_base_reports_its_chat_drift(instruct_dir, tiny_text_file, tmp_path):
     from conftest import train_argv
     from minilora_train.config import parse_args
     from minilora_train.loop import train_and_report
 
-    model, tokenizer = chat_model
-    base_dir = tmp_path / "instruct-base"
-    fresh = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    fresh.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
     out = tmp_path / "run"
-    summary = train_and_report(parse_args(train_argv(base_dir, tiny_text_file, out, "--max_steps", "3",
-                                                     "--chat_drift_prompts", "4", "--general_eval_dataset", "none")))
+    summary = train_and_report(parse_args(train_argv(instruct_dir, tiny_text_file, out, "--max_steps", "3",
+                                                     "--chat_drift_prompts", "4", "--general_eval_dataset", "none",
+                                                     "--eval_steps", "1")))
     chat = summary["chat_drift"]
+    # measured after every evaluation but the base's, so a run traces drift against medical gain
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_tag" in line]
+    assert [(e["update"], e["eval_tag"], "chat_drift" in e) for e in evals] == [
+        (0, "base", False), (1, "eval", True), (2, "eval", True), (3, "final", True)]
+    assert evals[-1]["chat_drift"] == chat["drift"]
     assert chat["prompts"] == 4 and chat["drift"] != 0.0  # three updates at 5e-3 move the answers' likelihood
     probe = json.loads((out / "chat_probe.json").read_text())
     assert probe["base_nll"] == chat["base_nll"] and len(probe["answer_ids"]) == 4

@@ -1,4 +1,4 @@
-"""Remedies for forgetting (train/replay.py): general text and the base's own chat answers mixed
+"""Remedies for forgetting (train/forgetting/replay.py): general text and the base's own chat answers mixed
 into the training windows, and a base measured once for runs that share it."""
 
 from __future__ import annotations
@@ -9,15 +9,19 @@ import pytest
 import torch
 
 from conftest import train_argv
-from minilora_train import data, drift, replay
+from minilora_train import data
+from minilora_train.forgetting import answers, drift, replay
 from minilora_train.config import UsageError, parse_args
 from minilora_train.demo_assets import default_general_training, default_general_validation
 from minilora_train.loop import run, train_and_report
+from minilora_train.outputs import PROBE_FILE, SELF_ANSWERS_FILE
+
+pytestmark = pytest.mark.usefixtures("answer_cache")  # the base's answers go to a fresh cache
 
 
 def test_replay_text_is_held_apart_from_what_the_forgetting_check_scores():
-    distill = drift.load_prompts(replay.DISTILL_PROMPTS_FILE)
-    probe = drift.load_prompts()
+    distill = answers.load_prompts(answers.DISTILL_PROMPTS_FILE)
+    probe = answers.load_prompts()
     assert len(distill) >= 100 and len(set(distill)) == len(distill)
     assert not set(distill) & set(probe)
     training, validation = default_general_training(), default_general_validation()
@@ -54,29 +58,30 @@ def test_bad_replay_settings_are_refused_in_one_line(flags, message, tmp_path):
         parse_args(["--model_name", "x", "--dataset_dir", str(tmp_path), *flags])
 
 
-def test_a_run_with_both_remedies_trains_on_the_mixed_windows(instruct_model_dir, tiny_text_file, tmp_path, monkeypatch):
+def test_a_run_with_both_remedies_trains_on_the_mixed_windows(instruct_dir, tiny_text_file, tmp_path, monkeypatch):
     probes = []
     original = drift.probe_base
     monkeypatch.setattr(drift, "probe_base", lambda *a, **k: probes.append(1) or original(*a, **k))
     out = tmp_path / "run"
-    argv = train_argv(instruct_model_dir, tiny_text_file, out, "--max_steps", "2", "--chat_drift_prompts", "3",
+    argv = train_argv(instruct_dir, tiny_text_file, out, "--max_steps", "2", "--chat_drift_prompts", "3",
                       "--replay_general", "0.2", "--replay_self", "0.2", "--compare_full_finetune",
                       "--full_finetune_learning_rate", "1e-3")
-    plain = run(parse_args(train_argv(instruct_model_dir, tiny_text_file, tmp_path / "plain", "--max_steps", "1",
-                                      "--chat_drift_prompts", "0", "--general_eval_dataset", "none")))
+    plain = run(parse_args(train_argv(instruct_dir, tiny_text_file, tmp_path / "plain", "--max_steps", "1",
+                                      "--chat_drift_prompts", "0", "--general_eval_dataset", "none",
+                                      "--replay_self", "0")))
     summary = train_and_report(parse_args(argv))
     assert summary["replay"] == {"general": 0.2, "self": 0.2}
     medical = plain["train_windows"]
     assert summary["train_windows"] == medical + 2 * round(medical * 0.2 / 0.6)
-    answers = json.loads((out / replay.SELF_ANSWERS_FILE).read_text())
-    assert len(answers) == len(drift.load_prompts(replay.DISTILL_PROMPTS_FILE))
-    assert all(1 <= len(a) <= replay.DISTILL_ANSWER_TOKENS for _, a in answers)
+    pairs = json.loads((out / SELF_ANSWERS_FILE).read_text())
+    assert len(pairs) == len(answers.load_prompts(answers.DISTILL_PROMPTS_FILE))
+    assert all(1 <= len(a) <= replay.DISTILL_ANSWER_TOKENS for _, a in pairs)
     # the full fine-tuning run starts from the same base: its evaluation and chat answers are reused
     full = summary["full_finetune"]
     assert len(probes) == 1 and full["base"] == summary["base"]
     assert full["chat_drift"]["base_nll"] == summary["chat_drift"]["base_nll"]
-    assert json.loads((out / "full_finetune" / drift.PROBE_FILE).read_text()) == json.loads(
-        (out / drift.PROBE_FILE).read_text())
+    assert json.loads((out / "full_finetune" / PROBE_FILE).read_text()) == json.loads(
+        (out / PROBE_FILE).read_text())
 
 
 def test_replay_needs_windows_in_memory_and_self_distillation_an_instruct_base(tiny_model_dir, tiny_text_file, tmp_path):
@@ -90,7 +95,7 @@ def test_replay_needs_windows_in_memory_and_self_distillation_an_instruct_base(t
 
 
 def test_the_report_names_the_method_that_forgot_less_only_at_comparable_medical_gain():
-    from minilora_train.report import _comparison
+    from minilora_train.forgetting.report import _comparison
 
     lora = {"medical_change_percent": -30.0, "general_change_percent": 2.0, "chat_drift": 0.10}
     full = {"medical_change_percent": -33.0, "general_change_percent": 4.0, "chat_drift": 0.20}
@@ -102,3 +107,37 @@ def test_the_report_names_the_method_that_forgot_less_only_at_comparable_medical
     verdict = _comparison({**lora, "medical_change_percent": -50.0}, full)
     assert "did not adapt comparably" in verdict and "LoRA learned more" in verdict
     assert "forgot less" not in verdict and "moved less" not in verdict
+
+
+def test_the_guard_is_on_by_default_for_an_instruct_base_and_off_with_replay_self_0(instruct_dir, tiny_text_file,
+                                                                                    tmp_path):
+    from minilora_train.config import GUARD_SHARE
+
+    def argv(name, *extra):
+        return parse_args(train_argv(instruct_dir, tiny_text_file, tmp_path / name, "--max_steps", "1",
+                                     "--chat_drift_prompts", "2", "--general_eval_dataset", "none", *extra))
+
+    guarded = train_and_report(argv("guarded"))
+    off = run(argv("off", "--replay_self", "0"))
+    guard, medical = guarded["forgetting_guard"], off["train_windows"]
+    assert guard["share"] == guarded["replay"]["self"] == GUARD_SHARE
+    assert guard["medical_windows"] == medical and guard["prompts"] == len(answers.load_prompts(answers.DISTILL_PROMPTS_FILE))
+    assert guarded["train_windows"] == medical + guard["windows"] == medical + round(medical * GUARD_SHARE / (1 - GUARD_SHARE))
+    assert not guard["answers_cached"] and guard["answer_seconds"] > 0 and guard["steps_fixed"]
+    assert off["forgetting_guard"] == {"share": 0.0, "note": "off (--replay_self 0)"}
+    report = (tmp_path / "guarded" / "report.md").read_text()
+    assert f"| forgetting guard (the base's own answers) | {100 * GUARD_SHARE:.0f}% of the windows |" in report
+    assert "Forgetting guard: on" in report and "--replay_self 0 turns it off" in report
+    # a later run of the same base reads the answers back: the guard costs no generation then
+    again = run(argv("again"))["forgetting_guard"]
+    assert again["answers_cached"] and again["answer_seconds"] == 0.0 and again["windows"] == guard["windows"]
+
+
+def test_the_guard_stays_off_where_it_cannot_run(tiny_model_dir, instruct_dir, tiny_text_file, tmp_path):
+    plain = run(parse_args(train_argv(tiny_model_dir, tiny_text_file, tmp_path / "plain", "--max_steps", "1",
+                                      "--general_eval_dataset", "none")))
+    assert plain["forgetting_guard"]["share"] == 0.0 and "no chat template" in plain["forgetting_guard"]["note"]
+    streamed = run(parse_args(train_argv(instruct_dir, tiny_text_file, tmp_path / "streamed", "--max_steps", "1",
+                                         "--streaming_data", "--general_eval_dataset", "none",
+                                         "--chat_drift_prompts", "1")))
+    assert "--streaming_data" in streamed["forgetting_guard"]["note"]
