@@ -20,7 +20,7 @@ from .embedding import LoRAEmbedding
 from .layer import LoRALinear
 from .modules_to_save import ModuleToSave, find_modules_to_save, tie_copies
 from .trainers import install, refuse_peft_on_top
-from .weight import QuantEmbedding, QuantLinear
+from .weight import QuantEmbedding, QuantizedWeight, QuantLinear
 
 # What LoRA adapts as a Linear: nn.Linear, a Linear over a quantized weight (minilora.quantize),
 # and LoRALinear layers that already hold another adapter.
@@ -270,13 +270,16 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter_name:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    """(trainable, total) parameter counts; shared (tied) parameters count once. A quantized base
+    weight (NF4, int8, a GGUF file's blocks) counts as the (out, in) weight it stands for, as
+    PEFT counts a 4-bit base: its codes are buffers, yet they are the model's parameters."""
     trainable = total = 0
     for param in model.parameters():  # parameters() already skips tied duplicates
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
-    return trainable, total
+    stored = {id(m): m for m in model.modules() if isinstance(m, QuantizedWeight)}  # a tied one once
+    return trainable, total + sum(m.shape.numel() for m in stored.values())
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

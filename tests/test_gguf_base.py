@@ -33,6 +33,8 @@ def test_the_block_base_computes_transformers_own_gguf_conversion_exactly(ggml_t
     assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == (ggml_type != "Q4_0")  # tied: one table
     assert weight_bytes(model) == tensor_bytes(read_header(path))  # float32 compute: every byte as the file's
+    # the run's "all params" line counts the file's weights, not only the float norms beside them
+    assert minilora.count_parameters(model)[1] == minilora.count_parameters(reference)[1]
 
 
 def test_smollm2_in_its_q4_1_blocks_is_the_converted_model_in_1_0x_the_files_bytes(smollm2):

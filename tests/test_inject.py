@@ -187,6 +187,15 @@ def test_print_trainable_parameters_prints_peft_s_line(capsys):
         "trainable params: 11,272,192 || all params: 1,247,086,592 || trainable%: 0.9039\n")
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_quantized_base_counts_the_parameters_it_stands_for(scheme):
+    model = tiny_llama(tie_word_embeddings=False)
+    minilora.inject(model, r=4)
+    before = minilora.count_parameters(model)
+    minilora.quantize(model, scheme, embeddings=True)
+    assert minilora.count_parameters(model) == before  # codes are buffers, yet still the model's weights
+
+
 def test_count_parameters_counts_tied_weights_once():
     model = tiny_llama(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
