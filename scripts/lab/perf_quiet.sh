@@ -22,7 +22,7 @@
 #       time, the warm-up (compiling the 30-layer model's training graph: ~5-8 min estimated from 58 s at 4
 #       layers on the loaded machine) and compiles after it
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=docs/measurements
 bench() { "$PYTHON" -m minilora_bench --shape "$1" --threads 2 "${@:3}" --json "$OUT/$2.json" --markdown "$OUT/$2.md"; }
