@@ -31,7 +31,7 @@ def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised
 
 
 def test_dropout_mask_is_one_byte_per_element_on_cpus_and_gpus():
-    # "meta" stands in for a GPU here (any device but CPU and XLA); scripts/gpu_check.py checks
+    # "meta" stands in for a GPU here (any device but CPU and XLA); tests/test_gpu.py checks
     # the values and gradients on CUDA itself. XLA keeps x's dtype (its compiler fuses the mask).
     assert dropout.dropout_mask(torch.zeros(8, 16, device="meta", dtype=torch.bfloat16), 0.1).dtype == torch.bool
     assert dropout.dropout_mask(torch.zeros(8, 16, dtype=torch.bfloat16), 0.1).dtype == torch.bool
