@@ -20,7 +20,7 @@ from minilora import dropout, fused
                                                      ("bool", torch.float32, False), ("bool", torch.bfloat16, True)])
 def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, dtype, x_grad,
                                                                        vectorised_bernoulli, monkeypatch):
-    monkeypatch.setattr(dropout, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    monkeypatch.setattr(dropout, "cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
     if mask_dtype == "float":
         draw = dropout.dropout_mask
         monkeypatch.setattr(dropout, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
@@ -65,7 +65,7 @@ def test_the_mask_converts_through_its_bytes_to_exactly_its_float_and_bfloat16_v
                                                                                       monkeypatch):
     # _multiplier reads the bool mask's bytes as int8 (vectorised); that is the mask only if every
     # byte either draw writes is 0 or 1, on both CPU paths.
-    monkeypatch.setattr(dropout, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    monkeypatch.setattr(dropout, "cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
     x = torch.zeros(300, 257)  # an odd element count: the random-word draw's last word is cut
     for p in (0.05, 0.5, 0.999):
         keep = dropout.dropout_mask(x, p)

@@ -192,7 +192,7 @@ def load_gguf(gguf_path: os.PathLike):
     path = Path(gguf_path)
     check_gguf_complete(path)
     try:
-        with _without_conversion_bar():
+        with without_conversion_bar():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, NotImplementedError, struct.error) as e:  # struct.error: damaged fields
@@ -203,7 +203,7 @@ def load_gguf(gguf_path: os.PathLike):
 
 
 @contextlib.contextmanager
-def _without_conversion_bar():
+def without_conversion_bar():
     """transformers' GGUF reader draws its own tqdm bar, outside the switch that turns its other
     bars off (HF_HUB_DISABLE_PROGRESS_BARS); convert_gguf announces the conversion in one line."""
     from transformers import modeling_gguf_pytorch_utils as reader

@@ -240,10 +240,10 @@ def config_and_tokenizer_dir(gguf_path: os.PathLike, cache_root: Optional[os.Pat
     def fill(tmp: Path) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .base_model import _without_conversion_bar
+        from .base_model import without_conversion_bar
 
         try:
-            with _without_conversion_bar():
+            with without_conversion_bar():
                 config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
                 tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except (OSError, ValueError, KeyError, NotImplementedError) as e:

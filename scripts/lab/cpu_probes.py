@@ -45,7 +45,7 @@ def words_mask(x: torch.Tensor) -> torch.Tensor:
     from minilora_bench.models import mask_path
 
     with mask_path("words"):  # the AMD path on any CPU
-        return minilora.dropout._draw_keep_mask(x, 0.05)
+        return minilora.dropout.dropout_mask(x, 0.05)
 
 
 def probe_mask() -> dict:

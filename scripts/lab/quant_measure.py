@@ -66,10 +66,10 @@ def load_smollm():
 def linear_bytes(model) -> int:
     """Bytes of the Linear weights quantize() selects by default (every Linear but the output
     head), as they are stored now: the same layers before and after, whatever else is quantized."""
-    from minilora.inject import _output_head
+    from minilora.inject import output_head
     from minilora.quant import QuantLinear
 
-    head = _output_head(model)
+    head = output_head(model)
     total = 0
     for module in model.modules():
         if module is head or not isinstance(module, (torch.nn.Linear, QuantLinear)):
