@@ -150,7 +150,7 @@ def bench_speed(settings: Settings, threads: int) -> dict:
     section does: seconds per update and each row's ratio to float32 on all layers. bfloat16
     pays only where the CPU has native bfloat16 instructions (``bf16_native``: the training
     app's test, avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
-    from minilora_train.demo import cpu_has_native_bf16
+    from minilora_train.device import cpu_has_native_bf16
 
     shape = settings.shape
     device = torch.device("cpu")

@@ -260,9 +260,7 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, check: fo
                 bias=args.lora_bias, use_rslora=args.use_rslora, layers_to_transform=layers))
         except ValueError as e:  # e.g. no module matched: the message lists the Linear names there are
             raise UsageError(f"--lora_target_modules: {e}") from None
-    if args.gradient_checkpointing:
-        device.enable_gradient_checkpointing(model)
-    model = device.place(model)
+    model = device.place(model, gradient_checkpointing=args.gradient_checkpointing)
     if args.compile:
         device.compile(module_called(model, args.chunked_loss))
     return model, tokenizer, train_data
@@ -358,9 +356,8 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
             for name, p in expected.items():
                 p.copy_(weights[name].to(p.dtype))
     try:
-        device.load_optimizer_state(optimizer, optimizer_state)
         per_rank = rng_state["ranks"] if "ranks" in rng_state else [rng_state]  # torchrun runs store one per rank
-        if not device.restore_rng(per_rank) and device.is_main:
+        if not device.restore(optimizer, optimizer_state, per_rank) and device.is_main:
             print(f"note: {path} holds the RNG states of {len(per_rank)} process(es), a different number from this "
                   "run's; dropout masks start afresh, so the run does not continue exactly", flush=True)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
