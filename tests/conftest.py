@@ -251,7 +251,7 @@ def write_small_gguf(path) -> str:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """(cache root, converted folder, the GGUF-loaded model): the real GGUF converted once per session
-    into a fresh cache (about 20 s on 2 cores: transformers de-quantizes every tensor), with the model
+    into a fresh cache (the session's slow part: transformers de-quantizes every tensor), with the model
     transformers loaded from the GGUF file kept for comparisons."""
     from minilora_train import base_model
 

@@ -26,12 +26,12 @@ from .device import generation_device_after, native_bf16
 from .forgetting import guard_line
 
 # LoRA r 16, alpha 2r on the seven projections of the top 8 of SmolLM2's 30 decoder layers:
-# backward stops at layer 22, which with bfloat16 makes an update of 8 x 128 tokens ~2.7x cheaper
-# than float32 LoRA on all layers (README: "Speed on two CPU cores"). 1e-3 with warm-up because the
-# run is a few dozen updates long; no dropout, since a run this short cannot overfit and dropout costs
-# time on the CPU. Chat drift (how far the assistant moved on everyday prompts) on 20 of the shipped
-# prompts rather than 60: its greedy probe is the slowest part of a run this short. Any of these that the
-# user gives wins.
+# backward stops at layer 22, which with bfloat16 makes an update of 8 x 128 tokens far cheaper
+# than float32 LoRA on all layers (docs/benchmarks.md, "Speed by precision and depth"). 1e-3 with
+# warm-up because the run is a few dozen updates long; no dropout, since a run this short cannot
+# overfit and dropout costs time on the CPU. Chat drift (how far the assistant moved on everyday
+# prompts) on 20 of the shipped prompts rather than 60: its greedy probe is the slowest part of a
+# run this short. Any of these that the user gives wins.
 DEMO_LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_top_layers=8, learning_rate=1e-3,
                  weight_decay=0.01, max_grad_norm=1.0, warmup_steps=4, max_steps=45, max_seq_length=128,
                  per_device_train_batch_size=8, per_device_eval_batch_size=16, max_eval_samples=32,

@@ -11,9 +11,9 @@ and k_proj of a "llama" file for its RoPE kernel, and transformers' GGUF loader 
 rows are whole blocks, so here the blocks' rows are put back (``rope_rows``), exactly. The export
 (gguf_export.py) applies the same order to an adapter's lora_B.
 
-The file's header is read here directly (a few ms): gguf-py's GGUFReader decodes every string of
-the tokenizer's vocabulary through numpy views, about 20 s for SmolLM2's 49,152 tokens on two busy
-cores. The config and tokenizer that transformers derives from the file (the slow part) are kept
+The file's header is read here directly: gguf-py's GGUFReader decodes every string of the
+tokenizer's vocabulary through numpy views, which is slow for a vocabulary of SmolLM2's size
+(docs/benchmarks.md, "Start-up: the demo's GGUF base"). The config and tokenizer that transformers derives from the file (the slow part) are kept
 under ``~/.cache/minilora/gguf/<file>-<hash>.blocks/``, or taken from the converted folder when
 base_model.py already made one.
 """

@@ -381,10 +381,10 @@ def loss_is_chunked(args: TrainArgs, device: Device) -> bool:
     CPU; on XLA only when --chunked_loss is given by name (or in --config), and not under SPMD.
 
     On XLA the chunks run as one compiled loop that holds one chunk's logits at a time, but on
-    XLA's CPU device the app's update at SmolLM2's shape (8 x 128) took 8.54 s chunked against
-    7.60 s with full logits in a first run and 7.01 against 7.83 s in scripts/lab/cpu_probes.py xla-app,
-    at 0.95 of the peak RSS in both, and no TPU has measured it. So XLA keeps the full logits
-    unless asked: the choice for a batch whose logits do not fit."""
+    XLA's CPU device two runs of the app's update at SmolLM2's shape disagreed on whether it is
+    faster than the full logits, and no TPU has measured it (docs/benchmarks.md, "The chunked loss
+    on XLA"). So XLA keeps the full logits unless asked: the choice for a batch whose logits do
+    not fit."""
     if not args.chunked_loss:
         return False
     if not device.is_xla:
