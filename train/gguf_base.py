@@ -13,8 +13,9 @@ rows are whole blocks, so here the blocks' rows are put back (``rope_rows``), ex
 
 The file's header is read here directly: gguf-py's GGUFReader decodes every string of the
 tokenizer's vocabulary through numpy views, which is slow for a vocabulary of SmolLM2's size
-(docs/benchmarks.md, "Start-up: the demo's GGUF base"). The config and tokenizer that transformers derives from the file (the slow part) are kept
-under ``~/.cache/minilora/gguf/<file>-<hash>.blocks/``, or taken from the converted folder when
+(docs/benchmarks.md, "Start-up: the demo's GGUF base"). The config and tokenizer that
+transformers derives from the file (the slow part) are kept under
+``~/.cache/minilora/gguf/<file>-<hash>.blocks/``, or taken from the converted folder when
 base_model.py already made one.
 """
 
