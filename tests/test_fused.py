@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import minilora
-from conftest import assert_close_to_rounding
+from conftest import assert_close_to_rounding, dropout_lora_layer
 from minilora import dropout, fused
 
 
@@ -25,13 +25,7 @@ def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dt
         draw = dropout.dropout_mask
         monkeypatch.setattr(dropout, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
 
-    torch.manual_seed(0)
-    layer = minilora.LoRALinear(nn.Linear(48, 80).to(dtype))
-    layer.weight.requires_grad_(False)
-    adapter = layer.add_adapter("default", 4, 8.0, dropout=0.25)
-    layer.active_adapter = "default"
-    with torch.no_grad():
-        adapter.lora_B.normal_()
+    layer, adapter = dropout_lora_layer(48, 80, 4, 8.0, 0.25, dtype)
     x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=x_grad)
     torch.manual_seed(7)
     layer.train()(x).float().square().sum().backward()

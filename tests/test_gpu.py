@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_tokenizer, medical_sentences, tiny_llama, write_jsonl
+from conftest import dropout_lora_layer, make_tokenizer, medical_sentences, tiny_llama, write_jsonl
 
 DEV = os.environ.get("MINILORA_GPU_CHECK_DEVICE", "cuda")
 STEPS = os.environ.get("MINILORA_GPU_CHECK_STEPS", "60")
@@ -182,13 +182,7 @@ def test_dropout_on_the_gpu_equals_composed_ops_with_the_same_mask(results):
     from torch import nn
 
     with check(results, "dropout_exact_on_device") as figures:
-        torch.manual_seed(0)
-        layer = minilora.LoRALinear(nn.Linear(256, 384)).to(DEV)
-        layer.weight.requires_grad_(False)
-        adapter = layer.add_adapter("default", 8, 16.0, dropout=0.25)
-        layer.active_adapter = "default"
-        with torch.no_grad():
-            adapter.lora_B.normal_()
+        layer, adapter = dropout_lora_layer(256, 384, 8, 16.0, 0.25, device=DEV)
         x = torch.randn(4, 64, 256, device=DEV, requires_grad=True)
         torch.manual_seed(7)
         layer.train()(x).square().sum().backward()
