@@ -20,7 +20,7 @@ def bench_gguf(settings: Settings, threads: int) -> dict:
     import minilora
     from minilora.quant import weight_bytes
     from minilora_train.base_model import packaged_smollm2
-    from minilora_train.demo import cpu_has_native_bf16
+    from minilora_train.device import cpu_has_native_bf16
     from minilora_train.gguf_base import load_gguf_base, read_header, tensor_bytes
 
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # what the demo computes in

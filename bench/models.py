@@ -126,7 +126,7 @@ def build_model(kind: str, dropout: float, shape: Shape, seed: int, device: torc
                                                            target_modules=list(minilora.LLAMA_TARGETS), bias="none"))
     return model.to(device)
 
-# The two ways minilora draws a dropout mask on a CPU (minilora.dropout._draw_keep_mask): "words"
+# The two ways minilora draws a dropout mask on a CPU (minilora.dropout.dropout_mask): "words"
 # (16-bit uniforms from 64-bit random words, where ATen's bernoulli_ is a scalar loop: AMD CPUs)
 # and "bernoulli" (bernoulli_, which ATen hands to MKL on Intel CPUs). None: this machine's own.
 MASK_PATHS = ("words", "bernoulli")
@@ -134,7 +134,7 @@ MASK_PATHS = ("words", "bernoulli")
 
 def native_mask_path() -> str:
     """The mask path minilora takes on this machine's CPU."""
-    return "bernoulli" if minilora.dropout._cpu_bernoulli_is_vectorised() else "words"
+    return "bernoulli" if minilora.dropout.cpu_bernoulli_is_vectorised() else "words"
 
 
 @contextlib.contextmanager
@@ -147,12 +147,12 @@ def mask_path(path: Optional[str]):
         return
     if path not in MASK_PATHS:
         raise ValueError(f"unknown mask path {path!r}; choose from {', '.join(MASK_PATHS)}")
-    own = minilora.dropout._cpu_bernoulli_is_vectorised
-    minilora.dropout._cpu_bernoulli_is_vectorised = lambda: path == "bernoulli"
+    own = minilora.dropout.cpu_bernoulli_is_vectorised
+    minilora.dropout.cpu_bernoulli_is_vectorised = lambda: path == "bernoulli"
     try:
         yield
     finally:
-        minilora.dropout._cpu_bernoulli_is_vectorised = own
+        minilora.dropout.cpu_bernoulli_is_vectorised = own
 
 
 class Trainer:

@@ -135,8 +135,8 @@ SPEED_TOP_LAYERS = 8  # the demo's --lora_top_layers
 
 def speed_rows(shape: Shape) -> list[tuple[str, torch.dtype, bool, int]]:
     """The speed section's contenders: (label, base weights' dtype, bfloat16 autocast, adapted top
-    layers, 0 for all); minilora LoRA at dropout 0. README's "Speed on two CPU cores" quotes them.
-    "Top" is the demo's 8 layers, or half the layers of a smaller model."""
+    layers, 0 for all); minilora LoRA at dropout 0 (docs/benchmarks.md, "Speed by precision and
+    depth"). "Top" is the demo's 8 layers, or half the layers of a smaller model."""
     top = min(SPEED_TOP_LAYERS, max(1, shape.layers // 2))
     return [(f"{precision}, {depth}", dtype, autocast, layers)
             for depth, layers in (("all layers", 0), (f"top {top} layers", top))
@@ -150,7 +150,7 @@ def bench_speed(settings: Settings, threads: int) -> dict:
     section does: seconds per update and each row's ratio to float32 on all layers. bfloat16
     pays only where the CPU has native bfloat16 instructions (``bf16_native``: the training
     app's test, avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
-    from minilora_train.demo import cpu_has_native_bf16
+    from minilora_train.device import cpu_has_native_bf16
 
     shape = settings.shape
     device = torch.device("cpu")

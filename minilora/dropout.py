@@ -42,7 +42,7 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     2⁻¹⁶: each element is dropped with probability p' where |p' - p| ≤ 2⁻¹⁷ (7.6e-6; for
     p = 0.05, p' = 3277 / 65536 = 0.0500031).
     """
-    if x.device.type != "cpu" or _cpu_bernoulli_is_vectorised():
+    if x.device.type != "cpu" or cpu_bernoulli_is_vectorised():
         return torch.empty_like(x, dtype=_mask_dtype(x)).bernoulli_(1.0 - p)
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
@@ -51,8 +51,9 @@ def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_bernoulli_is_vectorised() -> bool:
-    """ATen's own test for its MKL bernoulli_ kernel: built with MKL and running on an Intel CPU."""
+def cpu_bernoulli_is_vectorised() -> bool:
+    """ATen's own test for its MKL bernoulli_ kernel: built with MKL and running on an Intel CPU.
+    The benchmark (minilora_bench.models.mask_path) and the tests replace it to run either CPU path."""
     if not torch.backends.mkl.is_available():
         return False
     try:

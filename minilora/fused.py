@@ -45,7 +45,7 @@ def _multiplier(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     slower mixed-dtype paths, so the mask becomes t's dtype (a transient copy; convert once and
     reuse it where it is applied twice). It is converted from its bytes viewed as int8 (0 or 1):
     ATen converts int8 with vector instructions and bool element by element (docs/benchmarks.md
-    has the times, from ``python scripts/cpu_probes.py mask``), except under torch.compile, which
+    has the times, from ``python scripts/lab/cpu_probes.py mask``), except under torch.compile, which
     fuses the conversion into its own kernel and cannot lower the view."""
     if keep.dtype == torch.bool and t.device.type == "cpu":
         return keep.to(t.dtype) if torch.compiler.is_compiling() else keep.view(torch.int8).to(t.dtype)

@@ -171,7 +171,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     """(name, module) of every module ``config`` selects; raises if none is, or if one is neither
     an nn.Linear nor (named in target_modules) an nn.Embedding."""
     if config.target_modules == "all-linear":
-        head = _output_head(model)
+        head = output_head(model)
         chosen = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, LINEARS) and m is not head and config.selects(n)]
     else:
@@ -235,7 +235,8 @@ def linear_name_endings(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(endings))
 
 
-def _output_head(model: nn.Module) -> Optional[nn.Module]:
+def output_head(model: nn.Module) -> Optional[nn.Module]:
+    """The model's LM head (``get_output_embeddings``, else an ``lm_head`` attribute), or None."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if head is not None else getattr(model, "lm_head", None)

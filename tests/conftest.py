@@ -51,6 +51,23 @@ def randomize_adapters(model, seed: int = 1, std: float = 0.05):
     return model
 
 
+def dropout_lora_layer(in_features: int, out_features: int, r: int, alpha: float, p: float,
+                       dtype: torch.dtype = torch.float32, device="cpu"):
+    """(LoRALinear over a seeded nn.Linear, its active adapter) with LoRA dropout ``p``, the base
+    frozen and lora_B drawn from N(0, 1), so that dropout changes every output and gradient."""
+    import minilora
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = minilora.LoRALinear(nn.Linear(in_features, out_features).to(dtype)).to(device)
+    layer.weight.requires_grad_(False)
+    adapter = layer.add_adapter("default", r, alpha, dropout=p)
+    layer.active_adapter = "default"
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    return layer, adapter
+
+
 def trained(model, seed: int = 1, std: float = 0.05):
     """What training does to a model: every trainable tensor (LoRA, DoRA magnitudes, modules_to_save
     copies) moves by a seeded N(0, std) step. Works on minilora and PEFT models alike."""
@@ -251,7 +268,7 @@ def write_small_gguf(path) -> str:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """(cache root, converted folder, the GGUF-loaded model): the real GGUF converted once per session
-    into a fresh cache (about 20 s on 2 cores: transformers de-quantizes every tensor), with the model
+    into a fresh cache (the session's slow part: transformers de-quantizes every tensor), with the model
     transformers loaded from the GGUF file kept for comparisons."""
     from minilora_train import base_model
 

@@ -80,7 +80,7 @@ def test_the_benchmarks_mask_path_rows_draw_by_the_path_they_name(path):
     # The training section times minilora's dropout by both CPU paths on any machine: within
     # mask_path("bernoulli") the mask is bernoulli_'s draw, within "words" it is not, and the
     # machine's own choice is back afterwards.
-    own = minilora.dropout._cpu_bernoulli_is_vectorised
+    own = minilora.dropout.cpu_bernoulli_is_vectorised
     x = torch.zeros(64, 48)
     with mask_path(path):
         torch.manual_seed(1)
@@ -88,7 +88,7 @@ def test_the_benchmarks_mask_path_rows_draw_by_the_path_they_name(path):
     torch.manual_seed(1)
     by_bernoulli = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
     assert torch.equal(drawn, by_bernoulli) == (path == "bernoulli")
-    assert minilora.dropout._cpu_bernoulli_is_vectorised is own
+    assert minilora.dropout.cpu_bernoulli_is_vectorised is own
     with pytest.raises(ValueError, match="unknown mask path"):
         with mask_path("mkl"):
             pass

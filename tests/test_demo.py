@@ -1,24 +1,16 @@
-"""The embedded default (train/demo.py): settings, precision choice, device choice, and the run
+"""The embedded default (train/demo.py): settings, the precision it takes, and the run
 end to end on the real base (SmolLM2-135M-Instruct from its GGUF), small."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from minilora_train import demo
 from minilora_train.config import parse_args
-from minilora_train.demo import DEMO_LORA, cpu_has_native_bf16, demo_lora_args
-
-
-def test_bf16_only_where_the_cpu_computes_it_natively():
-    flags = "flags\t\t: fpu vme sse2 avx2 avx512f {}\n"
-    assert cpu_has_native_bf16(flags.format("avx512_bf16"))        # AMD Zen 4, Intel Cooper Lake
-    assert cpu_has_native_bf16(flags.format("amx_bf16 amx_tile"))  # Intel Sapphire Rapids
-    assert not cpu_has_native_bf16(flags.format("avx512_vnni"))    # emulated: slower than float32
-    assert not cpu_has_native_bf16("")
+from minilora_train.demo import DEMO_LORA, demo_lora_args
+from minilora_train.device import cpu_has_native_bf16
 
 
 def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tmp_path, monkeypatch):
@@ -35,17 +27,6 @@ def test_demo_keeps_every_setting_the_user_gave_even_one_equal_to_the_default(tm
     defaults = demo_lora_args(parse_args(["--device", "cpu"]), "/base")
     assert defaults.learning_rate == DEMO_LORA["learning_rate"]
     assert defaults.bf16 == cpu_has_native_bf16()
-
-
-def test_device_auto_is_a_tpu_then_cuda_then_the_eager_cpu(monkeypatch):
-    from minilora_train import device
-
-    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla installed
-    for tpu, cuda, expected in ((True, True, "xla"), (False, True, "cuda"), (False, False, "cpu")):
-        monkeypatch.setattr(device, "tpu_present", lambda: tpu)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        assert device.resolve("auto") == expected
-    assert device.resolve("xla") == "xla"  # XLA's CPU device: only when asked for
 
 
 def test_demo_end_to_end_on_the_real_base_then_peft_and_minilora_generate_use_its_adapter(

@@ -89,6 +89,31 @@ def test_tpu_present_reads_the_pci_bus_without_importing_torch_xla(tmp_path, mon
     assert device.tpu_present(str(tmp_path / "missing"))
 
 
+def test_bf16_only_where_the_cpu_computes_it_natively():
+    flags = "flags\t\t: fpu vme sse2 avx2 avx512f {}\n"
+    assert device.cpu_has_native_bf16(flags.format("avx512_bf16"))        # AMD Zen 4, Intel Cooper Lake
+    assert device.cpu_has_native_bf16(flags.format("amx_bf16 amx_tile"))  # Intel Sapphire Rapids
+    assert not device.cpu_has_native_bf16(flags.format("avx512_vnni"))    # emulated: slower than float32
+    assert not device.cpu_has_native_bf16("")
+
+
+def test_device_auto_is_a_tpu_then_cuda_then_the_eager_cpu(monkeypatch):
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla installed
+    for tpu, cuda, expected in ((True, True, "xla"), (False, True, "cuda"), (False, False, "cpu")):
+        monkeypatch.setattr(device, "tpu_present", lambda: tpu)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert device.resolve("auto") == expected
+    assert device.resolve("xla") == "xla"  # XLA's CPU device: only when asked for
+
+
+def test_the_demo_takes_bf16_where_the_device_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: object())  # torch_xla installed
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.native_bf16("cpu") and device.native_bf16("xla")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert not device.native_bf16("cpu")
+
+
 def test_will_use_xla_follows_the_request(monkeypatch):
     monkeypatch.setattr(device, "tpu_present", lambda: False)
     assert device.will_use_xla("xla") and device.will_use_xla("xla:0")

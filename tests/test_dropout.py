@@ -10,7 +10,7 @@ from minilora import dropout
 @pytest.mark.parametrize("vectorised_bernoulli", [False, True])
 def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised_bernoulli, monkeypatch):
     # both ways of drawing it: 16-bit uniforms from random words, and bernoulli_ (Intel CPUs, devices)
-    monkeypatch.setattr(dropout, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    monkeypatch.setattr(dropout, "cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
     x = torch.zeros(1000, 1000)
     for p in (0.05, 0.1, 0.5):
         keep = dropout.dropout_mask(x, p)
@@ -31,7 +31,7 @@ def test_dropout_mask_keeps_each_element_with_probability_one_minus_p(vectorised
 
 
 def test_dropout_mask_is_one_byte_per_element_on_cpus_and_gpus():
-    # "meta" stands in for a GPU here (any device but CPU and XLA); scripts/gpu_check.py checks
+    # "meta" stands in for a GPU here (any device but CPU and XLA); tests/test_gpu.py checks
     # the values and gradients on CUDA itself. XLA keeps x's dtype (its compiler fuses the mask).
     assert dropout.dropout_mask(torch.zeros(8, 16, device="meta", dtype=torch.bfloat16), 0.1).dtype == torch.bool
     assert dropout.dropout_mask(torch.zeros(8, 16, dtype=torch.bfloat16), 0.1).dtype == torch.bool
@@ -42,7 +42,7 @@ def test_the_random_word_mask_drops_exactly_the_16_bit_uniforms_below_p(p, monke
     # The word path's threshold: element i is dropped when its 16-bit uniform (the words' bytes
     # read as int16) is below round(p * 2^16) - 2^15, so p' = round(p * 2^16) / 2^16 (at most
     # 2^16 - 1 of them), within 2^-17 of p.
-    monkeypatch.setattr(dropout, "_cpu_bernoulli_is_vectorised", lambda: False)
+    monkeypatch.setattr(dropout, "cpu_bernoulli_is_vectorised", lambda: False)
     x = torch.zeros(1000, 77)
     torch.manual_seed(5)
     keep = dropout.dropout_mask(x, p)

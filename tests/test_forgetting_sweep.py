@@ -1,4 +1,4 @@
-"""scripts/forgetting_sweep.py: the choice of best points, the matched-gain comparison and the
+"""scripts/lab/forgetting_sweep.py: the choice of best points, the matched-gain comparison and the
 published JSON agreeing with itself. The sweep's runs go through minilora_train.loop.run, tested elsewhere."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("forgetting_sweep", os.path.join(ROOT, "scripts", "forgetting_sweep.py"))
+spec = importlib.util.spec_from_file_location("forgetting_sweep", os.path.join(ROOT, "scripts", "lab", "forgetting_sweep.py"))
 sweep = importlib.util.module_from_spec(spec)
 sys.modules["forgetting_sweep"] = sweep  # dataclasses look their module up
 spec.loader.exec_module(sweep)
@@ -72,7 +72,7 @@ def test_points_are_named_and_parsed_both_ways():
 def test_the_published_sweep_agrees_with_its_own_runs():
     path = sweep.DEFAULT_JSON
     if not os.path.exists(path):
-        pytest.fail(f"{path} is missing: run scripts/forgetting_sweep.py")
+        pytest.fail(f"{path} is missing: run scripts/lab/forgetting_sweep.py")
     with open(path) as f:
         published = json.load(f)
     assert published["summary"] == json.loads(json.dumps(sweep.summarize(published["runs"])))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import minilora
-from conftest import assert_close_to_rounding
+from conftest import assert_close_to_rounding, dropout_lora_layer
 from minilora import dropout, fused
 
 
@@ -20,18 +20,12 @@ from minilora import dropout, fused
                                                      ("bool", torch.float32, False), ("bool", torch.bfloat16, True)])
 def test_dropout_trains_exactly_as_composed_torch_ops_with_the_same_mask(mask_dtype, dtype, x_grad,
                                                                        vectorised_bernoulli, monkeypatch):
-    monkeypatch.setattr(dropout, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    monkeypatch.setattr(dropout, "cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
     if mask_dtype == "float":
         draw = dropout.dropout_mask
         monkeypatch.setattr(dropout, "dropout_mask", lambda x, p, site=0: draw(x, p).to(x.dtype))
 
-    torch.manual_seed(0)
-    layer = minilora.LoRALinear(nn.Linear(48, 80).to(dtype))
-    layer.weight.requires_grad_(False)
-    adapter = layer.add_adapter("default", 4, 8.0, dropout=0.25)
-    layer.active_adapter = "default"
-    with torch.no_grad():
-        adapter.lora_B.normal_()
+    layer, adapter = dropout_lora_layer(48, 80, 4, 8.0, 0.25, dtype)
     x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=x_grad)
     torch.manual_seed(7)
     layer.train()(x).float().square().sum().backward()
@@ -65,7 +59,7 @@ def test_the_mask_converts_through_its_bytes_to_exactly_its_float_and_bfloat16_v
                                                                                       monkeypatch):
     # _multiplier reads the bool mask's bytes as int8 (vectorised); that is the mask only if every
     # byte either draw writes is 0 or 1, on both CPU paths.
-    monkeypatch.setattr(dropout, "_cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
+    monkeypatch.setattr(dropout, "cpu_bernoulli_is_vectorised", lambda: vectorised_bernoulli)
     x = torch.zeros(300, 257)  # an odd element count: the random-word draw's last word is cut
     for p in (0.05, 0.5, 0.999):
         keep = dropout.dropout_mask(x, p)

@@ -1,6 +1,7 @@
-"""`import minilora` stays light (torch and safetensors only), exports the public API, and its modules
-import each other in one direction only."""
+"""`import minilora` stays light (torch and safetensors only), exports the public API, installs under
+names that cannot clash, and no package module imports in a circle or reaches for another's private names."""
 
+import pytest
 from conftest import run_python
 
 HEAVY = ["transformers", "peft", "torch_xla", "datasets"]
@@ -54,34 +55,125 @@ def test_the_wheel_installs_only_names_that_cannot_clash(tmp_path):
         assert command in scripts
 
 
-def test_minilora_modules_import_each_other_in_one_direction_only():
-    # Lower layers never know higher ones, not even through an import inside a function: the
-    # modules sort into layers, each importing only the layers below it (weight, dropout and
-    # config at the bottom; checkpoint and combine at the top).
-    import ast
+# -- the import graph: read from the source (AST), every import counted, at module level or inside
+# a function, since an import in a function still makes the lower module know the higher one --------
+
+PACKAGES = {"minilora": "minilora", "minilora_train": "train", "minilora_bench": "bench"}  # import name: folder
+
+
+def package_modules() -> dict:
+    """{dotted module name: path} of the three packages (a package's __init__.py under its own name)."""
     import pathlib
 
-    import minilora
+    from conftest import ROOT
 
-    package = pathlib.Path(minilora.__file__).parent
-    modules = {path.stem: path for path in package.glob("*.py") if path.stem != "__init__"}
-    imports = {}
-    for name, path in modules.items():
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").split(".")[0] == "minilora"):
-                parts = (node.module or "").split(".")[0 if node.level else 1:]
-                found |= {parts[0]} if parts and parts[0] else {alias.name for alias in node.names}
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    parts = alias.name.split(".")
-                    if parts[0] == "minilora":  # "import minilora" loads every module
-                        found |= {parts[1]} if len(parts) > 1 else set(modules)
-        imports[name] = (found & set(modules)) - {name}
-    placed, left = [], dict(imports)
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted((pathlib.Path(ROOT) / folder).rglob("*.py")):
+            parts = [package, *path.relative_to(pathlib.Path(ROOT) / folder).with_suffix("").parts]
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imported_modules(name: str, path, modules: dict) -> set:
+    """The modules of ``modules`` that module ``name`` imports (``from . import x`` counts as x)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            submodules = [f"{source}.{alias.name}" for alias in node.names]
+            targets = [m for m in submodules if m in modules]
+            if len(targets) < len(submodules):  # names defined in the module itself
+                targets.append(source)
+        else:
+            continue
+        for target in targets:  # the deepest of our modules the dotted name reaches
+            parts = target.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            if parts:
+                found.add(".".join(parts))
+    return found - {name}
+
+
+def test_no_package_module_imports_itself_back_through_a_circle():
+    # minilora, minilora_train (its forgetting package too) and minilora_bench: lower layers never
+    # know higher ones. Sorting the modules into layers, each importing only layers below it,
+    # fails exactly when there is a circle; the message names one.
+    modules = package_modules()
+    assert {"minilora.layer", "minilora_train.loop", "minilora_train.forgetting.check", "minilora_bench.cli"} <= set(modules)
+    imports = {name: imported_modules(name, path, modules) for name, path in modules.items()}
+    placed, left = set(), dict(imports)
     while left:
-        ready = sorted(m for m, needs in left.items() if needs <= set(placed))
-        assert ready, f"import circle: {', '.join(f'{m} -> {sorted(n - set(placed))}' for m, n in sorted(left.items()))}"
-        placed += ready
+        ready = {m for m, needs in left.items() if needs <= placed}
+        if not ready:  # every module left waits for another one left: follow the waits round a circle
+            path = [min(left)]
+            while path[-1] not in path[:-1]:
+                path.append(min(left[path[-1]] - placed))
+            pytest.fail("import circle: " + " -> ".join(path[path.index(path[-1]):]))
+        placed |= ready
         for m in ready:
             del left[m]
+
+
+def test_the_graph_reader_sees_function_level_and_relative_imports(tmp_path):
+    # The circle test above is only as good as its reader: a lazy import inside a function, a
+    # parent-relative import and ``from . import x`` all count.
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("def f():\n    from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("from .. import a\nfrom . import c\n")
+    (pkg / "sub" / "c.py").write_text("")
+    modules = {"pkg.a": pkg / "a.py", "pkg.sub": pkg / "sub" / "__init__.py",
+               "pkg.sub.b": pkg / "sub" / "b.py", "pkg.sub.c": pkg / "sub" / "c.py"}
+    assert imported_modules("pkg.a", modules["pkg.a"], modules) == {"pkg.sub.b"}
+    assert imported_modules("pkg.sub.b", modules["pkg.sub.b"], modules) == {"pkg.a", "pkg.sub.c"}
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    # A leading underscore says "this module's own": another of our modules neither imports such a
+    # name nor reaches for it through the module (``minilora.dropout._x``). Tests may.
+    import ast
+
+    modules = package_modules()
+    crossings = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        ours = set()  # local names bound to our modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+                crossings += [f"{name}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+                              for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+                ours |= {alias.asname or alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                ours |= {(alias.asname or alias.name).split(".")[0] for alias in node.names
+                         if alias.name.split(".")[0] in PACKAGES}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id in ours:
+                    crossings.append(f"{name}: {ast.unparse(node)}")
+    assert crossings == []
+
+
+def test_no_script_changes_sys_path():
+    # The lab scripts import minilora, minilora_train and minilora_bench as installed (scripts/venv.sh
+    # installs the repository editable); the tests that load one do so by its file path.
+    import pathlib
+
+    from conftest import ROOT
+
+    scripts = sorted((pathlib.Path(ROOT) / "scripts").rglob("*.py"))
+    assert scripts and [str(p) for p in scripts if "sys.path" in p.read_text()] == []

@@ -55,7 +55,7 @@ def save_adapter_dir(base_dir: str, path: str, seed: int, **lora) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matmuls gain nothing from threads, and on a busy 2-core runner spinning OpenMP
-    threads made each one ~10x slower; the setting is restored for other modules."""
+    threads made each one many times slower; the setting is restored for other modules."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -362,7 +362,7 @@ def test_torchrun_ranks_draw_their_own_dropout_masks_stop_together_on_sigterm_an
 
     def launch(out, *extra, **env):
         proc = torchrun([str(worker), *train_argv(tiny_model_dir, tiny_text_file, out, *flags, *extra)],
-                        env={"PYTHONPATH": ROOT, **env}, timeout=150)  # about 20 s each; ranks that disagree hang
+                        env={"PYTHONPATH": ROOT, **env}, timeout=150)  # generous: ranks that disagree hang
         # The command line ends the process group itself, after a barrier, rather than leaving it
         # to the exit handler: a rank whose gloo threads outlived it once aborted at exit.
         assert proc.stdout.count("exits with its process group ended: True") == 2

@@ -1,4 +1,4 @@
-"""scripts/sft_medquad.py: SFTTrainer gets the very conversations minilora-train trains on, and the
+"""scripts/lab/sft_medquad.py: SFTTrainer gets the very conversations minilora-train trains on, and the
 comparison table says what the JSON holds. The runs themselves go through SFTTrainer and
 minilora_train.loop.run, tested in test_trainers.py and test_train_loop.py."""
 
@@ -13,7 +13,7 @@ from minilora_train.data import record_parts
 from minilora_train.demo_assets import read_medquad
 from trainers_worker import CHAT_TEMPLATE
 
-spec = importlib.util.spec_from_file_location("sft_medquad", os.path.join(ROOT, "scripts", "sft_medquad.py"))
+spec = importlib.util.spec_from_file_location("sft_medquad", os.path.join(ROOT, "scripts", "lab", "sft_medquad.py"))
 sft_medquad = importlib.util.module_from_spec(spec)
 sys.modules["sft_medquad"] = sft_medquad
 spec.loader.exec_module(sft_medquad)

@@ -201,8 +201,8 @@ def test_the_held_out_records_are_the_ones_datasets_held_out():
 
 
 def test_the_app_on_json_lines_never_imports_datasets(tiny_model_dir, tmp_path):
-    """`datasets` and pyarrow stay resident once imported (docs/benchmarks.md: +174 MiB before the
-    first update); the common input must not pull them in, anywhere in the app."""
+    """`datasets` and pyarrow stay resident once imported (docs/history.md has what that cost the
+    app's peak memory); the common input must not pull them in, anywhere in the app."""
     data = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in medical_sentences(40)])
     argv = train_argv(tiny_model_dir, data, tmp_path / "out", "--max_steps", "1", "--general_eval_dataset", "none")
     script = ("import json, sys\nfrom minilora_train.config import parse_args\nfrom minilora_train.loop import run\n"

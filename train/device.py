@@ -75,6 +75,35 @@ def tpu_present(pci_devices: str = "/sys/bus/pci/devices") -> bool:
     return False
 
 
+def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """True when the CPU multiplies bfloat16 in hardware: AVX-512-BF16 (AMD Zen 4 on, Intel Cooper
+    Lake on) or AMX (Intel Sapphire Rapids on), as /proc/cpuinfo's flags say. Elsewhere bfloat16 is
+    emulated and slower than float32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False  # not Linux: no way to tell, and float32 is never wrong
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16(requested: str = "auto") -> bool:
+    """Whether the device ``resolve(requested)`` picks computes bfloat16 natively: TPUs (XLA), CUDA
+    GPUs that support it, CPUs with native bfloat16 (cpu_has_native_bf16). The demo's base takes
+    bfloat16 there and float32 elsewhere."""
+    kind = resolve(requested).split(":")[0]
+    if kind == "xla":
+        return True
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
 def torch_device(name: str) -> torch.device:
     """The torch.device for a name ``resolve`` returned (``xla``: torch_xla's device)."""
     if name == "xla":
@@ -180,25 +209,25 @@ class Device:
 
     # -- the model -------------------------------------------------------------------------
 
-    def enable_gradient_checkpointing(self, model) -> None:
-        """Recompute each decoder layer in the backward pass. On XLA, torch_xla's checkpoint
-        wraps the recomputation in an optimization barrier; plain torch checkpointing would be
-        undone by XLA's common-subexpression elimination."""
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.is_xla:
-            from torch_xla.utils.checkpoint import checkpoint
-
-            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(
-                checkpoint, use_reentrant=True))
-
-    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+    def place(self, model: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
         """The model on this device, in training mode. torchrun --fsdp: sharded by FSDP2 first,
         each layer moved as it is sharded, so a base larger than one GPU never sits whole on
-        one; the optimizer built afterwards holds the shards. Call after LoRA injection and
-        gradient checkpointing."""
+        one; the optimizer built afterwards holds the shards. Call after LoRA injection.
+
+        ``gradient_checkpointing``: recompute each decoder layer in the backward pass, set up
+        before sharding. On XLA, torch_xla's checkpoint wraps the recomputation in an optimization
+        barrier; plain torch checkpointing would be undone by XLA's common-subexpression
+        elimination."""
+        if gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.is_xla:
+                from torch_xla.utils.checkpoint import checkpoint
+
+                model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(
+                    checkpoint, use_reentrant=True))
         model = self.layout.shard(model)
         return move_model(model, self.torch_device).train()
 
@@ -218,20 +247,20 @@ class Device:
         """torchrun: each rank draws its own dropout masks (distributed.Layout.seed_per_rank)."""
         self.layout.seed_per_rank(seed)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """``optimizer.load_state_dict``, with the learning rate kept in this device's tensor.
-        The checkpoint's is a host tensor; left in place, every step would upload it and build
-        a graph unlike an unresumed run's, which the persistent compilation cache then misses."""
+    def restore(self, optimizer: torch.optim.Optimizer, optimizer_state: dict, per_rank: list) -> bool:
+        """A resumed run's state: ``optimizer.load_state_dict``, then this process's entry of what
+        ``rng_states`` saved. False when the RNG states were saved by a different number of
+        processes: the optimizer is restored, the random-number state is left as it is.
+
+        The learning rate stays in this device's tensor. The checkpoint's is a host tensor; left in
+        place, every step would upload it and build a graph unlike an unresumed run's, which the
+        persistent compilation cache then misses."""
         lrs = [group["lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(optimizer_state)
         for group, lr in zip(optimizer.param_groups, lrs):
             if isinstance(lr, torch.Tensor):
                 lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
                 group["lr"] = lr
-
-    def restore_rng(self, per_rank: list) -> bool:
-        """Take this process's entry of what ``rng_states`` saved; False (and nothing changes)
-        when it was saved by a different number of processes."""
         state = self.layout.own_entry(per_rank)
         if state is None:
             return False
@@ -392,7 +421,7 @@ class Device:
         """The loop has run each of its graphs once: compiles and host fallbacks from here on are
         counted by ``xla_counts`` (on XLA; nothing elsewhere)."""
         if self.is_xla:
-            self._warm = (self._compile_count(), self._host_fallbacks())
+            self._warm = (_xla_compiles(), _xla_host_fallbacks())
         if self._compiled_at is not None:
             self._compile_warm = (_dynamo_graphs(), time.time() - self._compiled_at)
 
@@ -420,24 +449,11 @@ class Device:
         if not self.is_xla:
             return {}
         compiles, fallbacks = self._warm or (0, {})
-        now = self._host_fallbacks()
-        return {"compiles_total": self._compile_count(), "compiles_after_warmup": self._compile_count() - compiles,
+        now = _xla_host_fallbacks()
+        return {"compiles_total": _xla_compiles(), "compiles_after_warmup": _xla_compiles() - compiles,
                 "host_fallbacks_after_warmup": {k: v - fallbacks.get(k, 0) for k, v in now.items()
                                                 if v - fallbacks.get(k, 0)}}
 
-    def _compile_count(self) -> int:
-        """XLA graph compilations so far in this process."""
-        import torch_xla.debug.metrics as met
-
-        data = met.metric_data("CompileTime")
-        return int(data[0]) if data else 0
-
-    def _host_fallbacks(self) -> dict[str, int]:
-        """XLA ops that ran on the host (``aten::*`` counters), e.g. ``aten::_local_scalar_dense``
-        for every ``.item()``."""
-        import torch_xla.debug.metrics as met
-
-        return {name: met.counter_value(name) for name in met.counter_names() if name.startswith("aten::")}
 
 
 def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
@@ -470,6 +486,22 @@ class _Reiterable:
 
     def __len__(self):
         return len(self.batches) if hasattr(self.batches, "__len__") else 0
+
+
+def _xla_compiles() -> int:
+    """XLA graph compilations so far in this process."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def _xla_host_fallbacks() -> dict[str, int]:
+    """XLA ops that ran on the host (``aten::*`` counters), e.g. ``aten::_local_scalar_dense``
+    for every ``.item()``."""
+    import torch_xla.debug.metrics as met
+
+    return {name: met.counter_value(name) for name in met.counter_names() if name.startswith("aten::")}
 
 
 def _dynamo_graphs() -> int:

@@ -11,10 +11,11 @@ and k_proj of a "llama" file for its RoPE kernel, and transformers' GGUF loader 
 rows are whole blocks, so here the blocks' rows are put back (``rope_rows``), exactly. The export
 (gguf_export.py) applies the same order to an adapter's lora_B.
 
-The file's header is read here directly (a few ms): gguf-py's GGUFReader decodes every string of
-the tokenizer's vocabulary through numpy views, about 20 s for SmolLM2's 49,152 tokens on two busy
-cores. The config and tokenizer that transformers derives from the file (the slow part) are kept
-under ``~/.cache/minilora/gguf/<file>-<hash>.blocks/``, or taken from the converted folder when
+The file's header is read here directly: gguf-py's GGUFReader decodes every string of the
+tokenizer's vocabulary through numpy views, which is slow for a vocabulary of SmolLM2's size
+(docs/benchmarks.md, "Start-up: the demo's GGUF base"). The config and tokenizer that
+transformers derives from the file (the slow part) are kept under
+``~/.cache/minilora/gguf/<file>-<hash>.blocks/``, or taken from the converted folder when
 base_model.py already made one.
 """
 
@@ -240,10 +241,10 @@ def config_and_tokenizer_dir(gguf_path: os.PathLike, cache_root: Optional[os.Pat
     def fill(tmp: Path) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .base_model import _without_conversion_bar
+        from .base_model import without_conversion_bar
 
         try:
-            with _without_conversion_bar():
+            with without_conversion_bar():
                 config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
                 tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except (OSError, ValueError, KeyError, NotImplementedError) as e:

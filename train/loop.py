@@ -260,9 +260,7 @@ def _model_and_data(args: TrainArgs, device: Device, model, tokenizer, check: fo
                 bias=args.lora_bias, use_rslora=args.use_rslora, layers_to_transform=layers))
         except ValueError as e:  # e.g. no module matched: the message lists the Linear names there are
             raise UsageError(f"--lora_target_modules: {e}") from None
-    if args.gradient_checkpointing:
-        device.enable_gradient_checkpointing(model)
-    model = device.place(model)
+    model = device.place(model, gradient_checkpointing=args.gradient_checkpointing)
     if args.compile:
         device.compile(module_called(model, args.chunked_loss))
     return model, tokenizer, train_data
@@ -358,9 +356,8 @@ def _restore(path: str, model, optimizer, device: Device, args: TrainArgs) -> Po
             for name, p in expected.items():
                 p.copy_(weights[name].to(p.dtype))
     try:
-        device.load_optimizer_state(optimizer, optimizer_state)
         per_rank = rng_state["ranks"] if "ranks" in rng_state else [rng_state]  # torchrun runs store one per rank
-        if not device.restore_rng(per_rank) and device.is_main:
+        if not device.restore(optimizer, optimizer_state, per_rank) and device.is_main:
             print(f"note: {path} holds the RNG states of {len(per_rank)} process(es), a different number from this "
                   "run's; dropout masks start afresh, so the run does not continue exactly", flush=True)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -384,10 +381,10 @@ def loss_is_chunked(args: TrainArgs, device: Device) -> bool:
     CPU; on XLA only when --chunked_loss is given by name (or in --config), and not under SPMD.
 
     On XLA the chunks run as one compiled loop that holds one chunk's logits at a time, but on
-    XLA's CPU device the app's update at SmolLM2's shape (8 x 128) took 8.54 s chunked against
-    7.60 s with full logits in a first run and 7.01 against 7.83 s in scripts/cpu_probes.py xla-app,
-    at 0.95 of the peak RSS in both, and no TPU has measured it. So XLA keeps the full logits
-    unless asked: the choice for a batch whose logits do not fit."""
+    XLA's CPU device two runs of the app's update at SmolLM2's shape disagreed on whether it is
+    faster than the full logits, and no TPU has measured it (docs/benchmarks.md, "The chunked loss
+    on XLA"). So XLA keeps the full logits unless asked: the choice for a batch whose logits do
+    not fit."""
     if not args.chunked_loss:
         return False
     if not device.is_xla:

@@ -140,11 +140,9 @@ def _looped_chunks(hidden, weight, labels, rows: int, need_hidden: bool, need_we
 def _scanned_chunks(hidden, weight, labels, rows: int, need_hidden: bool, need_weight: bool):
     """The chunks as one XLA loop (torch_xla's ``scan``, a While whose body is one chunk): traced
     once, and the compiler's plan holds one chunk's logits at a time. A Python loop would be
-    unrolled into the graph, where XLA may schedule every chunk's logits at once: its CPU compiler
-    planned 1,685 MiB for the Python loop over 4,096 tokens at SmolLM2's head in 256-token chunks
-    (scripts/cpu_probes.py xla-loss at commit 282c9c7, before this loop replaced it), against 224 MiB for this loop and 3,198 MiB unfused
-    (scripts/cpu_probes.py xla-loss). The tokens are padded to whole chunks with ignored labels,
-    which carry neither loss nor gradient."""
+    unrolled into the graph, where XLA's CPU compiler planned every chunk's logits at once, several
+    times this loop's memory (docs/benchmarks.md, "The chunked loss on XLA"). The tokens are padded
+    to whole chunks with ignored labels, which carry neither loss nor gradient."""
     from torch_xla.experimental.scan import scan
 
     n, width = hidden.shape
@@ -180,18 +178,13 @@ def _scan_body(need_hidden: bool, need_weight: bool):
 
 
 # Chunks below this many tokens stream the whole (V, H) head weight through memory for too few
-# rows: at SmolLM2's head on 2 CPU cores, 1,024 tokens took 2.62 s in 16-token chunks, 1.02 s in
-# 128, 0.94 s in 256, 0.87 s in 512, against 1.01 s unfused; 4,096 tokens 3.73 s in 256 and 3.50 s
-# in 512 (4.09 s unfused), at 757 against 856 MiB peak RSS (forward and backward, alternated,
-# 2 threads: scripts/cpu_probes.py loss). 256 rather than 512 for the memory: the app's update at
-# 8 x 512 peaked at 0.825 and 0.854 of full logits' RSS in two runs, against 0.853 and 0.860, for
-# the loss probe's 0.23 s more of a 21-25 s update (docs/benchmarks.md, "SmolLM2's shape on two
-# CPU cores").
+# rows, and the loss slows down; larger chunks hold more logits at the peak. 256 rather than 512
+# for the memory: it lowered the app's peak at SmolLM2's shape (8 x 512) for a small share of the
+# update's time (docs/benchmarks.md, "The loss alone, by chunk size", has the figures and commands).
 MIN_CHUNK_ROWS = 256
 # On XLA each chunk is one iteration of a compiled loop, whose fixed cost small chunks pay many
-# times: on XLA's CPU device the loss alone at 4,096 tokens and SmolLM2's head took 5.19 s in
-# 256-token chunks and 3.32 s in 1,024, against 3.82 s unfused, with 224, 516 and 3,198 MiB
-# planned (scripts/cpu_probes.py xla-loss --tokens 4096 --rows 256,1024).
+# times: there 1,024-token chunks beat the unfused loss in time and 256-token ones did not
+# (docs/benchmarks.md, "The chunked loss on XLA").
 MIN_CHUNK_ROWS_XLA = 1024
 
 

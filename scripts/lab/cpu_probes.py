@@ -2,11 +2,11 @@
 train/loss.py's chunked loss (docs/benchmarks.md, "SmolLM2's shape on two CPU cores"). Each probe
 alternates its contenders in one process and prints medians; run it on a quiet machine.
 
-    python scripts/cpu_probes.py mask          # converting and drawing a (1024, 576) mask, 1 thread
-    python scripts/cpu_probes.py loss          # chunked_nll by chunk size vs the unfused head + loss
-    python scripts/cpu_probes.py step          # a whole SmolLM2-shaped LoRA step, chunked vs full logits
-    python scripts/cpu_probes.py xla-loss --tokens 4096 --rows 256,1024   # XLA: the loss's planned memory
-    python scripts/cpu_probes.py xla-app       # the app's update on XLA's CPU device, chunked vs full logits
+    python scripts/lab/cpu_probes.py mask          # converting and drawing a (1024, 576) mask, 1 thread
+    python scripts/lab/cpu_probes.py loss          # chunked_nll by chunk size vs the unfused head + loss
+    python scripts/lab/cpu_probes.py step          # a whole SmolLM2-shaped LoRA step, chunked vs full logits
+    python scripts/lab/cpu_probes.py xla-loss --tokens 4096 --rows 256,1024   # XLA: the loss's planned memory
+    python scripts/lab/cpu_probes.py xla-app       # the app's update on XLA's CPU device, chunked vs full logits
 
 ``loss`` also gives each contender's peak RSS, from a fresh process per contender (``--memory``).
 """
@@ -27,10 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import minilora  # noqa: E402
-from minilora_train.loss import chunked_nll, summed_nll  # noqa: E402
+import minilora
+from minilora_train.loss import chunked_nll, summed_nll
 
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's head
 
@@ -47,7 +45,7 @@ def words_mask(x: torch.Tensor) -> torch.Tensor:
     from minilora_bench.models import mask_path
 
     with mask_path("words"):  # the AMD path on any CPU
-        return minilora.dropout._draw_keep_mask(x, 0.05)
+        return minilora.dropout.dropout_mask(x, 0.05)
 
 
 def probe_mask() -> dict:

@@ -1,8 +1,8 @@
 """DoRA training-step time and memory: minilora's ``use_dora=True`` against PEFT's, plus plain
 minilora LoRA for reference, on a randomly initialised Llama.
 
-    python scripts/dora_bench.py --threads 1
-    python scripts/dora_bench.py --device cuda --dtype bfloat16 --shape layers=16,hidden=2048,...
+    python scripts/lab/dora_bench.py --threads 1
+    python scripts/lab/dora_bench.py --device cuda --dtype bfloat16 --shape layers=16,hidden=2048,...
 
 Method (the same as the project benchmark's training section): all contenders are built first;
 each runs 2 untimed warm-up steps, then ``--rounds`` rounds in which every contender runs one step,
@@ -37,11 +37,8 @@ from dataclasses import asdict
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import minilora  # noqa: E402
-from minilora_bench.models import Shape, llama_config, parse_shape  # noqa: E402
+import minilora
+from minilora_bench.models import Shape, llama_config, parse_shape
 
 
 # The benchmark package's shape (4 layers here: DoRA's norm makes each step dearer) and its one

@@ -1,8 +1,8 @@
 """Compare minilora's NF4 quantization with bitsandbytes' ``quantize_4bit`` on the same weights.
 
     pip install bitsandbytes   # not a minilora dependency: only this check needs it
-    python scripts/quant_bnb_check.py --device cpu  --out docs/measurements/quant-bnb-cpu.json
-    python scripts/quant_bnb_check.py --device cuda --out docs/measurements/quant-bnb-cuda.json
+    python scripts/lab/quant_bnb_check.py --device cpu  --out docs/measurements/quant-bnb-cpu.json
+    python scripts/lab/quant_bnb_check.py --device cuda --out docs/measurements/quant-bnb-cuda.json
 
 For each weight (bf16, fp16 and fp32; even and odd element counts; block sizes 32, 64, 128), with
 and without double quantization: whether the packed 4-bit codes, the block scales (8-bit codes
@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minilora.weight import NF4_CODE, SCALE_BLOCK, QuantizedWeight, dynamic_code  # noqa: E402
+from minilora.weight import NF4_CODE, SCALE_BLOCK, QuantizedWeight, dynamic_code
 
 CASES = [((256, 320), torch.bfloat16, 64), ((33, 67), torch.float32, 64), ((2048, 130), torch.float16, 64),
          ((96, 200), torch.bfloat16, 128), ((5, 7), torch.float32, 32), ((1024, 576), torch.bfloat16, 64)]

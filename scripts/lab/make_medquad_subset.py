@@ -1,6 +1,6 @@
 """Write train/assets/medquad.jsonl.gz, the embedded demo's medical data, from MedQuAD.
 
-    python scripts/make_medquad_subset.py /path/to/medquad.jsonl
+    python scripts/lab/make_medquad_subset.py /path/to/medquad.jsonl
 
 The input is MedQuAD as one JSON object a line (``source``, ``focus``, ``question``, ``answer``;
 Ben Abacha and Demner-Fushman, BMC Bioinformatics 20:511, 2019; CC BY 4.0). The output holds the
@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "train" / "assets" / "medquad.jsonl.gz"
+OUT = Path(__file__).resolve().parents[2] / "train" / "assets" / "medquad.jsonl.gz"
 SEED = 0
 TRAIN_RECORDS = 2000
 VALIDATION_RECORDS = 160

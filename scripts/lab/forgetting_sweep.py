@@ -49,10 +49,9 @@ import shutil
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from minilora_train.config import GUARD_SHARE
 
-from minilora_train.config import GUARD_SHARE  # noqa: E402
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/, whose parent is the repository
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

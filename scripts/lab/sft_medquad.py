@@ -16,9 +16,9 @@ perplexity on the demo's 32 held-out MedQuAD windows and on 32 windows of held-o
 update: training wall time from the first update to the last, over the updates; a figure taken
 while other work runs is marked "loaded" in the JSON (from the load average).
 
-    python scripts/sft_medquad.py                                   # both runs, then the table
-    python scripts/sft_medquad.py --runs sft --out /tmp/sft         # SFTTrainer alone
-    python scripts/sft_medquad.py --json docs/measurements/sft-medquad-cpu.json
+    python scripts/lab/sft_medquad.py                                   # both runs, then the table
+    python scripts/lab/sft_medquad.py --runs sft --out /tmp/sft         # SFTTrainer alone
+    python scripts/lab/sft_medquad.py --json docs/measurements/sft-medquad-cpu.json
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def demo_args(output_dir: str, base_dir: str):
