@@ -520,8 +520,8 @@ def plot(results: dict, path: str) -> None:
     axes[0].legend(fontsize=7, ncol=2)
     settings = results.get("settings", {})
     fig.suptitle(f"SmolLM2-135M-Instruct on MedQuAD: {settings.get('training_tokens', '?'):,} training tokens per run, "
-                 "learning rates annotated; squares: best point, mean and std over 3 seeds; dashed: with "
-                 "self-distillation, mean and std over seeds", fontsize=10)
+                 "learning rates annotated;\nsquares: best point, mean and std over 3 seeds; dashed: with "
+                 "self-distillation on both sides, mean and std over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
