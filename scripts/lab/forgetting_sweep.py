@@ -27,12 +27,13 @@ without a remedy turn the forgetting guard off (--replay_self 0). Results go to 
 continues where it stopped) and a plot: medical perplexity change against forgetting, one curve per
 method.
 
-    python scripts/forgetting_sweep.py                       # everything (hours on 2 CPU cores)
-    python scripts/forgetting_sweep.py --stage grid          # one stage
-    python scripts/forgetting_sweep.py --point "lora-r16-all lr=0.001 seed=0" --json /tmp/one.json
-    python scripts/forgetting_sweep.py --plot_only           # redraw from the JSON
-    python scripts/forgetting_sweep.py --updates 160 --eval_every 16 --json docs/measurements/forgetting-long.json \
-        --point "full lr=3e-05 seed=0" "full lr=3e-05 seed=0 self-distill-25"   # longer runs, with trajectories
+    python scripts/lab/forgetting_sweep.py                       # everything (hours on 2 CPU cores)
+    python scripts/lab/forgetting_sweep.py --stage grid          # one stage
+    python scripts/lab/forgetting_sweep.py --point "lora-r16-all lr=0.001 seed=0" --json /tmp/one.json
+    python scripts/lab/forgetting_sweep.py --plot_only           # redraw from the JSON
+    python scripts/lab/forgetting_sweep.py --updates 160 --eval_every 16 --json docs/measurements/forgetting-long.json \
+        --point "lora-r16-all lr=0.001 seed=0 self-distill-25" "full lr=3e-05 seed=0 self-distill-25" \
+                "lora-r16-all lr=0.001 seed=0" "full lr=3e-05 seed=0"   # longer runs, with trajectories
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import time
 
 from minilora_train.config import GUARD_SHARE
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/, whose parent is the repository
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,7 +70,7 @@ GUARD = f"self-distill-{round(100 * GUARD_SHARE)}"
 REMEDIES.setdefault(GUARD, {"replay_self": GUARD_SHARE})
 # The issue's target for a LoRA setting: medical perplexity at least 20% lower, general at most 5% higher
 MEDICAL_TARGET, GENERAL_LIMIT = -20.0, 5.0
-DEFAULT_JSON = os.path.join(os.path.dirname(HERE), "docs", "measurements", "forgetting-sweep.json")
+DEFAULT_JSON = os.path.join(ROOT, "docs", "measurements", "forgetting-sweep.json")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -164,7 +165,8 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="minilora-train,sft", help="comma-separated: minilora-train, sft")
-    parser.add_argument("--out", default="sft-medquad", help="folder for both runs' outputs")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "minilora-sft-medquad"),
+                        help="folder for both runs' outputs (not the working directory: it is often the repository)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--max_steps", type=int, help="updates per run (default: the demo's 45)")
     options = parser.parse_args(argv)
