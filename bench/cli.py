@@ -18,7 +18,7 @@ from . import __doc__ as PACKAGE_DOC
 from .loop import LOOP_ROWS
 from .models import QUICK, SHAPES, Settings, Shape, parse_shape
 from .report import machine, markdown, targets
-from .timing import ROOT
+from .timing import ROOT, keep_off_xla
 
 MEDQUAD = os.path.join(os.path.dirname(ROOT), "shared", "data", "medquad.jsonl")
 SECTIONS = ("training", "speed", "gguf", "inference", "switching", "multi", "loop", "xla", "packing")
@@ -152,6 +152,7 @@ def run_sections(settings: Settings, chosen: list[str], devices: list[torch.devi
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
+    keep_off_xla()
     if args.memory_child:  # one contender's peak memory, in a fresh process (see training.peak_memory)
         from .training import measure_memory
 

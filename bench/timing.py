@@ -97,6 +97,25 @@ def usage() -> dict:
     return {"user_seconds": r.ru_utime, "system_seconds": r.ru_stime, "minor_faults": r.ru_minflt}
 
 
+# Whether keep_off_xla set USE_TORCH_XLA for this process (the children get the user's setting back).
+_SET_USE_TORCH_XLA = False
+
+
+def keep_off_xla() -> None:
+    """Keep this process's transformers off XLA, unless the user set USE_TORCH_XLA. Nothing here
+    runs XLA (the xla section runs its loops in subprocesses); without it transformers imports
+    accelerate, which imports torch_xla wherever it is installed: seconds of start-up and a
+    "Defaulting to PJRT_DEVICE=CPU" warning."""
+    global _SET_USE_TORCH_XLA
+    if "USE_TORCH_XLA" not in os.environ:
+        os.environ["USE_TORCH_XLA"] = "0"
+        _SET_USE_TORCH_XLA = True
+
+
 def child_env() -> dict:
-    """The environment of the benchmark's subprocesses: this checkout's code first."""
-    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """The environment of the benchmark's subprocesses: this checkout's code first, and the
+    user's own USE_TORCH_XLA (the xla section's children run XLA)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if _SET_USE_TORCH_XLA:
+        del env["USE_TORCH_XLA"]
+    return env

@@ -11,6 +11,7 @@ time nothing: speed and memory are the benchmark's to report, never a test's to 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,13 +19,37 @@ import torch
 import minilora
 from conftest import make_tokenizer, medical_sentences, tiny_llama, write_jsonl
 from test_layer import OpRecorder
-from minilora_bench import cli
+from minilora_bench import cli, timing
 from minilora_bench.inference import bench_switching
 from minilora_bench.models import MASK_PATHS, Settings, mask_path
 from minilora_bench.xla import bench_xla
 
 # 3 x 7 = 21 token rows: no activation is shaped like any weight of the tiny Llama (64, 32, 128 wide).
 IDS = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def session_keeps_its_xla_setting(monkeypatch):
+    """cli.main keeps its process off XLA by setting USE_TORCH_XLA; the session's later tests, and
+    the subprocesses they start, must see the session's own value again."""
+    before = os.environ.get("USE_TORCH_XLA")
+    monkeypatch.setattr(timing, "_SET_USE_TORCH_XLA", False)
+    yield
+    if before is None:
+        os.environ.pop("USE_TORCH_XLA", None)
+    else:
+        os.environ["USE_TORCH_XLA"] = before
+
+
+def test_bench_keeps_its_process_off_xla_and_gives_children_the_users_setting(monkeypatch):
+    monkeypatch.delenv("USE_TORCH_XLA", raising=False)
+    timing.keep_off_xla()
+    assert os.environ["USE_TORCH_XLA"] == "0"  # transformers here never imports torch_xla
+    assert "USE_TORCH_XLA" not in timing.child_env()  # the xla section's children run XLA as the user set it
+    monkeypatch.setattr(timing, "_SET_USE_TORCH_XLA", False)
+    monkeypatch.setenv("USE_TORCH_XLA", "1")  # the user's own setting wins, here and in the children
+    timing.keep_off_xla()
+    assert os.environ["USE_TORCH_XLA"] == "1" and timing.child_env()["USE_TORCH_XLA"] == "1"
 
 
 def llama(dropout: float, **fields):

@@ -88,3 +88,13 @@ def test_the_doc_shows_the_published_tables():
         doc = f.read()
     missing = [line for line in sweep.tables(published).splitlines() if line and line not in doc]
     assert not missing, f"docs/forgetting.md lacks {len(missing)} table line(s), e.g. {missing[0]!r}"
+
+
+def test_plotting_a_file_without_runs_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "quiet_start", lambda device: None)  # it would set this session's environment
+    missing = tmp_path / "none.json"
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--plot_only", "--json", str(missing)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"{missing} holds no runs to plot")
+    assert list(tmp_path.iterdir()) == []

@@ -50,6 +50,7 @@ import shutil
 import sys
 import time
 
+from minilora_train.command import quiet_start
 from minilora_train.config import GUARD_SHARE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -581,6 +582,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun", action="store_true", help="run points already in the JSON again")
     parser.add_argument("--plot_only", action="store_true", help="redraw the plot and print the doc's tables")
     args = parser.parse_args(argv)
+    quiet_start(args.device)  # the runs never use XLA: keep transformers from importing torch_xla
     if args.updates < 1 or args.eval_windows < 1:
         parser.error("--updates and --eval_windows must be positive")
 
@@ -593,6 +595,8 @@ def main(argv=None) -> int:
                      f"evaluation windows and --eval_every {settings.get('eval_every', 0)}; give those, or another --json")
     png = os.path.splitext(args.json)[0] + ".png"
     if args.plot_only:
+        if not results.get("runs"):
+            parser.error(f"{args.json} holds no runs to plot")
         save(args.json, results)
         show(results, png)
         return 0
