@@ -1,6 +1,6 @@
 """Section ``multi``: a batch whose rows use different adapters, minilora's stacked slots
-(``minilora.mixed_batch``) against PEFT's ``adapter_names=`` mixed batch, and against the same batch
-through one active adapter with every adapter loaded. Decode (one new token a row over a KV cache
+(``minilora.mixed_batch``) against PEFT's ``adapter_names=`` mixed batch, against the same batch
+through one active adapter with every adapter loaded, and against the base alone. Decode (one new token a row over a KV cache
 of ``multi_tokens`` tokens) and prefill (``multi_tokens`` tokens a row)."""
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def timed(contenders: dict[str, Contender], call, rounds: int, sync) -> dict[str
 def bench_multi(settings: Settings, device: torch.device, dtype=torch.float32) -> dict:
     """Per number of distinct adapters in the batch (``multi_mixes``; rows = max(multi_rows, that
     number), row i using adapter i mod that number): decode and prefill time of minilora's mixed
-    batch, PEFT's, and minilora with one active adapter on the same rows."""
+    batch, PEFT's, minilora with one active adapter on the same rows, and the base with no adapter
+    (the floor of any way to add adapters to it)."""
     shape, total, tokens = settings.multi_shape, max(settings.multi_mixes), settings.multi_tokens
     ours = build_minilora(shape, total, settings.seed, device, dtype)
     theirs = build_peft(ours, shape, total, settings.seed, device, dtype) if has_peft() else None
@@ -115,7 +116,9 @@ def bench_multi(settings: Settings, device: torch.device, dtype=torch.float32) -
         prompt = torch.randint(0, shape.vocab, (rows, tokens), generator=g).to(device)  # (B, P)
         step = torch.randint(0, shape.vocab, (rows, 1), generator=g).to(device)  # (B, 1)
         contenders = {"minilora": Contender(ours, lambda: minilora.mixed_batch(ours, names)),
-                      "one adapter": Contender(ours)}
+                      "one adapter": Contender(ours),
+                      # the floor no adapter implementation can go under: the base's own forward
+                      "no adapter": Contender(ours, lambda: minilora.disable_adapters(ours))}
         if theirs is not None:
             contenders["PEFT"] = Contender(theirs.get_base_model(),
                                            lambda: theirs._enable_peft_forward_hooks(adapter_names=names))
@@ -145,6 +148,9 @@ def bench_multi(settings: Settings, device: torch.device, dtype=torch.float32) -
             if "PEFT" in times:
                 times["minilora_vs_peft"] = times["minilora"]["median"] / times["PEFT"]["median"]
             times["minilora_vs_one_adapter"] = times["minilora"]["median"] / times["one adapter"]["median"]
+            times["minilora_vs_no_adapter"] = times["minilora"]["median"] / times["no adapter"]["median"]
+            if "PEFT" in times:
+                times["no_adapter_vs_peft"] = times["no adapter"]["median"] / times["PEFT"]["median"]
         out.append(row)
     return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "shape": dataclasses.asdict(shape),
             "adapters_loaded": total, "tokens": tokens, "peft": theirs is not None, "rows": out}

@@ -231,7 +231,8 @@ def _multi_targets(add, multi: dict) -> None:
     most = max(rows, default=64)
     for phase in ("decode", "prefill"):
         at16 = rows.get(16, {}).get(phase, {})
-        add(f"{phase}, 16 adapters in a batch of 32: minilora / PEFT time{on}", at16.get("minilora_vs_peft"), 0.33)
+        add(f"{phase}, 16 adapters in a batch of 32: minilora / PEFT time{on}", at16.get("minilora_vs_peft"), 0.33,
+            note=at16.get("no_adapter_vs_peft") and f"the base alone, no adapter: {at16['no_adapter_vs_peft']:.3f}")
         spread = rows.get(most, {}).get(phase, {})
         add(f"{phase}, a batch over {most} adapters / the same batch through one adapter{on}",
             spread.get("minilora_vs_one_adapter"), 1.3,
@@ -247,15 +248,18 @@ def _multi_table(multi: dict) -> list[str]:
              f"{multi['adapters_loaded']} adapters loaded, r={s['r']} on the seven projections; row i uses adapter "
              f"i mod n. Decode: one token a row over a KV cache of {multi['tokens']} tokens; prefill: {multi['tokens']} "
              "tokens a row. minilora: `mixed_batch` (stacked slots); PEFT: `adapter_names=`; one adapter: "
-             "minilora with `set_adapter`, the same rows. Medians of alternated calls; ratios are times.", "",
-             "| adapters | rows | phase | PEFT (ms) | minilora (ms) | one adapter (ms) | minilora / PEFT | "
-             "minilora / one adapter | minilora tokens/s | PEFT tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "minilora with `set_adapter`, the same rows; no adapter: the base alone (`disable_adapters`), the floor of "
+             "any adapter implementation. Medians of alternated calls; ratios are times.", "",
+             "| adapters | rows | phase | PEFT (ms) | minilora (ms) | one adapter (ms) | no adapter (ms) | "
+             "minilora / PEFT | no adapter / PEFT | minilora / one adapter | minilora tokens/s | PEFT tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in multi["rows"]:
         for phase in ("decode", "prefill"):
             t = r[phase]
             peft = t.get("PEFT")
             lines.append(f"| {r['adapters']} | {r['rows']} | {phase} | {_ms(peft)} | {_ms(t['minilora'])} | "
-                         f"{_ms(t['one adapter'])} | {_ratio(t.get('minilora_vs_peft'))} | "
+                         f"{_ms(t['one adapter'])} | {_ms(t.get('no adapter'))} | {_ratio(t.get('minilora_vs_peft'))} | "
+                         f"{_ratio(t.get('no_adapter_vs_peft'))} | "
                          f"{_ratio(t['minilora_vs_one_adapter'])} | {t['tokens_per_second']['minilora']:,.0f} | "
                          f"{'—' if peft is None else format(t['tokens_per_second']['PEFT'], ',.0f')} |")
     lines.append("")

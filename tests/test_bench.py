@@ -216,7 +216,7 @@ def test_bench_quick_loop_rows_and_no_memory_column(text_and_tokenizer, tmp_path
     assert targets["the app's update / a bare loop's (eager CPU)"]["value"] is None
 
 
-def test_bench_multi_times_the_three_contenders_and_checks_minilora_against_peft(tmp_path, capsys):
+def test_bench_multi_times_the_four_contenders_and_checks_minilora_against_peft(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["--quick", "--only", "multi", "--threads", "1", "--json", str(out), "--multi-shape",
                      "layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=256"]) == 0
@@ -225,8 +225,11 @@ def test_bench_multi_times_the_three_contenders_and_checks_minilora_against_peft
     for row in multi["rows"]:
         assert row["max_abs_logit_diff_vs_peft"] < 1e-5  # the same 16 adapters give PEFT's logits
         for phase in ("decode", "prefill"):
-            assert {"minilora", "PEFT", "one adapter"} <= set(row[phase])
+            assert {"minilora", "PEFT", "one adapter", "no adapter"} <= set(row[phase])
             assert row[phase]["minilora_vs_peft"] > 0 and row[phase]["minilora_vs_one_adapter"] > 0
+            assert row[phase]["no_adapter_vs_peft"] > 0  # the floor under every adapter implementation
+    notes = {t["target"]: t["note"] for t in json.loads(out.read_text())["targets"]}
+    assert notes["decode, 16 adapters in a batch of 32: minilora / PEFT time"].startswith("the base alone, no adapter: ")
     targets = {t["target"]: t["value"] for t in json.loads(out.read_text())["targets"]}
     assert targets["decode, 16 adapters in a batch of 32: minilora / PEFT time"] is not None
     assert targets["prefill, a batch over 16 adapters / the same batch through one adapter"] is not None
