@@ -88,6 +88,11 @@ def test_the_doc_shows_the_published_tables():
         doc = f.read()
     missing = [line for line in sweep.tables(published).splitlines() if line and line not in doc]
     assert not missing, f"docs/forgetting.md lacks {len(missing)} table line(s), e.g. {missing[0]!r}"
+    with open(os.path.join(ROOT, "docs", "measurements", "forgetting-long.json")) as f:
+        longer = json.load(f)  # the 10x runs, with and without the remedy
+    assert {r["remedy"] for r in longer["runs"]} == {"none", "self-distill-25"}
+    missing = [line for line in sweep.long_table(longer).splitlines() if line and line not in doc]
+    assert not missing, f"docs/forgetting.md lacks {len(missing)} line(s) of the 10x runs, e.g. {missing[0]!r}"
 
 
 def test_plotting_a_file_without_runs_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
