@@ -325,8 +325,12 @@ class _RequireInputGrads:
     def __call__(self, module, inputs, output):
         owner = self.model_ref()
         refuse_peft_on_top(owner)
-        wanted = self.state.input_grads_always or _is_checkpointing(owner)
-        if wanted and torch.is_grad_enabled() and not output.requires_grad:
+        # Only a forward that records autograd can need it. Asking the model whether it checkpoints
+        # walks every module, one per adapter and layer: with many adapters loaded that walk cost
+        # an inference call more than the adapters themselves (docs/benchmarks.md, many adapters).
+        if not torch.is_grad_enabled() or output.requires_grad:
+            return
+        if self.state.input_grads_always or _is_checkpointing(owner):
             output.requires_grad_(True)
 
     def __reduce__(self):

@@ -75,3 +75,28 @@ def test_enable_input_require_grads_serves_models_with_their_own_checkpointing()
     minilora.enable_input_require_grads(model)
     model(ids).sum().backward()
     assert torch.count_nonzero(model.block[0].lora_B.grad) > 0
+
+
+def test_an_inference_forward_never_asks_the_model_whether_it_checkpoints(monkeypatch):
+    # Asking walks every module (one per adapter and layer); with 64 adapters loaded that walk cost
+    # a decode step more than the adapters. Only a forward that records autograd needs the answer.
+    import importlib
+
+    module = importlib.import_module("minilora.inject")  # the attribute minilora.inject is the function
+    asked = []
+    real = module._is_checkpointing
+    monkeypatch.setattr(module, "_is_checkpointing", lambda model: asked.append(1) or real(model))
+    model = minilora.inject(tiny_llama(), r=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.disable_input_require_grads()  # minilora's own hook is the one that must act
+    model.eval()
+    with torch.no_grad():
+        model(IDS)
+    with torch.inference_mode():
+        model(IDS)
+    assert asked == []
+    model.train()
+    loss = model(IDS, labels=IDS).loss  # recording: the hook asks, and the adapters get gradients
+    assert len(asked) == 1
+    loss.backward()
+    assert all(torch.count_nonzero(p.grad) > 0 for n, p in minilora.lora_parameters(model) if n.endswith("lora_B"))
