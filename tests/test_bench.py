@@ -311,3 +311,20 @@ def test_bench_gguf_section_times_the_block_base_against_plain_weights(tmp_path,
     assert blocks["weight_bytes"] <= gguf["file_tensor_bytes"] < plain["weight_bytes"]
     assert plain["vs_plain"] == 1 and all(r["median"] > 0 for r in gguf["rows"])
     assert "GGUF Q4_1 blocks, top 8 layers" in md.read_text()
+
+
+def test_the_decode_floor_script_times_its_five_contenders_and_refuses_bad_counts(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "lab" / "decode_floor.py"
+    spec = importlib.util.spec_from_file_location("decode_floor", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.run(layers=1, adapters=2, rows=2, tokens=3, rounds=1)
+    assert list(results) == ["transformers, no adapters", "minilora, adapters disabled", "minilora, one adapter",
+                             "PEFT, adapters disabled", "PEFT, one adapter"]
+    assert all(0 < r["min"] <= r["median"] for r in results.values())
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--rounds", "0"])
+    assert exit_.value.code == 2 and "every count must be at least 1" in capsys.readouterr().err
