@@ -1,7 +1,7 @@
 """Section ``multi``: a batch whose rows use different adapters, minilora's stacked slots
 (``minilora.mixed_batch``) against PEFT's ``adapter_names=`` mixed batch, against the same batch
-through one active adapter with every adapter loaded, and against the base alone. Decode (one new token a row over a KV cache
-of ``multi_tokens`` tokens) and prefill (``multi_tokens`` tokens a row)."""
+through one active adapter with every adapter loaded, and against the base alone. Decode (one new
+token a row over a KV cache of ``multi_tokens`` tokens) and prefill (``multi_tokens`` tokens a row)."""
 
 from __future__ import annotations
 
@@ -147,10 +147,9 @@ def bench_multi(settings: Settings, device: torch.device, dtype=torch.float32) -
             times["tokens_per_second"] = {k: rows * per_call / v["median"] for k, v in times.items()}
             if "PEFT" in times:
                 times["minilora_vs_peft"] = times["minilora"]["median"] / times["PEFT"]["median"]
+                times["no_adapter_vs_peft"] = times["no adapter"]["median"] / times["PEFT"]["median"]
             times["minilora_vs_one_adapter"] = times["minilora"]["median"] / times["one adapter"]["median"]
             times["minilora_vs_no_adapter"] = times["minilora"]["median"] / times["no adapter"]["median"]
-            if "PEFT" in times:
-                times["no_adapter_vs_peft"] = times["no adapter"]["median"] / times["PEFT"]["median"]
         out.append(row)
     return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "shape": dataclasses.asdict(shape),
             "adapters_loaded": total, "tokens": tokens, "peft": theirs is not None, "rows": out}
