@@ -322,9 +322,12 @@ def test_the_decode_floor_script_times_its_five_contenders_and_refuses_bad_count
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     results = script.run(layers=1, adapters=2, rows=2, tokens=3, rounds=1)
-    assert list(results) == ["transformers, no adapters", "minilora, adapters disabled", "minilora, one adapter",
+    seconds = results["decode_seconds"]
+    assert list(seconds) == ["transformers, no adapters", "minilora, adapters disabled", "minilora, one adapter",
                              "PEFT, adapters disabled", "PEFT, one adapter"]
-    assert all(0 < r["min"] <= r["median"] for r in results.values())
+    assert all(0 < r["min"] <= r["median"] for r in seconds.values())
+    modules = results["modules"]  # the adapted models hold a module per adapter and layer beside the base's
+    assert modules["minilora"] > modules["transformers"] and modules["PEFT"] > modules["transformers"]
     with pytest.raises(SystemExit) as exit_:
         script.main(["--rounds", "0"])
     assert exit_.value.code == 2 and "every count must be at least 1" in capsys.readouterr().err

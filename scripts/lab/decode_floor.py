@@ -7,8 +7,9 @@ multi section builds them: random values, r 16 on the seven projections).
     python scripts/lab/decode_floor.py                      # SmolLM2-135M's shape, 64 adapters
     python scripts/lab/decode_floor.py --adapters 1 --layers 8
 
-The contenders alternate, the order rotating by one each round, with Python's garbage collector
-held off; the table gives each one's median and fastest call (the first round is warm-up).
+The contenders alternate as in the benchmark's multi section (one warm-up call each, then rounds
+with the order rotating by one, Python's garbage collector held off); the table gives each one's
+median and fastest call, and the number of modules in each model.
 This is how the per-forward module walk (docs/benchmarks.md, "Many adapters in one batch") was
 found: minilora's base alone cost more than a plain model's.
 """
@@ -17,22 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import statistics
-import time
 
 import torch
 
 import minilora
 from minilora_bench.models import SHAPES, build_model
-from minilora_bench.multi import Contender, build_minilora, build_peft
+from minilora_bench.multi import Contender, build_minilora, build_peft, timed
 from minilora_train.command import quiet_start
 
 
 def run(layers: int, adapters: int, rows: int, tokens: int, rounds: int, seed: int = 0) -> dict:
     """Median and fastest seconds of one decode step (``rows`` x 1 token over a KV cache of
-    ``tokens``) for each contender."""
+    ``tokens``) for each contender (the benchmark's multi-section timing: one warm-up call each,
+    then alternated rounds), and the number of modules in each model."""
     shape = dataclasses.replace(SHAPES["smollm2-135m"], layers=layers)
     cpu = torch.device("cpu")
     ours = build_minilora(shape, adapters, seed, cpu, torch.float32)
@@ -50,24 +49,15 @@ def run(layers: int, adapters: int, rows: int, tokens: int, rounds: int, seed: i
     g = torch.Generator().manual_seed(seed + 2)
     prompt = torch.randint(0, shape.vocab, (rows, tokens), generator=g)  # (B, P)
     step = torch.randint(0, shape.vocab, (rows, 1), generator=g)  # (B, 1)
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
     with torch.inference_mode():
         for c in contenders.values():
             c.start_decoding(prompt)
-        gc.collect()
-        gc.disable()
-        try:
-            for i in range(rounds + 1):
-                for name in names[i % len(names):] + names[:i % len(names)]:
-                    c = contenders[name]
-                    with c.around():
-                        start = time.perf_counter()
-                        c.decode(step)
-                        seconds[name].append(time.perf_counter() - start)
-        finally:
-            gc.enable()
-    return {name: {"median": statistics.median(s[1:]), "min": min(s[1:])} for name, s in seconds.items()}
+        times = timed(contenders, lambda c: c.decode(step), rounds, lambda: None)
+    # what a walk of the model's modules visits: one module per adapter and layer in the adapted ones
+    modules = {"transformers": sum(1 for _ in plain.modules()), "minilora": sum(1 for _ in ours.modules()),
+               "PEFT": sum(1 for _ in theirs.modules())}
+    return {"decode_seconds": {name: {"median": t["median"], "min": t["min"]} for name, t in times.items()},
+            "modules": modules}
 
 
 def main(argv=None) -> int:
@@ -86,8 +76,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     results = run(args.layers, args.adapters, args.rows, args.tokens, args.rounds)
     print("| contender | median (ms) | fastest (ms) |\n|---|---|---|")
-    for name, r in results.items():
+    for name, r in results["decode_seconds"].items():
         print(f"| {name} | {r['median'] * 1e3:.1f} | {r['min'] * 1e3:.1f} |")
+    print("modules: " + ", ".join(f"{name} {count:,}" for name, count in results["modules"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=2)
